@@ -1,0 +1,33 @@
+# mtlrun: `make run` sets everything up and trains on the built-in benchmark; `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# On x86_64 the pinned torch/torchvision wheels lie on the development machines' disk: pin them so
+# installing never downloads several GB. Elsewhere pip resolves the package's own ranges.
+CONSTRAINTS := $(if $(filter x86_64,$(shell uname -m)),-c constraints.txt,)
+ARGS ?=
+
+.PHONY: install run test test-fast bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(CONSTRAINTS) -e '.[test]'
+	touch $@
+
+run: install
+	$(BIN)/mtlrun $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install
+	$(BIN)/python -m mtlrun.bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun *.egg-info

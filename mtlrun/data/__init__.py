@@ -1,0 +1,145 @@
+"""Datasets by name: the table from `dataset=<name>` to where its HDF5 file comes from, and loading it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mtlrun.data.hdf5 import DatasetFile, write_dataset
+from mtlrun.data.loading import Split
+from mtlrun.errors import MtlrunError
+from mtlrun.tasks import Task, build_task
+
+
+@dataclass
+class MultiTaskData:
+    """A dataset ready to train on: its tasks in a fixed order and its splits in memory."""
+
+    name: str
+    tasks: list[Task]
+    splits: dict[str, Split]
+    mean: list[float]
+    std: list[float]
+
+
+def _make_shapes(cfg: DictConfig, path: Path) -> None:
+    """Generate the built-in benchmark once and cache it as HDF5 (a few seconds)."""
+    from mtlrun.data import shapes
+
+    sizes = {"train": cfg.num_train, "val": cfg.num_val, "test": cfg.num_test}
+    print(f"mtlrun: building the built-in benchmark at {path} (once) ...", flush=True)
+    splits = {}
+    offset = 0
+    for split, n in sizes.items():
+        # Each split draws its own scenes: disjoint seeds per split keep them independent.
+        splits[split] = shapes.generate(int(n), int(cfg.image_size), seed=int(cfg.generator_seed) * 10 + offset)
+        offset += 1
+    write_dataset(
+        path, "shapes", splits, source="procedural (mtlrun.data.shapes)",
+        options={"image_size": cfg.image_size, "generator_seed": cfg.generator_seed, **sizes},
+        attribute_names=list(shapes.ATTRIBUTE_NAMES), class_names=list(shapes.CLASS_NAMES),
+    )
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a dataset's file comes from: generated here when missing, or converted by the user."""
+
+    how_to_make: str  # completes the error shown when the file is missing or unreadable; {path} is filled in
+    generate: Callable[[DictConfig, Path], None] | None = None
+
+
+def _converted(script: str) -> Source:
+    return Source(f"convert your copy with `python {script} --src RAW --out {{path}}` (README: Real datasets)")
+
+
+DATASETS: dict[str, Source] = {
+    "shapes": Source("delete it and mtlrun regenerates it", _make_shapes),
+    "nyuv2": _converted("data_scripts/nyuv2.py"),
+    "cityscapes": _converted("data_scripts/cityscapes.py"),
+    "celeba": _converted("data_scripts/celeba.py"),
+}
+
+
+def open_dataset(cfg: DictConfig, split_names: tuple[str, ...] = ("train", "val", "test")) -> MultiTaskData:
+    """Open the dataset file (generating it first where it is generated) and load the selected tasks' splits."""
+    if cfg.name not in DATASETS:
+        raise MtlrunError(f"no dataset named {cfg.name!r}; known: {', '.join(sorted(DATASETS))}")
+    path = Path(cfg.path)
+    source = DATASETS[cfg.name]
+    if not path.exists() and source.generate is not None:
+        source.generate(cfg, path)
+    file = DatasetFile(path, cfg.name, source.how_to_make.format(path=path))
+    try:
+        return _load(cfg, file, split_names)
+    finally:
+        file.close()
+
+
+def _selected_task_specs(cfg: DictConfig) -> dict[str, dict]:
+    specs = OmegaConf.to_container(cfg.task_specs, resolve=True)
+    names = list(cfg.tasks) if cfg.get("tasks") is not None else list(specs)
+    unknown = [n for n in names if n not in specs]
+    if unknown or not names:
+        raise MtlrunError(
+            f"dataset.tasks={names} names unknown tasks {unknown}; {cfg.name} has: {', '.join(specs)}"
+        )
+    return {n: specs[n] for n in names}
+
+
+def task_names(cfg: DictConfig) -> list[str]:
+    """The names of the tasks a run trains, in the dataset's order, from the config alone."""
+    return list(_selected_task_specs(cfg))
+
+
+def _load(cfg: DictConfig, file: DatasetFile, split_names: tuple[str, ...]) -> MultiTaskData:
+    specs = _selected_task_specs(cfg)
+    present = [s for s in split_names if s in file.splits()]
+    if "train" not in present or "test" not in present:
+        raise MtlrunError(f"{file.path} must hold 'train' and 'test' splits, found {file.splits()}: {file.how_to_make}")
+    attribute_names = file.attribute_names("train")
+    tasks = [build_task(name, spec, attribute_names) for name, spec in specs.items()]
+    _check_classes(cfg, file, tasks)
+    splits = {}
+    for split in present:
+        arrays: dict[str, np.ndarray] = {}
+        targets = {}
+        for name, spec in specs.items():
+            key = spec["key"]
+            if key not in arrays:
+                arrays[key] = file.read(split, key)
+            targets[name] = _target(arrays[key], key, spec, attribute_names, file)
+        images = torch.from_numpy(file.read(split, "image"))
+        splits[split] = Split(split, images, targets)
+    return MultiTaskData(cfg.name, tasks, splits, list(cfg.mean), list(cfg.std))
+
+
+def _target(array: np.ndarray, key: str, spec: dict, attribute_names: list[str], file: DatasetFile) -> torch.Tensor:
+    if spec["kind"] == "binary" and spec.get("columns"):
+        missing = [c for c in spec["columns"] if c not in attribute_names]
+        if missing:
+            raise MtlrunError(f"{file.path} has no attribute {missing}; it has: {', '.join(attribute_names)}")
+        array = array[:, [attribute_names.index(c) for c in spec["columns"]]]
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if spec["kind"] == "normal":
+        tensor = tensor.permute(0, 3, 1, 2).contiguous()  # channels first, once, not per batch
+    return tensor
+
+
+def _check_classes(cfg: DictConfig, file: DatasetFile, tasks: list[Task]) -> None:
+    stored = file.attrs.get("class_names")
+    if stored is None:
+        return
+    num_stored = len(json.loads(stored))
+    for task in tasks:
+        if getattr(task, "num_classes", num_stored) != num_stored:
+            raise MtlrunError(
+                f"task '{task.name}' expects {task.num_classes} classes but {file.path} has {num_stored}: "
+                f"set dataset.task_specs.{task.name}.num_classes={num_stored}"
+            )

@@ -1,0 +1,87 @@
+"""The HDF5 file schema every dataset is stored in, and its checked reader and atomic writer."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from mtlrun.errors import MtlrunError
+
+SCHEMA_VERSION = 1
+# Layout: root attrs {mtlrun_schema, dataset, source, options (JSON)}; one group per split
+# (train, val, test) holding `image` (uint8 N,H,W,3) and one array per target key: segmentation
+# (int16 N,H,W, -1 = ignore), depth (float N,H,W, 0 = invalid), normal (float N,H,W,3, 0 = invalid),
+# attributes (uint8 N,K with attr `names`).
+
+
+def write_dataset(
+    path: Path, dataset: str, splits: dict[str, dict[str, np.ndarray]], source: str, options: dict,
+    attribute_names: list[str] | None = None, class_names: list[str] | None = None,
+) -> None:
+    """Write all splits to `path` through a temporary file, so a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    with h5py.File(tmp, "w") as f:
+        f.attrs.update(
+            mtlrun_schema=SCHEMA_VERSION, dataset=dataset, source=source, options=json.dumps(options)
+        )
+        if class_names is not None:
+            f.attrs["class_names"] = json.dumps(list(class_names))
+        for split, arrays in splits.items():
+            group = f.create_group(split)
+            for key, array in arrays.items():
+                # One sample per chunk: random reads of single samples stay cheap.
+                chunks = (1,) + array.shape[1:] if array.ndim > 1 and len(array) else None
+                ds = group.create_dataset(key, data=array, chunks=chunks)
+                if key == "attributes" and attribute_names is not None:
+                    ds.attrs["names"] = json.dumps(list(attribute_names))
+    os.replace(tmp, path)
+
+
+class DatasetFile:
+    """An opened, schema-checked dataset file; every error names the file and how to remake it."""
+
+    def __init__(self, path: Path, dataset: str, how_to_make: str) -> None:
+        self.path, self.how_to_make = path, how_to_make
+        if not path.is_file():
+            raise MtlrunError(f"{dataset} data file {path} not found: {how_to_make}, or point dataset.path at it")
+        try:
+            self.file = h5py.File(path, "r")
+        except OSError as e:
+            raise MtlrunError(
+                f"{path} is not a readable HDF5 file ({_first_line(e)}): {how_to_make}"
+            ) from None
+        version = self.file.attrs.get("mtlrun_schema")
+        if version != SCHEMA_VERSION:
+            raise MtlrunError(
+                f"{path} has schema version {version}, this mtlrun reads version {SCHEMA_VERSION}: {how_to_make}"
+            )
+        self.attrs = dict(self.file.attrs)
+
+    def splits(self) -> list[str]:
+        return list(self.file.keys())
+
+    def read(self, split: str, key: str) -> np.ndarray:
+        if split not in self.file or key not in self.file[split]:
+            raise MtlrunError(f"{self.path} has no '{split}/{key}' array: {self.how_to_make}")
+        try:
+            return self.file[split][key][...]
+        except OSError as e:
+            raise MtlrunError(
+                f"{self.path} is corrupt: reading '{split}/{key}' failed ({_first_line(e)}): {self.how_to_make}"
+            ) from None
+
+    def attribute_names(self, split: str) -> list[str]:
+        ds = self.file[split].get("attributes")
+        return json.loads(ds.attrs["names"]) if ds is not None and "names" in ds.attrs else []
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

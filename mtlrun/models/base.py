@@ -1,0 +1,37 @@
+"""The multi-task model shape every architecture shares: one shared encoder, one head per task."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MultiTaskModel(nn.Module):
+    """Shared encoder plus task heads; `forward` runs only the heads it is asked for.
+
+    Dense heads may predict at a lower resolution than the image: their output is upsampled
+    bilinearly to the image size here, once for every architecture.
+    """
+
+    def __init__(self, encoder: nn.Module, heads: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.heads = nn.ModuleDict(heads)
+
+    def forward(self, image: Tensor, tasks: Sequence[str]) -> dict[str, Tensor]:
+        features = self.encoder(image)
+        outputs = {}
+        for task in tasks:
+            out = self.heads[task](features)
+            if out.dim() == 4 and out.shape[-2:] != image.shape[-2:]:
+                out = F.interpolate(out, size=image.shape[-2:], mode="bilinear", align_corners=False)
+            outputs[task] = out
+        return outputs
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.encoder.parameters() if p.requires_grad]
+
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
+        return [p for p in self.heads[task].parameters() if p.requires_grad]

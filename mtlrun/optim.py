@@ -1,0 +1,159 @@
+"""Adam, AdamW and SGD for multi-task steps, with the shared parameters' state kept per task or shared.
+
+With `moments=per_task` every task owns a full optimizer state (Adam moments, step count for bias
+correction, SGD momentum) for the shared parameters. A step taken on a group of tasks feeds that
+step's gradient to the state of each task in the group and moves the shared parameters along the
+mean of those tasks' update directions; for a group of one task this is exactly that task's own
+optimizer. With `moments=shared` there is one state, i.e. the plain optimizer. Task-specific
+parameters (a task's head) only ever get a state of their own and are moved only by their task.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from mtlrun.errors import MtlrunError
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+MOMENTS = ("per_task", "shared")
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    name: str
+    lr: float
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.0
+    nesterov: bool = False
+    moments: str = "per_task"
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> OptimizerSettings:
+        if cfg.name not in OPTIMIZERS:
+            raise MtlrunError(f"optimizer {cfg.name!r} is unknown; valid: {', '.join(OPTIMIZERS)} (optimizer=adam)")
+        if cfg.get("moments", "per_task") not in MOMENTS:
+            raise MtlrunError(
+                f"optimizer.moments={cfg.moments!r} is invalid; valid: {', '.join(MOMENTS)} (optimizer.moments=per_task)"
+            )
+        settings = cls(
+            name=cfg.name, lr=float(cfg.lr), weight_decay=float(cfg.get("weight_decay", 0.0)),
+            betas=tuple(float(b) for b in cfg.get("betas", (0.9, 0.999))), eps=float(cfg.get("eps", 1e-8)),
+            momentum=float(cfg.get("momentum", 0.0)), nesterov=bool(cfg.get("nesterov", False)),
+            moments=cfg.get("moments", "per_task"),
+        )
+        if not settings.lr > 0:
+            raise MtlrunError(f"optimizer.lr must be > 0, got {settings.lr}")
+        if not (0 <= settings.betas[0] < 1 and 0 <= settings.betas[1] < 1):
+            raise MtlrunError(f"optimizer.betas must lie in [0, 1), got {list(settings.betas)}")
+        return settings
+
+
+class ParameterBlock:
+    """Parameters updated together; their optimizer state is kept as flat vectors, one set per slot."""
+
+    def __init__(self, params: Sequence[nn.Parameter]) -> None:
+        self.params = list(params)
+        self.sizes = [p.numel() for p in self.params]
+        self.slots: dict[str, dict] = {}
+
+    def flat_params(self) -> Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.params])
+
+    def apply(self, update: Tensor) -> None:
+        chunks = [u.view_as(p) for u, p in zip(update.split(self.sizes), self.params)]
+        torch._foreach_add_([p.data for p in self.params], chunks)
+
+
+def flatten(grads: Sequence[Tensor | None], params: Sequence[nn.Parameter]) -> Tensor:
+    """One flat gradient vector; a parameter the loss does not reach gets zeros."""
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+
+
+class MultiTaskOptimizer:
+    """Steps on groups of tasks; see the module docstring for how state is kept and combined."""
+
+    def __init__(
+        self, shared: Sequence[nn.Parameter], heads: dict[str, Sequence[nn.Parameter]], settings: OptimizerSettings
+    ) -> None:
+        self.settings = settings
+        self.lr = settings.lr
+        self.shared = ParameterBlock(shared)
+        self.heads = {task: ParameterBlock(params) for task, params in heads.items()}
+
+    @torch.no_grad()
+    def step(self, tasks: Sequence[str], shared_grad: Tensor, head_grads: dict[str, Tensor]) -> None:
+        """One step on `tasks`: `shared_grad` for the shared parameters, one flat gradient per task head."""
+        slots = list(tasks) if self.settings.moments == "per_task" else ["shared"]
+        self._update(self.shared, shared_grad, slots)
+        for task, grad in head_grads.items():
+            self._update(self.heads[task], grad, [task])
+
+    def _update(self, block: ParameterBlock, grad: Tensor, slot_keys: list[str]) -> None:
+        s, lr = self.settings, self.lr
+        if s.weight_decay and s.name == "adamw":
+            torch._foreach_mul_([p.data for p in block.params], 1 - lr * s.weight_decay)
+        elif s.weight_decay:
+            grad = grad + s.weight_decay * block.flat_params()
+        update = torch.zeros_like(grad)
+        share = 1 / len(slot_keys)  # the step moves along the mean of the slots' directions
+        for key in slot_keys:
+            slot = block.slots.setdefault(key, {"step": 0})
+            slot["step"] += 1
+            if s.name in ("adam", "adamw"):
+                self._adam_direction(slot, grad, update, -lr * share)
+            else:
+                self._sgd_direction(slot, grad, update, -lr * share)
+        block.apply(update)
+
+    def _adam_direction(self, slot: dict, grad: Tensor, update: Tensor, scale: float) -> None:
+        beta1, beta2 = self.settings.betas
+        if "exp_avg" not in slot:
+            slot["exp_avg"], slot["exp_avg_sq"] = torch.zeros_like(grad), torch.zeros_like(grad)
+        exp_avg, exp_avg_sq, step = slot["exp_avg"], slot["exp_avg_sq"], slot["step"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(self.settings.eps)
+        update.addcdiv_(exp_avg, denom, value=scale / bias_correction1)
+
+    def _sgd_direction(self, slot: dict, grad: Tensor, update: Tensor, scale: float) -> None:
+        momentum = self.settings.momentum
+        direction = grad
+        if momentum:
+            if "momentum_buffer" not in slot:
+                slot["momentum_buffer"] = grad.clone()
+            else:
+                slot["momentum_buffer"].mul_(momentum).add_(grad)
+            buffer = slot["momentum_buffer"]
+            direction = grad.add(buffer, alpha=momentum) if self.settings.nesterov else buffer
+        update.add_(direction, alpha=scale)
+
+    def state_dict(self) -> dict:
+        return {"lr": self.lr, "shared": self.shared.slots, "heads": {t: b.slots for t, b in self.heads.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lr = state["lr"]
+        self.shared.slots = state["shared"]
+        for task, slots in state["heads"].items():
+            self.heads[task].slots = slots
+
+
+def lr_factor(cfg: DictConfig, epoch: int, epochs: int) -> float:
+    """The learning-rate multiplier for `epoch` (0-based) under the `scheduler` config."""
+    if cfg.name == "none":
+        return 1.0
+    if cfg.name == "step":
+        return float(cfg.gamma) ** (epoch // int(cfg.step_size))
+    if cfg.name == "cosine":
+        progress = epoch / max(epochs, 1)
+        return float(cfg.min_factor) + (1 - float(cfg.min_factor)) * 0.5 * (1 + math.cos(math.pi * progress))
+    raise MtlrunError(f"scheduler {cfg.name!r} is unknown; valid: none, step, cosine (scheduler=step)")

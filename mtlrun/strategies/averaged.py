@@ -1,0 +1,39 @@
+"""The averaged loss: one step per iteration on the weighted mean of all task losses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from mtlrun.errors import MtlrunError
+from mtlrun.strategies.base import StepContext, Strategy, weighted_mean
+
+
+class Averaged(Strategy):
+    """One forward and one optimizer step per iteration on sum_t w_t L_t / sum_t w_t (equal weights by default).
+
+    Guarantees: every parameter moves once per iteration; with moments=per_task every task's state
+    receives the same gradient, so the result equals the plain optimizer.
+    """
+
+    name = "averaged"
+
+    def __init__(self, tasks: Sequence[str], weights: dict[str, float] | None = None) -> None:
+        if weights is not None:
+            unknown = sorted(set(weights) - set(tasks))
+            missing = [t for t in tasks if t not in weights]
+            if unknown or missing:
+                raise MtlrunError(
+                    f"strategy.weights must give one weight per task ({', '.join(tasks)}); "
+                    f"unknown: {unknown}, missing: {missing}"
+                )
+            if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+                raise MtlrunError(f"strategy.weights must be >= 0 with a positive sum, got {weights}")
+        self.weights = weights
+        self.group_size = len(tasks)
+
+    def iteration(self, ctx: StepContext) -> dict[str, Tensor]:
+        losses = ctx.losses(ctx.next_batch(), ctx.task_names)
+        ctx.step(ctx.task_names, weighted_mean(losses, ctx.task_names, self.weights))
+        return {t: loss.detach() for t, loss in losses.items()}

@@ -1,0 +1,119 @@
+"""What a strategy sees of training (StepContext) and what it must provide (Strategy)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mtlrun.data.loading import Batch
+from mtlrun.models.base import MultiTaskModel
+from mtlrun.optim import MultiTaskOptimizer, flatten
+from mtlrun.tasks import Task
+
+
+@dataclass
+class Counts:
+    """Work done so far; reports divide these by iterations and epochs."""
+
+    iterations: int = 0
+    optimizer_steps: int = 0
+    forward_passes: int = 0
+    backward_passes: int = 0
+
+
+class StepContext:
+    """What a strategy may use during one iteration: fresh batches, forward passes, optimizer steps."""
+
+    def __init__(
+        self, model: MultiTaskModel, tasks: Sequence[Task], optimizer: MultiTaskOptimizer,
+        batches: Iterator[Batch], to_device: Callable[[Batch], Batch],
+    ) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.tasks = {t.name: t for t in tasks}
+        self.task_names = tuple(self.tasks)  # the dataset's order: losses are always summed in it
+        self._batches, self._to_device = batches, to_device
+        self.counts = Counts()
+        self._shared = model.shared_parameters()
+
+    def next_batch(self) -> Batch:
+        return self._to_device(next(self._batches))
+
+    def losses(self, batch: Batch, tasks: Sequence[str]) -> dict[str, Tensor]:
+        """One forward pass through the encoder and the heads of `tasks` only."""
+        self.counts.forward_passes += 1
+        outputs = self.model(batch["image"], tasks)
+        return {t: self.tasks[t].loss(outputs[t], batch[t]) for t in tasks}
+
+    def step(self, tasks: Sequence[str], loss: Tensor) -> None:
+        """Backpropagate `loss` to the shared parameters and the heads of `tasks`, then take one optimizer step."""
+        heads = {t: self.model.task_parameters(t) for t in tasks}
+        params = self._shared + [p for t in tasks for p in heads[t]]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        self.counts.backward_passes += 1
+        n = len(self._shared)
+        shared_grad = flatten(grads[:n], self._shared)
+        head_grads = {}
+        for t in tasks:
+            head_grads[t] = flatten(grads[n : n + len(heads[t])], heads[t])
+            n += len(heads[t])
+        self.optimizer.step(tasks, shared_grad, head_grads)
+        self.counts.optimizer_steps += 1
+
+
+class Strategy(ABC):
+    """How one iteration turns task losses into parameter updates; the training loop knows nothing else."""
+
+    name: str
+    group_size: int  # tasks per optimizer step, for reports
+
+    @abstractmethod
+    def iteration(self, ctx: StepContext) -> dict[str, Tensor]:
+        """Run one iteration; return each task's (detached) loss for logging."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def weighted_mean(losses: dict[str, Tensor], order: Sequence[str], weights: dict[str, float] | None = None) -> Tensor:
+    """Sum of w_t * L_t over `losses`, divided by the sum of weights, always in the dataset's task order.
+
+    Summing in a fixed order makes a group holding every task bit-identical to the averaged loss.
+    """
+    names = [t for t in order if t in losses]
+    w = {t: 1.0 for t in names} if weights is None else weights
+    total = sum(w[t] * losses[t] for t in names)
+    return total / sum(w[t] for t in names)
+
+
+def step_on_groups(ctx: StepContext, groups: Sequence[Sequence[str]], fresh_batches: bool) -> dict[str, Tensor]:
+    """One optimizer step per group on the mean of its losses; groups share one batch unless `fresh_batches`."""
+    logged: dict[str, Tensor] = {}
+    batch = None
+    for group in groups:
+        if batch is None or fresh_batches:
+            batch = ctx.next_batch()
+        ordered = [t for t in ctx.task_names if t in group]
+        losses = ctx.losses(batch, ordered)
+        ctx.step(ordered, weighted_mean(losses, ordered))
+        logged.update({t: loss.detach() for t, loss in losses.items()})
+    return logged
+
+
+class SeededStrategy(Strategy):
+    """A strategy drawing its random choices from its own generator, saved in checkpoints."""
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,287 @@
+"""The training loop: build the run from the composed config, iterate, evaluate, and write the run's files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from mtlrun.data import open_dataset, task_names
+from mtlrun.data.loading import BatchStream, Split, ToDevice
+from mtlrun.errors import MtlrunError
+from mtlrun.models import build_model
+from mtlrun.models.base import MultiTaskModel
+from mtlrun.optim import MultiTaskOptimizer, OptimizerSettings, lr_factor
+from mtlrun.outputs import RunDir
+from mtlrun.strategies import StepContext, Strategy, build_strategy
+from mtlrun.strategies.base import Counts
+from mtlrun.tasks import Task
+
+log = logging.getLogger("mtlrun")
+
+# Keys that change how a run is executed or reported but not what it computes.
+RUN_CONTROL_KEYS = ("seed", "resume", "overwrite", "trainer.progress", "trainer.stop_after_epochs", "trainer.device")
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """Train as `cfg` says in `run_dir`; return the results row, or None when stopped early on purpose."""
+    settings = _trainer_settings(cfg)
+    seed_everything(cfg.seed, cfg.deterministic)
+    device = pick_device(cfg.trainer.device)
+    # Settings are checked before the dataset is opened, so a typo fails at once.
+    names = task_names(cfg.dataset)
+    strategy = build_strategy(cfg.strategy, names, cfg.seed)
+    optimizer_settings = OptimizerSettings.from_config(cfg.optimizer)
+    lr_factor(cfg.scheduler, 0, settings["epochs"])
+    data = open_dataset(cfg.dataset)
+    model = build_model(cfg.model, data.tasks).to(device)
+    optimizer = MultiTaskOptimizer(
+        model.shared_parameters(), {t: model.task_parameters(t) for t in names}, optimizer_settings
+    )
+    batches = BatchStream(data.splits["train"], settings["batch_size"], cfg.seed)
+    if batches.batches_per_pass == 0:
+        raise MtlrunError(
+            f"trainer.batch_size={settings['batch_size']} exceeds the {len(data.splits['train'])} training samples"
+        )
+    to_device = ToDevice(device, data.mean, data.std)
+    ctx = StepContext(model, data.tasks, optimizer, batches, to_device)
+    run = RunDir(run_dir)
+    config_id = config_hash(cfg)
+    train_log: list[dict] = []
+    metrics: list[dict] = []
+    start_epoch = 0
+
+    if cfg.resume and run.checkpoint.exists():
+        state = run.load_checkpoint(device)
+        if state["config_id"] != config_id:
+            raise MtlrunError(
+                f"{run.checkpoint} was written by a different configuration: resume with the same overrides, "
+                f"or start over with overwrite=true"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        strategy.load_state_dict(state["strategy"])
+        batches.load_state_dict(state["batches"])
+        ctx.counts = Counts(**state["counts"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        train_log, metrics, start_epoch = state["train_log"], state["metrics"], state["epoch"]
+        log.info("resuming %s after epoch %d", run_dir, start_epoch)
+    else:
+        run.claim(overwrite=cfg.overwrite)
+
+    epochs, stop_after = settings["epochs"], settings["stop_after_epochs"]
+    for epoch in range(start_epoch, epochs):
+        if stop_after is not None and epoch - start_epoch >= stop_after:
+            log.info("stopped after %d epoch(s) as asked; continue with resume=true hydra.run.dir=%s", stop_after, run_dir)
+            return None
+        optimizer.lr = optimizer.settings.lr * lr_factor(cfg.scheduler, epoch, epochs)
+        row = train_epoch(ctx, strategy, batches.batches_per_pass, epoch, epochs, settings["progress"], device)
+        train_log.append(row)
+        if (epoch + 1) % settings["eval_every"] == 0 or epoch + 1 == epochs:
+            for split in ("val", "test"):
+                if split in data.splits:
+                    scores = evaluate(model, data.tasks, data.splits[split], to_device, settings["eval_batch_size"])
+                    metrics += metric_rows(scores, epoch + 1, split)
+            log.info("epoch %d/%d: %s", epoch + 1, epochs, _brief(metrics, epoch + 1))
+        run.save(train_log, metrics, {
+            "epoch": epoch + 1, "config_id": config_id, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "strategy": strategy.state_dict(),
+            "batches": batches.state_dict(), "counts": asdict(ctx.counts), "torch_rng": torch.get_rng_state(),
+            "train_log": train_log, "metrics": metrics,
+        })
+
+    results = results_row(cfg, run_dir, config_id, strategy, data.tasks, train_log, metrics, ctx.counts, device)
+    run.write_results(results)
+    log.info("final metrics (epoch %d):\n%s", epochs, summary_table(metrics, epochs))
+    log.info("run directory: %s", run_dir)
+    return results
+
+
+def train_epoch(
+    ctx: StepContext, strategy: Strategy, iterations: int, epoch: int, epochs: int, progress: bool,
+    device: torch.device,
+) -> dict:
+    """Run `iterations` strategy iterations; return the epoch's row of train_log.csv."""
+    ctx.model.train()
+    before = Counts(**asdict(ctx.counts))
+    loss_sums = {t: torch.zeros((), device=device) for t in ctx.task_names}
+    start = time.perf_counter()
+    bar = tqdm(range(iterations), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False, file=sys.stderr)
+    for i in bar:
+        for task, loss in strategy.iteration(ctx).items():
+            loss_sums[task] += loss
+        ctx.counts.iterations += 1
+        if (i + 1) % 25 == 0 or i + 1 == iterations:  # one device sync every 25 iterations, not every step
+            means = {t: v / (i + 1) for t, v in zip(loss_sums, torch.stack(list(loss_sums.values())).tolist())}
+            _check_finite(means, epoch, i)
+            bar.set_postfix({t: f"{v:.3f}" for t, v in means.items()}, refresh=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    row = {"epoch": epoch + 1, "lr": ctx.optimizer.lr}
+    row.update({f"loss/{t}": v for t, v in means.items()})
+    row.update({
+        "seconds": seconds,
+        "iterations": ctx.counts.iterations - before.iterations,
+        "optimizer_steps": ctx.counts.optimizer_steps - before.optimizer_steps,
+        "forward_passes": ctx.counts.forward_passes - before.forward_passes,
+        "backward_passes": ctx.counts.backward_passes - before.backward_passes,
+    })
+    return row
+
+
+def _check_finite(mean_losses: dict[str, float], epoch: int, iteration: int) -> None:
+    bad = {t: v for t, v in mean_losses.items() if not np.isfinite(v)}
+    if bad:
+        task, value = next(iter(bad.items()))
+        raise MtlrunError(
+            f"the loss of task '{task}' became {value} in epoch {epoch + 1} (by iteration {iteration + 1}): "
+            f"training diverged; lower optimizer.lr or change strategy; the last finished epoch's checkpoint "
+            f"and CSVs are kept"
+        )
+
+
+@torch.no_grad()
+def evaluate(model: MultiTaskModel, tasks: list[Task], split: Split, to_device: ToDevice, batch_size: int) -> dict:
+    """Every task's metrics over the whole split: {task: {metric: value}}."""
+    model.eval()
+    names = [t.name for t in tasks]
+    meters = {t.name: t.meter() for t in tasks}
+    for raw in split.batches(batch_size):
+        batch = to_device(raw)
+        outputs = model(batch["image"], names)
+        for name, meter in meters.items():
+            meter.update(outputs[name], batch[name])
+    return {name: meter.compute() for name, meter in meters.items()}
+
+
+def metric_rows(scores: dict, epoch: int, split: str) -> list[dict]:
+    return [
+        {"epoch": epoch, "split": split, "task": task, "metric": metric, "value": value}
+        for task, values in scores.items()
+        for metric, value in values.items()
+    ]
+
+
+def results_row(
+    cfg: DictConfig, run_dir: Path, config_id: str, strategy: Strategy, tasks: list[Task], train_log: list[dict],
+    metrics: list[dict], counts: Counts, device: torch.device,
+) -> dict:
+    """The run as one row: its configuration, final metrics and costs; rows of many runs concatenate."""
+    row: dict = {
+        "dataset": cfg.dataset.name, "model": cfg.model.name, "strategy": cfg.strategy.name,
+        "group_size": strategy.group_size, "num_tasks": len(tasks), "optimizer": cfg.optimizer.name,
+        "moments": cfg.optimizer.moments, "lr": cfg.optimizer.lr, "scheduler": cfg.scheduler.name,
+        "epochs": cfg.trainer.epochs, "batch_size": cfg.trainer.batch_size, "seed": cfg.seed,
+    }
+    for key, value in OmegaConf.to_container(cfg.strategy, resolve=True).items():
+        if key != "name":
+            row[f"strategy.{key}"] = json.dumps(value) if isinstance(value, (dict, list)) else value
+    last = max(r["epoch"] for r in metrics)
+    for r in metrics:
+        if r["epoch"] == last:
+            row[f"{r['split']}/{r['task']}/{r['metric']}"] = r["value"]
+    row.update({
+        "iterations": counts.iterations,
+        "optimizer_steps": counts.optimizer_steps,
+        "steps_per_iteration": counts.optimizer_steps / max(counts.iterations, 1),
+        "passes_per_iteration": counts.forward_passes / max(counts.iterations, 1),
+        "seconds_per_epoch": float(np.mean([r["seconds"] for r in train_log])),
+        "peak_memory_mb": peak_memory_mb(device),
+        "device": str(device),
+        "config_id": config_id,
+        "run_dir": str(run_dir),
+    })
+    return row
+
+
+def summary_table(metrics: list[dict], epoch: int) -> str:
+    final = pd.DataFrame([r for r in metrics if r["epoch"] == epoch])
+    table = final.pivot_table(index=["task", "metric"], columns="split", values="value", sort=False)
+    return table.to_string(float_format=lambda v: f"{v:.4f}")
+
+
+def _brief(metrics: list[dict], epoch: int) -> str:
+    """The first metric of each task on the last split evaluated, for the per-epoch log line."""
+    rows = [r for r in metrics if r["epoch"] == epoch]
+    split = rows[-1]["split"]
+    seen: dict[str, str] = {}
+    for r in rows:
+        if r["split"] == split and r["task"] not in seen:
+            seen[r["task"]] = f"{r['task']} {r['metric']} {r['value']:.4f}"
+    return f"{split}: " + ", ".join(seen.values())
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A short hash of what the run computes: runs differing only in seed or run control share it."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for key in RUN_CONTROL_KEYS:
+        node = container
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    return hashlib.sha1(json.dumps(container, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _trainer_settings(cfg: DictConfig) -> dict:
+    t = cfg.trainer
+    settings = {
+        "epochs": t.epochs, "batch_size": t.batch_size, "eval_batch_size": t.eval_batch_size,
+        "eval_every": t.eval_every, "stop_after_epochs": t.stop_after_epochs,
+    }
+    for key, value in settings.items():
+        if value is None and key == "stop_after_epochs":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MtlrunError(f"trainer.{key} must be an integer >= 1, got {value!r}")
+    if t.progress not in ("auto", True, False):
+        raise MtlrunError(f"trainer.progress must be auto, true or false, got {t.progress!r}")
+    settings["progress"] = sys.stderr.isatty() if t.progress == "auto" else bool(t.progress)
+    if cfg.seed is None or isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise MtlrunError(f"seed must be an integer >= 0, got {cfg.seed!r}")
+    return settings
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = True
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MtlrunError(f"trainer.device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MtlrunError("trainer.device asks for CUDA but this PyTorch sees no GPU: use trainer.device=auto or cpu")
+    return device
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
