@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,23 +29,27 @@ class MultiTaskData:
     std: list[float]
 
 
-def _make_shapes(cfg: DictConfig, path: Path) -> None:
-    """Generate the built-in benchmark once and cache it as HDF5 (a few seconds)."""
+def build_shapes(path: Path, image_size: int, num_train: int, num_val: int, num_test: int, generator_seed: int) -> None:
+    """Generate the built-in benchmark and store it as HDF5 at `path` (a few seconds)."""
     from mtlrun.data import shapes
 
-    sizes = {"train": cfg.num_train, "val": cfg.num_val, "test": cfg.num_test}
-    print(f"mtlrun: building the built-in benchmark at {path} (once) ...", flush=True)
-    splits = {}
-    offset = 0
-    for split, n in sizes.items():
-        # Each split draws its own scenes: disjoint seeds per split keep them independent.
-        splits[split] = shapes.generate(int(n), int(cfg.image_size), seed=int(cfg.generator_seed) * 10 + offset)
-        offset += 1
+    sizes = {"train": num_train, "val": num_val, "test": num_test}
+    # Disjoint seeds per split keep the splits' scenes independent.
+    splits = {
+        split: shapes.generate(n, image_size, seed=generator_seed * 10 + i)
+        for i, (split, n) in enumerate(sizes.items())
+    }
     write_dataset(
         path, "shapes", splits, source="procedural (mtlrun.data.shapes)",
-        options={"image_size": cfg.image_size, "generator_seed": cfg.generator_seed, **sizes},
+        options={"image_size": image_size, "generator_seed": generator_seed, **sizes},
         attribute_names=list(shapes.ATTRIBUTE_NAMES), class_names=list(shapes.CLASS_NAMES),
     )
+
+
+def _make_shapes(cfg: DictConfig, path: Path) -> None:
+    print(f"mtlrun: building the built-in benchmark at {path} (once) ...", file=sys.stderr, flush=True)
+    build_shapes(path, int(cfg.image_size), int(cfg.num_train), int(cfg.num_val), int(cfg.num_test),
+                 int(cfg.generator_seed))
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,18 @@ def write_dataset(
     """Write all splits to `path` through a temporary file, so a reader never sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
+    try:
+        _write(tmp, dataset, splits, source, options, attribute_names, class_names)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def _write(
+    tmp: Path, dataset: str, splits: dict[str, dict[str, np.ndarray]], source: str, options: dict,
+    attribute_names: list[str] | None, class_names: list[str] | None,
+) -> None:
     with h5py.File(tmp, "w") as f:
         f.attrs.update(
             mtlrun_schema=SCHEMA_VERSION, dataset=dataset, source=source, options=json.dumps(options)
@@ -39,7 +51,6 @@ def write_dataset(
                 ds = group.create_dataset(key, data=array, chunks=chunks)
                 if key == "attributes" and attribute_names is not None:
                     ds.attrs["names"] = json.dumps(list(attribute_names))
-    os.replace(tmp, path)
 
 
 class DatasetFile:

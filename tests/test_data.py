@@ -1,0 +1,137 @@
+"""The HDF5 schema, its error messages, in-memory splits and the reproducible batch stream."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mtlrun.data import open_dataset
+from mtlrun.data.hdf5 import DatasetFile, write_dataset
+from mtlrun.data.loading import BatchStream, Split, ToDevice
+from mtlrun.errors import MtlrunError
+
+
+def _arrays(n: int, size: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    normal = rng.normal(size=(n, size, size, 3)).astype(np.float32)
+    normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
+    return {
+        "image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+        "segmentation": rng.integers(-1, 3, (n, size, size)).astype(np.int16),
+        "depth": rng.uniform(0, 5, (n, size, size)).astype(np.float32),
+        "normal": normal,
+        "attributes": rng.integers(0, 2, (n, 3)).astype(np.uint8),
+    }
+
+
+def _cfg(path, **overrides):
+    cfg = {
+        "name": "nyuv2", "path": str(path), "mean": [0.5] * 3, "std": [0.25] * 3, "tasks": None,
+        "task_specs": {
+            "seg": {"kind": "segmentation", "key": "segmentation", "num_classes": 3},
+            "depth": {"kind": "depth", "key": "depth"},
+            "normal": {"kind": "normal", "key": "normal"},
+            "pair": {"kind": "binary", "key": "attributes", "columns": ["b", "c"]},
+        },
+    }
+    cfg.update(overrides)
+    return OmegaConf.create(cfg)
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "d.h5"
+    write_dataset(
+        path, "nyuv2", {"train": _arrays(10), "test": _arrays(4, seed=1)}, source="test", options={},
+        attribute_names=["a", "b", "c"], class_names=["x", "y", "z"],
+    )
+    return path
+
+
+def test_loads_selected_tasks_with_right_shapes(data_file):
+    data = open_dataset(_cfg(data_file, tasks=["seg", "normal", "pair"]))
+    assert [t.name for t in data.tasks] == ["seg", "normal", "pair"]
+    train = data.splits["train"]
+    assert train.images.shape == (10, 8, 8, 3) and train.images.dtype == torch.uint8
+    assert train.targets["normal"].shape == (10, 3, 8, 8)
+    raw = _arrays(10)["attributes"]
+    assert torch.equal(train.targets["pair"], torch.from_numpy(raw[:, [1, 2]]))
+    assert set(data.splits) == {"train", "test"}
+
+
+def test_missing_file_names_the_converter(tmp_path):
+    with pytest.raises(MtlrunError, match=r"nyuv2 data file .*missing\.h5 not found: convert your copy with `python data_scripts/nyuv2.py"):
+        open_dataset(_cfg(tmp_path / "missing.h5"))
+
+
+def test_corrupt_file_is_reported(tmp_path):
+    path = tmp_path / "bad.h5"
+    path.write_bytes(b"this is not hdf5" * 100)
+    with pytest.raises(MtlrunError, match="is not a readable HDF5 file"):
+        open_dataset(_cfg(path))
+
+
+def test_truncated_file_is_reported(data_file):
+    data = data_file.read_bytes()
+    data_file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MtlrunError, match="HDF5|corrupt"):
+        open_dataset(_cfg(data_file))
+
+
+def test_wrong_schema_is_refused(data_file):
+    with h5py.File(data_file, "a") as f:
+        f.attrs["mtlrun_schema"] = 99
+    with pytest.raises(MtlrunError, match="schema version 99"):
+        open_dataset(_cfg(data_file))
+
+
+def test_unknown_task_and_attribute_and_class_count(data_file):
+    with pytest.raises(MtlrunError, match="unknown tasks"):
+        open_dataset(_cfg(data_file, tasks=["seg", "sky"]))
+    cfg = _cfg(data_file)
+    cfg.task_specs.pair.columns = ["b", "zz"]
+    with pytest.raises(MtlrunError, match="no attribute"):
+        open_dataset(cfg)
+    cfg = _cfg(data_file)
+    cfg.task_specs.seg.num_classes = 5
+    with pytest.raises(MtlrunError, match="expects 5 classes"):
+        open_dataset(cfg)
+
+
+def test_write_is_atomic_no_partial_file_left(tmp_path):
+    path = tmp_path / "x.h5"
+    with pytest.raises(AttributeError):
+        write_dataset(path, "x", {"train": {"image": object()}}, source="", options={})
+    assert list(tmp_path.iterdir()) == []  # neither the file nor a partial one
+
+
+def test_batch_stream_is_a_reproducible_function_of_seed_and_position():
+    split = Split("train", torch.arange(10).view(10, 1, 1, 1).to(torch.uint8), {})
+    stream = BatchStream(split, batch_size=3, seed=5)
+    assert stream.batches_per_pass == 3  # the incomplete last batch is dropped
+    first = [next(stream)["image"].flatten().tolist() for _ in range(7)]
+    for b in first[:3]:
+        assert len(set(b)) == 3
+    assert len({x for b in first[:3] for x in b}) == 9  # one pass draws without replacement
+    assert first[:3] != first[3:6]  # each pass reshuffles
+    resumed = BatchStream(split, batch_size=3, seed=5)
+    state = {"pass_index": 1, "position": 1}
+    resumed.load_state_dict(state)
+    assert [next(resumed)["image"].flatten().tolist() for _ in range(3)] == first[4:7]
+    other = BatchStream(split, batch_size=3, seed=6)
+    assert [next(other)["image"].flatten().tolist() for _ in range(3)] != first[:3]
+
+
+def test_to_device_normalizes_images_channels_first():
+    batch = {"image": torch.full((2, 4, 4, 3), 255, dtype=torch.uint8), "depth": torch.ones(2, 4, 4, dtype=torch.float16)}
+    out = ToDevice(torch.device("cpu"), [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])(batch)
+    assert out["image"].shape == (2, 3, 4, 4)
+    torch.testing.assert_close(out["image"], torch.full((2, 3, 4, 4), 2.0))
+    assert out["depth"].dtype == torch.float32
+
+
+def test_dataset_file_reads_attribute_names(data_file):
+    f = DatasetFile(data_file, "nyuv2", "")
+    assert f.attribute_names("train") == ["a", "b", "c"]
+    f.close()
