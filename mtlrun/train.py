@@ -10,7 +10,7 @@ import random
 import resource
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from mtlrun.data import open_dataset, task_names
+from mtlrun.data import MultiTaskData, open_dataset, task_names
 from mtlrun.data.loading import BatchStream, Split, ToDevice
 from mtlrun.errors import MtlrunError
 from mtlrun.models import build_model
@@ -36,28 +36,47 @@ log = logging.getLogger("mtlrun")
 RUN_CONTROL_KEYS = ("seed", "resume", "overwrite", "trainer.progress", "trainer.stop_after_epochs", "trainer.device")
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict | None:
-    """Train as `cfg` says in `run_dir`; return the results row, or None when stopped early on purpose."""
-    settings = _trainer_settings(cfg)
-    seed_everything(cfg.seed, cfg.deterministic)
-    device = pick_device(cfg.trainer.device)
-    # Settings are checked before the dataset is opened, so a typo fails at once.
+@dataclass
+class Run:
+    """The objects one run trains with, built from the composed config."""
+
+    data: MultiTaskData
+    model: MultiTaskModel
+    optimizer: MultiTaskOptimizer
+    strategy: Strategy
+    batches: BatchStream
+    to_device: ToDevice
+    ctx: StepContext
+
+
+def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: int) -> Run:
+    """Dataset, model, optimizer, strategy and batch stream; settings are checked before the data is opened."""
     names = task_names(cfg.dataset)
     strategy = build_strategy(cfg.strategy, names, cfg.seed)
     optimizer_settings = OptimizerSettings.from_config(cfg.optimizer)
-    lr_factor(cfg.scheduler, 0, settings["epochs"])
+    lr_factor(cfg.scheduler, 0, epochs)
     data = open_dataset(cfg.dataset)
     model = build_model(cfg.model, data.tasks).to(device)
     optimizer = MultiTaskOptimizer(
         model.shared_parameters(), {t: model.task_parameters(t) for t in names}, optimizer_settings
     )
-    batches = BatchStream(data.splits["train"], settings["batch_size"], cfg.seed)
+    batches = BatchStream(data.splits["train"], batch_size, cfg.seed)
     if batches.batches_per_pass == 0:
-        raise MtlrunError(
-            f"trainer.batch_size={settings['batch_size']} exceeds the {len(data.splits['train'])} training samples"
-        )
+        raise MtlrunError(f"trainer.batch_size={batch_size} exceeds the {len(data.splits['train'])} training samples")
     to_device = ToDevice(device, data.mean, data.std)
     ctx = StepContext(model, data.tasks, optimizer, batches, to_device)
+    return Run(data, model, optimizer, strategy, batches, to_device, ctx)
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """Train as `cfg` says in `run_dir`; return the results row, or None when stopped early on purpose."""
+    settings = _trainer_settings(cfg)
+    seed_everything(cfg.seed, cfg.deterministic)
+    device = pick_device(cfg.trainer.device)
+    parts = build_run(cfg, device, settings["epochs"], settings["batch_size"])
+    data, model, optimizer, strategy, batches, ctx = (
+        parts.data, parts.model, parts.optimizer, parts.strategy, parts.batches, parts.ctx
+    )
     run = RunDir(run_dir)
     config_id = config_hash(cfg)
     train_log: list[dict] = []
@@ -93,7 +112,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
         if (epoch + 1) % settings["eval_every"] == 0 or epoch + 1 == epochs:
             for split in ("val", "test"):
                 if split in data.splits:
-                    scores = evaluate(model, data.tasks, data.splits[split], to_device, settings["eval_batch_size"])
+                    scores = evaluate(model, data.tasks, data.splits[split], parts.to_device, settings["eval_batch_size"])
                     metrics += metric_rows(scores, epoch + 1, split)
             log.info("epoch %d/%d: %s", epoch + 1, epochs, _brief(metrics, epoch + 1))
         run.save(train_log, metrics, {
