@@ -46,8 +46,9 @@ class Task(ABC):
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    # A batch with no valid pixel contributes a zero loss rather than 0/0 = NaN.
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+    # `where`, not a product: a NaN in an invalid pixel's target must not reach the loss. A batch
+    # with no valid pixel contributes a zero loss rather than 0/0 = NaN.
+    return torch.where(mask, values, torch.zeros_like(values)).sum() / mask.sum().clamp(min=1)
 
 
 # --- semantic segmentation -------------------------------------------------------------------

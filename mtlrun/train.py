@@ -168,8 +168,7 @@ def _check_finite(mean_losses: dict[str, float], epoch: int, iteration: int) -> 
         task, value = next(iter(bad.items()))
         raise MtlrunError(
             f"the loss of task '{task}' became {value} in epoch {epoch + 1} (by iteration {iteration + 1}): "
-            f"training diverged; lower optimizer.lr or change strategy; the last finished epoch's checkpoint "
-            f"and CSVs are kept"
+            f"training diverged; lower optimizer.lr (or change strategy); files of finished epochs are kept"
         )
 
 

@@ -111,7 +111,6 @@ def _one_line_error(result: subprocess.CompletedProcess) -> str:
     [
         (["strategy=nope"], "valid: alternating, averaged, grouped"),
         (["strategy=grouped", "strategy.group_size=0"], "strategy.group_size must be an integer >= 1"),
-        (["dataset=nyuv2"], "data_scripts/nyuv2.py"),
         (["trainer.epoch=3"], "trainer.epoch is not a config key; keys of trainer: epochs"),
         (["optimizer=adam", "optimizer.moments=both"], "valid: per_task, shared"),
         (["trainer.batch_size=1000"], "exceeds the 64 training samples"),
@@ -122,6 +121,11 @@ def test_bad_input_is_one_readable_line(workdir, args, expected):
     assert line.startswith("mtlrun: error:") and expected in line
 
 
+def test_missing_dataset_file_is_one_readable_line(workdir):
+    line = _one_line_error(mtlrun("dataset=nyuv2", "hydra.run.dir=runs/bad", cwd=workdir))
+    assert "data/nyuv2.h5 not found" in line and "python data_scripts/nyuv2.py --src RAW" in line
+
+
 def test_corrupt_hdf5_is_one_readable_line(workdir):
     (workdir / "corrupt.h5").write_bytes(b"\x00" * 4096)
     line = _one_line_error(mtlrun("dataset=nyuv2", "dataset.path=corrupt.h5", "hydra.run.dir=runs/bad", cwd=workdir))
@@ -129,7 +133,7 @@ def test_corrupt_hdf5_is_one_readable_line(workdir):
 
 
 def test_diverging_loss_stops_with_one_line(workdir):
-    result = mtlrun(*TINY, "optimizer=sgd", "optimizer.lr=1e12", "hydra.run.dir=runs/nan", cwd=workdir)
+    result = mtlrun(*TINY, "optimizer=sgd", "optimizer.lr=1e20", "hydra.run.dir=runs/nan", cwd=workdir)
     line = _one_line_error(result)
     assert "diverged" in line and "lower optimizer.lr" in line
     assert not (workdir / "runs/nan/results.csv").exists()

@@ -46,6 +46,8 @@ def test_depth_loss_and_errors_on_valid_pixels_only():
     pred = torch.tensor([[[[1.0, 3.0, 9.0]]]])  # (1,1,1,3)
     target = torch.tensor([[[2.0, 2.0, 0.0]]])  # last pixel invalid
     assert task.loss(pred, target).item() == pytest.approx(1.0)
+    # A NaN where the target is invalid must not reach the loss.
+    assert task.loss(torch.tensor([[[[1.0, 3.0, float("nan")]]]]), target).item() == pytest.approx(1.0)
     meter = task.meter()
     meter.update(pred, target)
     meter.update(torch.tensor([[[[5.0]]]]), torch.tensor([[[4.0]]]))
