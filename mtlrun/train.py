@@ -33,7 +33,7 @@ from mtlrun.tasks import Task
 log = logging.getLogger("mtlrun")
 
 # Keys that change how a run is executed or reported but not what it computes.
-RUN_CONTROL_KEYS = ("seed", "resume", "overwrite", "trainer.progress", "trainer.stop_after_epochs", "trainer.device")
+RUN_CONTROL_KEYS = ("resume", "overwrite", "trainer.progress", "trainer.stop_after_epochs", "trainer.device")
 
 
 @dataclass
@@ -78,14 +78,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
         parts.data, parts.model, parts.optimizer, parts.strategy, parts.batches, parts.ctx
     )
     run = RunDir(run_dir)
-    config_id = config_hash(cfg)
+    config_id = config_hash(cfg, ignore=("seed", *RUN_CONTROL_KEYS))  # runs differing only by seed share it
+    resume_id = config_hash(cfg, ignore=RUN_CONTROL_KEYS)
     train_log: list[dict] = []
     metrics: list[dict] = []
     start_epoch = 0
 
     if cfg.resume and run.checkpoint.exists():
         state = run.load_checkpoint(device)
-        if state["config_id"] != config_id:
+        if state["resume_id"] != resume_id:
             raise MtlrunError(
                 f"{run.checkpoint} was written by a different configuration: resume with the same overrides, "
                 f"or start over with overwrite=true"
@@ -96,6 +97,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
         batches.load_state_dict(state["batches"])
         ctx.counts = Counts(**state["counts"])
         torch.set_rng_state(state["torch_rng"].cpu())
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         train_log, metrics, start_epoch = state["train_log"], state["metrics"], state["epoch"]
         log.info("resuming %s after epoch %d", run_dir, start_epoch)
     else:
@@ -116,9 +119,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
                     metrics += metric_rows(scores, epoch + 1, split)
             log.info("epoch %d/%d: %s", epoch + 1, epochs, _brief(metrics, epoch + 1))
         run.save(train_log, metrics, {
-            "epoch": epoch + 1, "config_id": config_id, "model": model.state_dict(),
+            "epoch": epoch + 1, "resume_id": resume_id, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "strategy": strategy.state_dict(),
             "batches": batches.state_dict(), "counts": asdict(ctx.counts), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "train_log": train_log, "metrics": metrics,
         })
 
@@ -243,10 +247,10 @@ def _brief(metrics: list[dict], epoch: int) -> str:
     return f"{split}: " + ", ".join(seen.values())
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """A short hash of what the run computes: runs differing only in seed or run control share it."""
+def config_hash(cfg: DictConfig, ignore: tuple[str, ...]) -> str:
+    """A short hash of the resolved config without the `ignore` keys."""
     container = OmegaConf.to_container(cfg, resolve=True)
-    for key in RUN_CONTROL_KEYS:
+    for key in ignore:
         node = container
         *parents, leaf = key.split(".")
         for p in parents:

@@ -88,6 +88,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(workdir):
     again = mtlrun(*common, "hydra.run.dir=runs/part", cwd=workdir)  # no resume: refused, nothing lost
     assert again.returncode != 0 and "resume=true" in again.stderr
     assert len(pd.read_csv(workdir / "runs/part/train_log.csv")) == 1
+    other_seed = mtlrun(*common, "seed=1", "resume=true", "hydra.run.dir=runs/part", cwd=workdir)
+    assert other_seed.returncode != 0 and "different configuration" in other_seed.stderr
     resumed = mtlrun(*common, "resume=true", "hydra.run.dir=runs/part", cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr
     a = pd.read_csv(workdir / "runs/full/metrics.csv")
