@@ -179,3 +179,18 @@ def test_every_strategy_has_a_conf_file():
     from mtlrun.cli import config_groups
 
     assert sorted(STRATEGIES) == config_groups()["strategy"]
+
+
+def test_jacobian_rows_equal_separate_backward_passes():
+    model = linear_model(TASKS)
+    data = batches(TASKS, count=1)
+    ctx = context(model, TASKS, data)
+    batch = ctx.next_batch()
+    jacobian, heads = ctx.jacobian(ctx.losses(batch, TASKS))
+    assert jacobian.shape == (3, 9)
+    for i, t in enumerate(TASKS):
+        model.zero_grad()
+        ctx.losses(batch, [t])[t].backward()
+        torch.testing.assert_close(jacobian[i], model.encoder.weight.grad.flatten())
+        torch.testing.assert_close(heads[t], model.heads[t].weight.grad.flatten())
+    assert ctx.counts.backward_passes == 3

@@ -60,6 +60,25 @@ class StepContext:
         for t in tasks:
             head_grads[t] = flatten(grads[n : n + len(heads[t])], heads[t])
             n += len(heads[t])
+        self.apply(tasks, shared_grad, head_grads)
+
+    def jacobian(self, losses: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Each task's gradient of the shared parameters (a T x P matrix, rows in the order of `losses`) and
+        each task's own head gradient, from the one forward pass that produced `losses`."""
+        names = list(losses)
+        rows, head_grads = [], {}
+        n = len(self._shared)
+        for i, task in enumerate(names):
+            head = self.model.task_parameters(task)
+            last = i == len(names) - 1
+            grads = torch.autograd.grad(losses[task], self._shared + head, retain_graph=not last, allow_unused=True)
+            self.counts.backward_passes += 1
+            rows.append(flatten(grads[:n], self._shared))
+            head_grads[task] = flatten(grads[n:], head)
+        return torch.stack(rows), head_grads
+
+    def apply(self, tasks: Sequence[str], shared_grad: Tensor, head_grads: dict[str, Tensor]) -> None:
+        """One optimizer step on `tasks` with gradients a strategy computed itself."""
         self.optimizer.step(tasks, shared_grad, head_grads)
         self.counts.optimizer_steps += 1
 
