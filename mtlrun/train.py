@@ -112,6 +112,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
         optimizer.lr = optimizer.settings.lr * lr_factor(cfg.scheduler, epoch, epochs)
         row = train_epoch(ctx, strategy, batches.batches_per_pass, epoch, epochs, settings["progress"], device)
         train_log.append(row)
+        strategy.epoch_end()
         if (epoch + 1) % settings["eval_every"] == 0 or epoch + 1 == epochs:
             for split in ("val", "test"):
                 if split in data.splits:

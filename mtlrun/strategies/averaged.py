@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from mtlrun.errors import MtlrunError
-from mtlrun.strategies.base import StepContext, Strategy, weighted_mean
+from mtlrun.strategies.base import LossCombiner, StepContext, weighted_mean
 
 
-class Averaged(Strategy):
+class Averaged(LossCombiner):
     """One forward and one optimizer step per iteration on sum_t w_t L_t / sum_t w_t (equal weights by default).
 
     Guarantees: every parameter moves once per iteration; with moments=per_task every task's state
@@ -33,7 +33,5 @@ class Averaged(Strategy):
         self.weights = weights
         self.group_size = len(tasks)
 
-    def iteration(self, ctx: StepContext) -> dict[str, Tensor]:
-        losses = ctx.losses(ctx.next_batch(), ctx.task_names)
-        ctx.step(ctx.task_names, weighted_mean(losses, ctx.task_names, self.weights))
-        return {t: loss.detach() for t, loss in losses.items()}
+    def combine(self, ctx: StepContext, losses: dict[str, Tensor]) -> None:
+        ctx.step(list(losses), weighted_mean(losses, ctx.task_names, self.weights))

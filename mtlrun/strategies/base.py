@@ -93,11 +93,32 @@ class Strategy(ABC):
     def iteration(self, ctx: StepContext) -> dict[str, Tensor]:
         """Run one iteration; return each task's (detached) loss for logging."""
 
+    def epoch_end(self) -> None:
+        """Called by the loop after every training epoch (methods that weight tasks by epoch history)."""
+
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class LossCombiner(Strategy):
+    """A method turning the losses of a set of tasks into one update: a loss weighting or a gradient manipulation.
+
+    As a strategy it takes one step per iteration on every task, from one forward pass; `grouped`
+    applies it inside each group of its partition, so `combine` must accept any subset of the tasks
+    (in the dataset's order) and keep any state per task.
+    """
+
+    def iteration(self, ctx: StepContext) -> dict[str, Tensor]:
+        losses = ctx.losses(ctx.next_batch(), ctx.task_names)
+        self.combine(ctx, losses)
+        return {t: loss.detach() for t, loss in losses.items()}
+
+    @abstractmethod
+    def combine(self, ctx: StepContext, losses: dict[str, Tensor]) -> None:
+        """Take exactly one optimizer step (`ctx.step` or `ctx.apply`) on the tasks in `losses`."""
 
 
 def weighted_mean(losses: dict[str, Tensor], order: Sequence[str], weights: dict[str, float] | None = None) -> Tensor:
