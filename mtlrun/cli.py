@@ -14,9 +14,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mtlrun import CONF_DIR
 from mtlrun.errors import MtlrunError
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def _dirname(overrides: str) -> str:

@@ -51,11 +51,11 @@ class Run:
 
 def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: int) -> Run:
     """Dataset, model, optimizer, strategy and batch stream; settings are checked before the data is opened."""
-    names = task_names(cfg.dataset)
-    strategy = build_strategy(cfg.strategy, names, cfg.seed)
+    strategy = build_strategy(cfg.strategy, task_names(cfg.dataset), cfg.seed)
+    names = strategy.trains(task_names(cfg.dataset))
     optimizer_settings = OptimizerSettings.from_config(cfg.optimizer)
     lr_factor(cfg.scheduler, 0, epochs)
-    data = open_dataset(cfg.dataset)
+    data = open_dataset(cfg.dataset, names)
     model = build_model(cfg.model, data.tasks).to(device)
     optimizer = MultiTaskOptimizer(
         model.shared_parameters(), {t: model.task_parameters(t) for t in names}, optimizer_settings

@@ -163,3 +163,18 @@ def test_builtin_file_is_valid_hdf5_with_schema(workdir):
     with h5py.File(files[0]) as f:
         assert f.attrs["mtlrun_schema"] == 1 and set(f) == {"train", "val", "test"}
         assert f["train/image"].shape == (64, 64, 64, 3)
+
+
+def test_single_task_run_builds_and_reports_only_its_task(workdir):
+    result = mtlrun(*TINY, "strategy=single_task", "strategy.task=depth", "hydra.run.dir=runs/stl", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    row = pd.read_csv(workdir / "runs/stl/results.csv").iloc[0]
+    metric_columns = [c for c in row.index if c.count("/") == 2]
+    assert metric_columns and all(c.split("/")[1] == "depth" for c in metric_columns)
+    assert row.num_tasks == 1 and row.steps_per_iteration == 1
+
+
+def test_grouped_with_a_combine_method_runs(workdir):
+    result = mtlrun(*TINY, "strategy=grouped", "strategy.combine=averaged", "hydra.run.dir=runs/combine", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert pd.read_csv(workdir / "runs/combine/results.csv").iloc[0].steps_per_iteration == 2

@@ -194,3 +194,54 @@ def test_jacobian_rows_equal_separate_backward_passes():
         torch.testing.assert_close(jacobian[i], model.encoder.weight.grad.flatten())
         torch.testing.assert_close(heads[t], model.heads[t].weight.grad.flatten())
     assert ctx.counts.backward_passes == 3
+
+
+def test_grouped_combine_builds_the_method_from_its_conf_and_averaged_equals_mean():
+    cfg = {"name": "grouped", "group_size": 2, "batch": "same", "combine_settings": {}}
+    plain = build_strategy(OmegaConf.create({**cfg, "combine": None}), TASKS, seed=4)
+    weighted = build_strategy(
+        OmegaConf.create({**cfg, "combine": "averaged", "combine_settings": {"weights": {"a": 1, "b": 1, "c": 1}}}),
+        TASKS, seed=4,
+    )
+    assert isinstance(weighted.combiner, Averaged) and weighted.combiner.weights == {"a": 1, "b": 1, "c": 1}
+    for g, a in zip(_train(plain, OPTIMIZERS[0]), _train(weighted, OPTIMIZERS[0])):
+        torch.testing.assert_close(g, a, rtol=0, atol=0)
+
+
+def test_grouped_combine_applies_the_method_inside_each_group():
+    weights = {"a": 1.0, "b": 3.0, "c": 0.5}
+    grouped = Grouped(TASKS, seed=1, group_size=2, combiner=Averaged(TASKS, weights=weights))
+    seen = []
+    model = linear_model(TASKS)
+    ctx = context(model, TASKS, batches(TASKS))
+    ctx.step = lambda tasks, loss: seen.append((tuple(tasks), loss.item()))
+    batch = batches(TASKS)[0]
+    losses = {t: v.item() for t, v in ctx.losses(batch, TASKS).items()}
+    grouped.iteration(ctx)
+    assert sorted(t for group, _ in seen for t in group) == TASKS
+    for group, loss in seen:  # each group's loss is its own weighted mean
+        expected = sum(weights[t] * losses[t] for t in group) / sum(weights[t] for t in group)
+        assert loss == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "combine,settings,message",
+    [("alternating", {}, "not a method to combine"), ("averaged", {"c": 1}, "does not know")],
+)
+def test_grouped_combine_refuses_bad_methods(combine, settings, message):
+    cfg = {"name": "grouped", "group_size": 2, "batch": "same", "combine": combine, "combine_settings": settings}
+    with pytest.raises(MtlrunError, match=message):
+        build_strategy(OmegaConf.create(cfg), TASKS, seed=0)
+
+
+def test_single_task_steps_only_its_task():
+    strategy = build_strategy(OmegaConf.create({"name": "single_task", "task": "b"}), TASKS, seed=0)
+    assert strategy.trains(TASKS) == ["b"]
+    model = linear_model(TASKS)
+    heads_before = {t: model.heads[t].weight.detach().clone() for t in TASKS}
+    ctx = context(model, TASKS, batches(TASKS))
+    assert list(strategy.iteration(ctx)) == ["b"]
+    assert not torch.equal(model.heads["b"].weight, heads_before["b"])
+    assert torch.equal(model.heads["a"].weight, heads_before["a"]) and ctx.counts.optimizer_steps == 1
+    with pytest.raises(MtlrunError, match="strategy.task=None must name one task"):
+        build_strategy(OmegaConf.create({"name": "single_task", "task": None}), TASKS, seed=0)

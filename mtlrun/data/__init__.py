@@ -72,8 +72,11 @@ DATASETS: dict[str, Source] = {
 }
 
 
-def open_dataset(cfg: DictConfig, split_names: tuple[str, ...] = ("train", "val", "test")) -> MultiTaskData:
-    """Open the dataset file (generating it first where it is generated) and load the selected tasks' splits."""
+def open_dataset(
+    cfg: DictConfig, tasks: list[str] | None = None, split_names: tuple[str, ...] = ("train", "val", "test")
+) -> MultiTaskData:
+    """Open the dataset file (generating it first where it is generated) and load the splits of `tasks`
+    (default: the config's selection)."""
     if cfg.name not in DATASETS:
         raise MtlrunError(f"no dataset named {cfg.name!r}; known: {', '.join(sorted(DATASETS))}")
     path = Path(cfg.path)
@@ -82,7 +85,7 @@ def open_dataset(cfg: DictConfig, split_names: tuple[str, ...] = ("train", "val"
         source.generate(cfg, path)
     file = DatasetFile(path, cfg.name, source.how_to_make.format(path=path))
     try:
-        return _load(cfg, file, split_names)
+        return _load(cfg, file, tasks or task_names(cfg), split_names)
     finally:
         file.close()
 
@@ -103,8 +106,8 @@ def task_names(cfg: DictConfig) -> list[str]:
     return list(_selected_task_specs(cfg))
 
 
-def _load(cfg: DictConfig, file: DatasetFile, split_names: tuple[str, ...]) -> MultiTaskData:
-    specs = _selected_task_specs(cfg)
+def _load(cfg: DictConfig, file: DatasetFile, tasks: list[str], split_names: tuple[str, ...]) -> MultiTaskData:
+    specs = {name: spec for name, spec in _selected_task_specs(cfg).items() if name in tasks}
     present = [s for s in split_names if s in file.splits()]
     if "train" not in present or "test" not in present:
         raise MtlrunError(f"{file.path} must hold 'train' and 'test' splits, found {file.splits()}: {file.how_to_make}")

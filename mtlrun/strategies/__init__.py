@@ -6,30 +6,54 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from mtlrun import CONF_DIR
 from mtlrun.errors import MtlrunError
 from mtlrun.strategies.alternating import Alternating
 from mtlrun.strategies.averaged import Averaged
-from mtlrun.strategies.base import SeededStrategy, StepContext, Strategy
+from mtlrun.strategies.base import LossCombiner, SeededStrategy, StepContext, Strategy
 from mtlrun.strategies.grouped import Grouped
+from mtlrun.strategies.single_task import SingleTask
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "averaged": Averaged,
     "alternating": Alternating,
     "grouped": Grouped,
+    "single_task": SingleTask,
 }
 
 __all__ = ["STRATEGIES", "StepContext", "Strategy", "build_strategy"]
 
 
 def build_strategy(cfg: DictConfig, tasks: Sequence[str], seed: int) -> Strategy:
-    """Build `cfg.name` with its other config keys as keyword arguments; seeded ones get the run seed."""
+    """Build `cfg.name` with its other config keys as keyword arguments; seeded ones get the run seed.
+
+    `grouped` with `combine: <method>` gets that method, built from conf/strategy/<method>.yaml
+    updated with `combine_settings`, to make each group's step.
+    """
     if cfg.name not in STRATEGIES:
         raise MtlrunError(f"no strategy named {cfg.name!r}; known: {', '.join(sorted(STRATEGIES))}")
     cls = STRATEGIES[cfg.name]
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "name"}
     if issubclass(cls, SeededStrategy):
         kwargs["seed"] = seed
+    if "combine" in kwargs:
+        method, settings = kwargs.pop("combine"), kwargs.pop("combine_settings", None) or {}
+        if method is not None:
+            kwargs["combiner"] = _combiner(method, settings, tasks, seed)
     try:
         return cls(list(tasks), **kwargs)
     except TypeError as e:
         raise MtlrunError(f"strategy={cfg.name} got an unexpected setting: {e}") from None
+
+
+def _combiner(method: str, settings: dict, tasks: Sequence[str], seed: int) -> LossCombiner:
+    combiners = sorted(name for name, cls in STRATEGIES.items() if issubclass(cls, LossCombiner))
+    if method not in combiners:
+        raise MtlrunError(f"strategy.combine={method!r} is not a method to combine inside groups; valid: {', '.join(combiners)}")
+    defaults = OmegaConf.load(CONF_DIR / "strategy" / f"{method}.yaml")
+    unknown = sorted(set(settings) - set(defaults))
+    if unknown:
+        raise MtlrunError(f"strategy.combine_settings has keys {unknown} that {method} does not know; it has: {', '.join(map(str, defaults))}")
+    combiner = build_strategy(OmegaConf.merge(defaults, settings), tasks, seed)
+    assert isinstance(combiner, LossCombiner)
+    return combiner

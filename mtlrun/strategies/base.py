@@ -93,6 +93,10 @@ class Strategy(ABC):
     def iteration(self, ctx: StepContext) -> dict[str, Tensor]:
         """Run one iteration; return each task's (detached) loss for logging."""
 
+    def trains(self, tasks: Sequence[str]) -> list[str]:
+        """The tasks this strategy trains, of the dataset's `tasks`; the run builds and evaluates only these."""
+        return list(tasks)
+
     def epoch_end(self) -> None:
         """Called by the loop after every training epoch (methods that weight tasks by epoch history)."""
 
@@ -132,8 +136,17 @@ def weighted_mean(losses: dict[str, Tensor], order: Sequence[str], weights: dict
     return total / sum(w[t] for t in names)
 
 
-def step_on_groups(ctx: StepContext, groups: Sequence[Sequence[str]], fresh_batches: bool) -> dict[str, Tensor]:
-    """One optimizer step per group on the mean of its losses; groups share one batch unless `fresh_batches`."""
+def mean_step(ctx: StepContext, losses: dict[str, Tensor]) -> None:
+    """One step on the plain mean of `losses`: how a group is combined unless a method is given."""
+    ctx.step(list(losses), weighted_mean(losses, ctx.task_names))
+
+
+def step_on_groups(
+    ctx: StepContext, groups: Sequence[Sequence[str]], fresh_batches: bool,
+    combine: Callable[[StepContext, dict[str, Tensor]], None] = mean_step,
+) -> dict[str, Tensor]:
+    """One optimizer step per group, made by `combine` from the group's losses; groups share one batch
+    unless `fresh_batches`."""
     logged: dict[str, Tensor] = {}
     batch = None
     for group in groups:
@@ -141,7 +154,7 @@ def step_on_groups(ctx: StepContext, groups: Sequence[Sequence[str]], fresh_batc
             batch = ctx.next_batch()
         ordered = [t for t in ctx.task_names if t in group]
         losses = ctx.losses(batch, ordered)
-        ctx.step(ordered, weighted_mean(losses, ordered))
+        combine(ctx, losses)
         logged.update({t: loss.detach() for t, loss in losses.items()})
     return logged
 

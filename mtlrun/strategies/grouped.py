@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from mtlrun.errors import MtlrunError
-from mtlrun.strategies.base import SeededStrategy, StepContext, step_on_groups
+from mtlrun.strategies.base import LossCombiner, SeededStrategy, StepContext, mean_step, step_on_groups
 
 
 def random_partition(tasks: Sequence[str], group_size: int, generator: torch.Generator) -> list[list[str]]:
@@ -18,15 +18,20 @@ def random_partition(tasks: Sequence[str], group_size: int, generator: torch.Gen
 
 
 class Grouped(SeededStrategy):
-    """ceil(T/k) steps per iteration, each on the mean loss of one group of a fresh random partition.
+    """ceil(T/k) steps per iteration, one per group of a fresh random partition of the tasks.
 
-    Guarantees: every task is in exactly one group per iteration; group_size=1 gives exactly
-    `alternating` (order=random) and group_size >= T exactly `averaged`, for the same seed.
+    Each group's step is made by `combiner` from the group's losses: by default one step on their
+    mean, or any loss-weighting / gradient method (`strategy.combine=<method>`) applied inside the group.
+    Guarantees: every task is in exactly one group per iteration; with the mean, group_size=1 gives
+    exactly `alternating` (order=random) and group_size >= T exactly `averaged`, for the same seed.
     """
 
     name = "grouped"
 
-    def __init__(self, tasks: Sequence[str], seed: int, group_size: int, batch: str = "same") -> None:
+    def __init__(
+        self, tasks: Sequence[str], seed: int, group_size: int, batch: str = "same",
+        combiner: LossCombiner | None = None,
+    ) -> None:
         super().__init__(seed)
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise MtlrunError(
@@ -36,7 +41,24 @@ class Grouped(SeededStrategy):
         if batch not in ("same", "fresh"):
             raise MtlrunError(f"strategy.batch={batch!r} is invalid; valid: same, fresh")
         self.tasks, self.group_size, self.fresh_batches = list(tasks), min(group_size, len(tasks)), batch == "fresh"
+        self.combiner = combiner
 
     def iteration(self, ctx: StepContext) -> dict[str, Tensor]:
         groups = random_partition(self.tasks, self.group_size, self.generator)
-        return step_on_groups(ctx, groups, self.fresh_batches)
+        combine = self.combiner.combine if self.combiner is not None else mean_step
+        return step_on_groups(ctx, groups, self.fresh_batches, combine)
+
+    def epoch_end(self) -> None:
+        if self.combiner is not None:
+            self.combiner.epoch_end()
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.combiner is not None:
+            state["combiner"] = self.combiner.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.combiner is not None:
+            self.combiner.load_state_dict(state["combiner"])
