@@ -117,7 +117,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
             for split in ("val", "test"):
                 if split in data.splits:
                     scores = evaluate(model, data.tasks, data.splits[split], parts.to_device, settings["eval_batch_size"])
-                    metrics += metric_rows(scores, epoch + 1, split)
+                    metrics += metric_rows(scores, data.tasks, epoch + 1, split)
             log.info("epoch %d/%d: %s", epoch + 1, epochs, _brief(metrics, epoch + 1))
         run.save(train_log, metrics, {
             "epoch": epoch + 1, "resume_id": resume_id, "model": model.state_dict(),
@@ -191,9 +191,12 @@ def evaluate(model: MultiTaskModel, tasks: list[Task], split: Split, to_device: 
     return {name: meter.compute() for name, meter in meters.items()}
 
 
-def metric_rows(scores: dict, epoch: int, split: str) -> list[dict]:
+def metric_rows(scores: dict, tasks: list[Task], epoch: int, split: str) -> list[dict]:
+    """Tidy rows for metrics.csv; each carries its metric's direction, so reports never guess it."""
+    better = {(t.name, m.name): m.higher_is_better for t in tasks for m in t.metrics}
     return [
-        {"epoch": epoch, "split": split, "task": task, "metric": metric, "value": value}
+        {"epoch": epoch, "split": split, "task": task, "metric": metric, "value": value,
+         "higher_is_better": better[task, metric]}
         for task, values in scores.items()
         for metric, value in values.items()
     ]

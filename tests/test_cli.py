@@ -37,7 +37,9 @@ def test_short_run_writes_every_output(workdir):
     for name in ("metrics.csv", "train_log.csv", "results.csv", "checkpoint.pt", ".hydra/config.yaml"):
         assert (run / name).is_file(), name
     metrics = pd.read_csv(run / "metrics.csv")
-    assert list(metrics.columns) == ["epoch", "split", "task", "metric", "value"]
+    assert list(metrics.columns) == ["epoch", "split", "task", "metric", "value", "higher_is_better"]
+    direction = metrics.set_index(["task", "metric"]).higher_is_better.to_dict()
+    assert direction["depth", "abs_err"] is False and direction["segmentation", "miou"] is True
     assert set(metrics.split) == {"val", "test"} and set(metrics.epoch) == {1, 2}
     assert set(metrics.task) == {"segmentation", "depth", "normal", "attributes"}
     log = pd.read_csv(run / "train_log.csv")
