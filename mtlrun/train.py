@@ -21,7 +21,9 @@ from tqdm import tqdm
 
 from mtlrun.data import MultiTaskData, open_dataset, task_names
 from mtlrun.data.loading import BatchStream, Split, ToDevice
+from mtlrun.diagnostics import Diagnostics
 from mtlrun.errors import MtlrunError
+from mtlrun.loggers import build_logger
 from mtlrun.models import build_model
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.optim import MultiTaskOptimizer, OptimizerSettings, lr_factor
@@ -77,6 +79,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
     data, model, optimizer, strategy, batches, ctx = (
         parts.data, parts.model, parts.optimizer, parts.strategy, parts.batches, parts.ctx
     )
+    diagnostics = None
+    if cfg.diagnostics:
+        train = data.splits["train"]
+        probe = parts.to_device(train.batch(torch.arange(min(settings["batch_size"], len(train)))))
+        diagnostics = Diagnostics(ctx, probe, settings["diagnostics_every"])
     run = RunDir(run_dir)
     config_id = config_hash(cfg, ignore=("seed", *RUN_CONTROL_KEYS))  # runs differing only by seed share it
     resume_id = config_hash(cfg, ignore=RUN_CONTROL_KEYS)
@@ -96,6 +103,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
         strategy.load_state_dict(state["strategy"])
         batches.load_state_dict(state["batches"])
         ctx.counts = Counts(**state["counts"])
+        if diagnostics is not None and state.get("diagnostics") is not None:
+            diagnostics.load_state_dict(state["diagnostics"])
         torch.set_rng_state(state["torch_rng"].cpu())
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
@@ -104,28 +113,36 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
     else:
         run.claim(overwrite=cfg.overwrite)
 
+    logger = build_logger(cfg.logger, run_dir)
     epochs, stop_after = settings["epochs"], settings["stop_after_epochs"]
     for epoch in range(start_epoch, epochs):
         if stop_after is not None and epoch - start_epoch >= stop_after:
             log.info("stopped after %d epoch(s) as asked; continue with resume=true hydra.run.dir=%s", stop_after, run_dir)
+            logger.close()
             return None
         optimizer.lr = optimizer.settings.lr * lr_factor(cfg.scheduler, epoch, epochs)
-        row = train_epoch(ctx, strategy, batches.batches_per_pass, epoch, epochs, settings["progress"], device)
+        row = train_epoch(ctx, strategy, batches.batches_per_pass, epoch, epochs, settings["progress"], device, diagnostics)
         train_log.append(row)
         strategy.epoch_end()
+        new_metrics = []
         if (epoch + 1) % settings["eval_every"] == 0 or epoch + 1 == epochs:
             for split in ("val", "test"):
                 if split in data.splits:
                     scores = evaluate(model, data.tasks, data.splits[split], parts.to_device, settings["eval_batch_size"])
-                    metrics += metric_rows(scores, data.tasks, epoch + 1, split)
+                    new_metrics += metric_rows(scores, data.tasks, epoch + 1, split)
+            metrics += new_metrics
             log.info("epoch %d/%d: %s", epoch + 1, epochs, _brief(metrics, epoch + 1))
-        run.save(train_log, metrics, {
+        diagnostic_rows = diagnostics.rows if diagnostics is not None else []
+        logger.log_epoch(epoch + 1, row, new_metrics, [r for r in diagnostic_rows if r["epoch"] == epoch + 1])
+        run.save(train_log, metrics, diagnostic_rows, {
             "epoch": epoch + 1, "resume_id": resume_id, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "strategy": strategy.state_dict(),
             "batches": batches.state_dict(), "counts": asdict(ctx.counts), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "train_log": train_log, "metrics": metrics,
+            "diagnostics": diagnostics.state_dict() if diagnostics is not None else None,
         })
+    logger.close()
 
     results = results_row(cfg, run_dir, config_id, strategy, data.tasks, train_log, metrics, ctx.counts, device)
     run.write_results(results)
@@ -136,7 +153,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
 
 def train_epoch(
     ctx: StepContext, strategy: Strategy, iterations: int, epoch: int, epochs: int, progress: bool,
-    device: torch.device,
+    device: torch.device, diagnostics: Diagnostics | None = None,
 ) -> dict:
     """Run `iterations` strategy iterations; return the epoch's row of train_log.csv."""
     ctx.model.train()
@@ -145,9 +162,13 @@ def train_epoch(
     start = time.perf_counter()
     bar = tqdm(range(iterations), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False, file=sys.stderr)
     for i in bar:
+        if diagnostics is not None:
+            diagnostics.before_iteration(ctx)
         for task, loss in strategy.iteration(ctx).items():
             loss_sums[task] += loss
         ctx.counts.iterations += 1
+        if diagnostics is not None:
+            diagnostics.after_iteration(ctx, strategy, epoch)
         if (i + 1) % 25 == 0 or i + 1 == iterations:  # one device sync every 25 iterations, not every step
             means = {t: v / (i + 1) for t, v in zip(loss_sums, torch.stack(list(loss_sums.values())).tolist())}
             _check_finite(means, epoch, i)
@@ -268,6 +289,7 @@ def _trainer_settings(cfg: DictConfig) -> dict:
     settings = {
         "epochs": t.epochs, "batch_size": t.batch_size, "eval_batch_size": t.eval_batch_size,
         "eval_every": t.eval_every, "stop_after_epochs": t.stop_after_epochs,
+        "diagnostics_every": cfg.diagnostics_every,
     }
     for key, value in settings.items():
         if value is None and key == "stop_after_epochs":

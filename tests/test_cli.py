@@ -180,3 +180,14 @@ def test_grouped_with_a_combine_method_runs(workdir):
     result = mtlrun(*TINY, "strategy=grouped", "strategy.combine=averaged", "hydra.run.dir=runs/combine", cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert pd.read_csv(workdir / "runs/combine/results.csv").iloc[0].steps_per_iteration == 2
+
+
+def test_diagnostics_and_tensorboard_logger(workdir):
+    result = mtlrun(*TINY, "diagnostics=true", "diagnostics_every=2", "logger=tensorboard",
+                    "hydra.run.dir=runs/diag", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    rows = pd.read_csv(workdir / "runs/diag/diagnostics.csv")
+    assert list(rows.iteration) == [2, 4]
+    assert {"distance_from_init", "displacement", "grad_norm/depth", "cosine/segmentation/depth"} <= set(rows.columns)
+    events = list((workdir / "runs/diag/tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

@@ -27,7 +27,7 @@ def test_groups_mirror_the_tables():
     assert GROUPS["strategy"] == sorted(STRATEGIES)
     assert GROUPS["model"] == sorted(MODELS)
     assert set(GROUPS["dataset"]) <= set(DATASETS)
-    assert {"dataset", "model", "strategy", "optimizer", "scheduler"} == set(GROUPS)
+    assert {"dataset", "model", "strategy", "optimizer", "scheduler", "logger"} == set(GROUPS)
 
 
 @pytest.mark.parametrize("group,option", OPTIONS)

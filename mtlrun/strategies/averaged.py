@@ -33,5 +33,8 @@ class Averaged(LossCombiner):
         self.weights = weights
         self.group_size = len(tasks)
 
+    def task_weights(self) -> dict[str, float] | None:
+        return self.weights
+
     def combine(self, ctx: StepContext, losses: dict[str, Tensor]) -> None:
         ctx.step(list(losses), weighted_mean(losses, ctx.task_names, self.weights))

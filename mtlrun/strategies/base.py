@@ -97,6 +97,10 @@ class Strategy(ABC):
         """The tasks this strategy trains, of the dataset's `tasks`; the run builds and evaluates only these."""
         return list(tasks)
 
+    def task_weights(self) -> dict[str, float] | None:
+        """The weights the strategy currently gives the tasks, for diagnostics; None when it has none."""
+        return None
+
     def epoch_end(self) -> None:
         """Called by the loop after every training epoch (methods that weight tasks by epoch history)."""
 
