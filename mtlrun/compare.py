@@ -1,19 +1,29 @@
-"""`mtlrun-compare`: gather runs' results.csv, group runs that differ only by seed, report mean ± std."""
+"""`mtlrun-compare`: gather runs, group those that differ only by seed, report mean ± std, Δm% and costs."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from mtlrun.errors import MtlrunError
-from mtlrun.outputs import CHECKPOINT, RESULTS_CSV
+from mtlrun.outputs import CHECKPOINT, METRICS_CSV, RESULTS_CSV, TRAIN_LOG_CSV
 
-COST_COLUMNS = ("steps_per_iteration", "passes_per_iteration", "seconds_per_epoch", "peak_memory_mb")
+SINGLE_TASK = "single_task"
+DELTA_M = "delta_m"  # Δm% in the comparison CSV; shown and sorted as "Δm%"
+COST_COLUMNS = (
+    "steps_per_iteration", "passes_per_iteration", "backward_passes_per_iteration", "seconds_per_epoch",
+    "peak_memory_mb",
+)
 # Columns that describe one run but not its configuration.
 PER_RUN_COLUMNS = ("seed", "run_dir", "config_id", "device", "iterations", "optimizer_steps")
+# Settings that say which strategy ran; every other setting (dataset, model, optimizer, lr, ...) says how.
+STRATEGY_SETTINGS = ("strategy", "group_size", "num_tasks")
+FORMATS = ("table", "csv", "markdown", "latex")
 
 
 def find_results(paths: list[Path]) -> tuple[list[Path], list[Path]]:
@@ -22,23 +32,84 @@ def find_results(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     unfinished: list[Path] = []
     for path in paths:
         if not path.exists():
-            raise MtlrunError(f"{path} does not exist: give run directories, sweep directories or results.csv files")
+            raise MtlrunError(
+                f"{path} does not exist: give run directories, sweep directories or results.csv files"
+            )
         if path.is_file():
             found.append(path)
             continue
         found += sorted(path.rglob(RESULTS_CSV))
-        unfinished += sorted(c.parent for c in path.rglob(CHECKPOINT) if not (c.parent / RESULTS_CSV).exists())
+        unfinished += sorted(c.parent for c in path.rglob(CHECKPOINT) if not (c.parent / RESULTS_CSV).is_file())
     return list(dict.fromkeys(found)), unfinished
 
 
-def load_results(files: list[Path]) -> pd.DataFrame:
+def read_csv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise MtlrunError(
+            f"{path} is not a readable CSV ({type(e).__name__}); remove it or re-run that run"
+        ) from None
+
+
+def run_file(run_dir: object, name: str) -> Path | None:
+    """A file of a run's directory, or None when the run has no known directory or the file is missing."""
+    path = Path(run_dir) / name if isinstance(run_dir, str) else None
+    return path if path is not None and path.is_file() else None
+
+
+def load_runs(files: list[Path]) -> pd.DataFrame:
+    """One row per run: its results row, `run_dir` set to where its files are now (a results.csv of one run
+    sits in its run directory, wherever that was moved), a `config_id` for every run, and backward passes
+    per iteration from its train_log.csv."""
     frames = []
     for file in files:
-        try:
-            frames.append(pd.read_csv(file))
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-            raise MtlrunError(f"{file} is not a results CSV ({type(e).__name__}); remove it or re-run that run") from None
-    return pd.concat(frames, ignore_index=True)
+        frame = read_csv(file)
+        if "strategy" not in frame.columns:
+            raise MtlrunError(f"{file} is not an mtlrun results CSV (no 'strategy' column)")
+        if len(frame) == 1 and file.name == RESULTS_CSV:
+            frame["run_dir"] = str(file.parent)
+        frames.append(frame)
+    runs = pd.concat(frames, ignore_index=True)
+    for column in ("config_id", "run_dir"):
+        if column not in runs.columns:
+            runs[column] = np.nan
+    # Results written without a config_id are grouped by their settings.
+    by_settings = ["|".join(map(str, row)) for row in runs[setting_columns(runs)].itertuples(index=False)]
+    runs["config_id"] = runs["config_id"].astype(object).where(runs["config_id"].notna(), by_settings)
+    if "backward_passes_per_iteration" not in runs.columns:
+        runs["backward_passes_per_iteration"] = [backward_passes_per_iteration(d) for d in runs["run_dir"]]
+    return runs
+
+
+def backward_passes_per_iteration(run_dir: object) -> float:
+    path = run_file(run_dir, TRAIN_LOG_CSV)
+    if path is None:
+        return np.nan
+    log = read_csv(path)
+    if not {"backward_passes", "iterations"} <= set(log.columns) or log["iterations"].sum() == 0:
+        return np.nan
+    return float(log["backward_passes"].sum() / log["iterations"].sum())
+
+
+def metric_directions(runs: pd.DataFrame) -> dict[str, bool]:
+    """`task/metric` -> whether higher is better, as the runs' metrics.csv took it from the task's metric."""
+    directions: dict[str, bool] = {}
+    for run_dir in runs["run_dir"]:
+        path = run_file(run_dir, METRICS_CSV)
+        if path is None:
+            continue
+        rows = read_csv(path)
+        if not {"task", "metric", "higher_is_better"} <= set(rows.columns):
+            raise MtlrunError(f"{path} has no task, metric and higher_is_better columns; re-run that run")
+        rows = rows[["task", "metric", "higher_is_better"]].drop_duplicates()
+        for task, metric, higher in rows.itertuples(index=False):
+            name, higher = f"{task}/{metric}", str(higher).strip().lower() == "true"
+            if directions.setdefault(name, higher) != higher:
+                raise MtlrunError(
+                    f"the runs' {METRICS_CSV} files disagree on whether higher is better for {name}"
+                )
+    return directions
 
 
 def metric_columns(df: pd.DataFrame) -> list[str]:
@@ -46,68 +117,385 @@ def metric_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c.count("/") == 2]
 
 
-def compare(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per configuration: its settings, the seeds, and mean and std of every metric and cost."""
-    metrics = metric_columns(df)
-    costs = [c for c in COST_COLUMNS if c in df.columns]
-    settings = [c for c in df.columns if c not in metrics + costs and c not in PER_RUN_COLUMNS]
-    key = "config_id" if "config_id" in df.columns else settings
+def setting_columns(runs: pd.DataFrame) -> list[str]:
+    numbers = set(metric_columns(runs)) | {DELTA_M, *COST_COLUMNS, *PER_RUN_COLUMNS}
+    return [c for c in runs.columns if c not in numbers]
+
+
+def training_settings(columns: list[str]) -> list[str]:
+    """The settings saying how a strategy was trained: all but the strategy's own."""
+    return [c for c in columns if c not in STRATEGY_SETTINGS and not c.startswith("strategy.")]
+
+
+def same(a: object, b: object) -> bool:
+    """Equal settings, a missing one equal to a missing one."""
+    return bool(pd.isna(a) and pd.isna(b)) or bool(a == b)
+
+
+def relative_change(value: pd.Series, reference: float, higher_is_better: bool) -> pd.Series:
+    """Signed relative change in %, positive = better: (-1)^l (value - reference) / reference * 100."""
+    return (1 if higher_is_better else -1) * (value - reference) / reference * 100
+
+
+def mean_std(values: pd.Series) -> tuple[float, float]:
+    """Mean and sample std (0 for one value) of the values present; NaN, NaN when none is."""
+    present = values.dropna()
+    if present.empty:
+        return np.nan, np.nan
+    return float(present.mean()), (float(present.std(ddof=1)) if len(present) > 1 else 0.0)
+
+
+def compare(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration: its settings, config_id, the seeds, and mean and std of every number."""
+    numbers = metric_columns(runs) + [c for c in (DELTA_M, *COST_COLUMNS) if c in runs.columns]
+    settings = setting_columns(runs)
     rows = []
-    for _, group in df.groupby(key, sort=False, dropna=False):
+    for config_id, group in runs.groupby("config_id", sort=False):
         row = {c: group[c].iloc[0] for c in settings}
+        row["config_id"] = config_id
         row["n_seeds"] = len(group)
         row["seeds"] = " ".join(str(s) for s in sorted(group["seed"])) if "seed" in group else ""
-        for c in metrics + costs:
-            row[f"{c} mean"] = group[c].mean()
-            row[f"{c} std"] = group[c].std(ddof=1) if len(group) > 1 else 0.0
+        for c in numbers:
+            row[f"{c} mean"], row[f"{c} std"] = mean_std(group[c])
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def display_table(table: pd.DataFrame, split: str) -> pd.DataFrame:
-    """Settings that vary between configurations, then mean ± std of the split's metrics and the costs."""
-    settings = [c for c in table.columns if not c.endswith((" mean", " std")) and c not in ("n_seeds", "seeds")]
-    varying = [c for c in settings if table[c].astype(str).nunique() > 1] or ["strategy"]
-    shown = table[varying + ["n_seeds"]].copy()
-    for column in [c[: -len(" mean")] for c in table.columns if c.endswith(" mean")]:
-        is_metric = column.count("/") == 2
-        if is_metric and not column.startswith(f"{split}/"):
+def closest(config: pd.Series, candidates: pd.DataFrame) -> pd.Series:
+    """The candidate configuration sharing most training settings with `config` (the first on a tie)."""
+    settings = training_settings(table_settings(candidates))
+    matches = [sum(same(config.get(s), row[s]) for s in settings) for _, row in candidates.iterrows()]
+    return candidates.iloc[int(np.argmax(matches))]
+
+
+def baseline_value(config: pd.Series, stl: pd.DataFrame, column: str) -> float:
+    """The single-task baseline of `column` for `config`: the mean over seeds of a single-task configuration
+    of the same dataset and model that has this metric (the one sharing most training settings); else NaN."""
+    if f"{column} mean" not in stl.columns:
+        return np.nan
+    rows = stl[stl[f"{column} mean"].notna()]
+    rows = rows[[all(same(config.get(k), r.get(k)) for k in ("dataset", "model")) for _, r in rows.iterrows()]]
+    return closest(config, rows)[f"{column} mean"] if len(rows) else np.nan
+
+
+def delta_m(runs: pd.DataFrame, baselines: pd.DataFrame, directions: dict[str, bool], split: str,
+            where: str) -> tuple[pd.Series, str | None]:
+    """Δm% of every multi-task run (Maninis et al. 2019; Liu et al. 2022): the mean over the run's task
+    metrics of (-1)^l_k (M_k - B_k) / B_k * 100, l_k = 1 where lower is better, B_k from `baseline_value`;
+    positive = better than single-task. Returns the values (NaN for single-task runs and where it cannot be
+    computed) and, if it cannot be computed somewhere, one line saying why (`where` names the baselines)."""
+    values = pd.Series(np.nan, index=runs.index)
+    stl = compare(baselines) if len(baselines) else pd.DataFrame()
+    missing: dict[tuple, list[str]] = {}  # (dataset, model) -> tasks without a single-task run
+    unknown: list[str] = []  # metrics whose direction no metrics.csv gives
+    zero: list[str] = []  # metrics whose baseline is 0
+    multi = runs[runs["strategy"] != SINGLE_TASK].groupby("config_id", sort=False)
+    failed = 0
+    for _, group in multi:
+        config = group.iloc[0]
+        changes, ok = [], True
+        for column in [c for c in metric_columns(runs) if c.startswith(f"{split}/") and group[c].notna().any()]:
+            task, name = column.split("/")[1], column.split("/", 1)[1]
+            reference = baseline_value(config, stl, column)
+            if np.isnan(reference):
+                missing.setdefault((config.get("dataset"), config.get("model")), []).append(task)
+            elif name not in directions:
+                unknown.append(name)
+            elif reference == 0:
+                zero.append(column)
+            else:
+                changes.append(relative_change(group[column], reference, directions[name]))
+                continue
+            ok = False
+        if ok and changes:
+            values[group.index] = pd.concat(changes, axis=1).mean(axis=1)
+        else:
+            failed += 1
+    if not failed:
+        return values, None
+    reasons = []
+    for (dataset, model), tasks in missing.items():
+        tasks = list(dict.fromkeys(tasks))
+        reasons.append(
+            f"no single-task run of {', '.join(tasks)} for dataset {dataset}, model {model} {where} (add the runs "
+            f"of mtlrun -m strategy=single_task strategy.task={','.join(tasks)} to the inputs or to --baseline)"
+        )
+    if unknown:
+        reasons.append(f"no {METRICS_CSV} beside the results gives the direction of {', '.join(dict.fromkeys(unknown))}")
+    if zero:
+        reasons.append(f"the single-task value of {', '.join(dict.fromkeys(zero))} is 0: no relative change exists")
+    configurations = f"{failed} of {multi.ngroups} multi-task configuration(s)"
+    return values, f"Δm% cannot be computed for {configurations}: " + "; ".join(reasons)
+
+
+@dataclass
+class Comparison:
+    """The runs, their configurations, and what a report needs to read them."""
+
+    runs: pd.DataFrame  # one row per run, with its Δm% (delta_m)
+    table: pd.DataFrame  # one row per configuration: settings, config_id, n_seeds, every number's mean and std
+    directions: dict[str, bool]  # task/metric -> higher is better
+    split: str
+    notes: list[str] = field(default_factory=list)  # what the report must say about these runs
+
+    def higher_is_better(self, column: str) -> bool | None:
+        """A metric's (split/task/metric) direction, None if unknown; Δm% higher; None for other columns."""
+        if column == DELTA_M:
+            return True
+        return self.directions.get(column.split("/", 1)[1]) if column.count("/") == 2 else None
+
+    def split_metrics(self) -> list[str]:
+        return [c for c in metric_columns(self.runs) if c.startswith(f"{self.split}/")]
+
+    def labels(self) -> list[str]:
+        """A short name per configuration from its grouping keys: 'grouped k=2', 'single_task task=depth'."""
+        keys = [k for k in grouping_keys(self.table) if k != "num_tasks"]
+        names = []
+        for _, row in self.table.iterrows():
+            parts = []
+            for key in keys:
+                if pd.isna(row[key]) or (key == "group_size" and row.get("strategy") == SINGLE_TASK):
+                    continue
+                name = {"strategy": "", "group_size": "k="}.get(key, f"{key.removeprefix('strategy.')}=")
+                parts.append(f"{name}{plain(row[key])}")
+            names.append(" ".join(parts) or str(row["config_id"]))
+        repeated = {n for n in names if names.count(n) > 1}  # told apart only by settings not in the labels
+        return [f"{n} ({c})" if n in repeated else n for n, c in zip(names, self.table["config_id"])]
+
+
+def table_settings(table: pd.DataFrame) -> list[str]:
+    """The settings columns of a comparison table."""
+    per_configuration = ("config_id", "n_seeds", "seeds")
+    return [c for c in table.columns if not c.endswith((" mean", " std")) and c not in per_configuration]
+
+
+def grouping_keys(table: pd.DataFrame) -> list[str]:
+    """The settings that tell configurations apart; a strategy's own setting (strategy.<key>) only where it
+    varies among the configurations that have it and does not repeat <key> (as strategy.group_size does)."""
+    keys = []
+    for column in table_settings(table):
+        own = column.startswith("strategy.")
+        values = table[column].dropna() if own else table[column]
+        repeated = column.removeprefix("strategy.")
+        if values.map(str).nunique() <= 1 or (
+            own and repeated in table and all(same(v, table.at[i, repeated]) for i, v in values.items())
+        ):
             continue
-        name = column[len(split) + 1 :] if is_metric else column
-        digits = 2 if column != "steps_per_iteration" else 1
-        shown[name] = [
-            f"{m:.{digits if abs(m) >= 1 else 4}f} ± {s:.{digits if abs(m) >= 1 else 4}f}"
-            for m, s in zip(table[f"{column} mean"], table[f"{column} std"])
-        ]
-    return shown
+        keys.append(column)
+    return keys or ["strategy"]
+
+
+@dataclass
+class Column:
+    """A column of the shown table: `name` as shown and sorted by, `source` its column in the comparison CSV
+    (for numbers, without ' mean'/' std'), and for metrics and Δm% whether higher is better."""
+
+    name: str
+    source: str
+    numeric: bool
+    higher_is_better: bool | None = None
+
+    def header(self) -> str:
+        return self.name + {True: " ↑", False: " ↓", None: ""}[self.higher_is_better]
+
+
+def shown_columns(comparison: Comparison) -> list[Column]:
+    """Grouping keys, seeds, the split's metrics, Δm% (where any configuration has it), then the costs."""
+    table = comparison.table
+    columns = [Column(k, k, False) for k in (*grouping_keys(table), "n_seeds", "seeds")]
+    for metric in comparison.split_metrics():
+        columns.append(Column(metric.split("/", 1)[1], metric, True, comparison.higher_is_better(metric)))
+    if f"{DELTA_M} mean" in table and table[f"{DELTA_M} mean"].notna().any():
+        columns.append(Column("Δm%", DELTA_M, True, True))
+    return columns + [Column(c, c, True) for c in COST_COLUMNS if f"{c} mean" in table]
+
+
+def sort_column(comparison: Comparison, name: str) -> Column:
+    """What `--sort NAME` means: a column as shown (depth/abs_err, Δm%) or any column of the comparison CSV."""
+    shown = shown_columns(comparison)
+    if name in ("Δm%", DELTA_M):
+        return Column("Δm%", DELTA_M, True, True)
+    for column in shown:
+        if name in (column.name, column.source):
+            return column
+    base = name.removesuffix(" mean")
+    if f"{base} mean" in comparison.table:
+        return Column(base, base, True, comparison.higher_is_better(base))
+    if name in comparison.table.columns:
+        return Column(name, name, False)
+    raise MtlrunError(
+        f"unknown --sort column {name!r}: valid: {', '.join(c.name for c in shown)}, or any column of the CSV"
+    )
+
+
+def sort_table(table: pd.DataFrame, column: Column, ascending: bool | None) -> pd.DataFrame:
+    """Rows by `column`, best first for a metric or Δm% unless `ascending` says; missing values last."""
+    if ascending is None:
+        ascending = column.higher_is_better is not True
+    key = f"{column.source} mean" if column.numeric else column.source
+    return table.sort_values(key, ascending=ascending, na_position="last", kind="stable", ignore_index=True)
+
+
+def plain(value: object) -> str:
+    if pd.isna(value):
+        return "-"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def mean_pm_std(mean: float, std: float) -> str:
+    if np.isnan(mean):
+        return "-"
+    digits = 2 if abs(mean) >= 1 else 4
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def cells(table: pd.DataFrame, columns: list[Column]) -> tuple[list[list[str]], set[tuple[int, int]]]:
+    """Every cell's text, and the (row, column) positions of the best value in each column with a direction."""
+    text: list[list[str]] = []
+    best: set[tuple[int, int]] = set()
+    for j, column in enumerate(columns):
+        if not column.numeric:
+            text.append([plain(v) for v in table[column.source]])
+            continue
+        means, stds = table[f"{column.source} mean"], table[f"{column.source} std"]
+        text.append([mean_pm_std(m, s) for m, s in zip(means, stds)])
+        if column.higher_is_better is not None and means.notna().any():
+            target = means.max() if column.higher_is_better else means.min()
+            best |= {(i, j) for i, m in enumerate(means) if m == target}
+    return [list(row) for row in zip(*text)], best
+
+
+LATEX = {
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+    "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "Δ": r"$\Delta$",
+    "↑": r"$\uparrow$", "↓": r"$\downarrow$",
+}
+
+
+def latex(text: str) -> str:
+    return "".join(LATEX.get(ch, ch) for ch in text)
+
+
+def render(table: pd.DataFrame, columns: list[Column], fmt: str) -> str:
+    """The shown table as a terminal table (best marked *), or as Markdown or LaTeX (best in bold)."""
+    text, best = cells(table, columns)
+    headers = [c.header() for c in columns]
+    if fmt == "table":
+        rows = [[t + "*" if (i, j) in best else t for j, t in enumerate(row)] for i, row in enumerate(text)]
+        return pd.DataFrame(rows, columns=headers).to_string(index=False)
+    if fmt == "markdown":
+        rows = [[f"**{t}**" if (i, j) in best else t for j, t in enumerate(row)] for i, row in enumerate(text)]
+        lines = [headers, ["---:" if c.numeric else "---" for c in columns], *rows]
+        return "\n".join("| " + " | ".join(t.replace("|", r"\|") for t in line) + " |" for line in lines)
+    rows = [[rf"\textbf{{{latex(t)}}}" if (i, j) in best else latex(t) for j, t in enumerate(row)]
+            for i, row in enumerate(text)]
+    return "\n".join([
+        r"% mtlrun-compare: mean +- std over seeds, best per metric in bold; needs \usepackage{booktabs}",
+        rf"\begin{{tabular}}{{{''.join('r' if c.numeric else 'l' for c in columns)}}}",
+        r"\toprule",
+        " & ".join(latex(h) for h in headers) + r" \\",
+        r"\midrule",
+        *(" & ".join(row) + r" \\" for row in rows),
+        r"\bottomrule",
+        r"\end{tabular}",
+    ])
+
+
+def note(text: str) -> None:
+    print(f"mtlrun-compare: {text}", file=sys.stderr)
+
+
+def build(paths: list[Path], baseline_paths: list[Path] | None, split: str) -> Comparison:
+    """Load the runs (and the --baseline single-task runs), compute Δm% and group them into configurations."""
+    notes = []
+    files, unfinished = find_results(paths)
+    if unfinished:
+        listed = ", ".join(map(str, unfinished))
+        notes.append(f"skipping {len(unfinished)} unfinished run(s) without {RESULTS_CSV}: {listed}")
+    if not files:
+        raise MtlrunError(f"no {RESULTS_CSV} under {', '.join(map(str, paths))}: finished runs write one")
+    runs = load_runs(files)
+    if baseline_paths:
+        baseline_files = find_results(baseline_paths)[0]
+        given = load_runs(baseline_files) if baseline_files else pd.DataFrame({"strategy": []})
+        baselines = given[given["strategy"] == SINGLE_TASK]
+        if baselines.empty:
+            raise MtlrunError(
+                f"--baseline {' '.join(map(str, baseline_paths))} holds no single-task runs (strategy == "
+                f"{SINGLE_TASK}): give the runs of mtlrun -m strategy=single_task strategy.task=... instead"
+            )
+        new = ~(baselines["run_dir"].notna() & baselines["run_dir"].isin(runs["run_dir"]))
+        runs = pd.concat([runs, baselines[new]], ignore_index=True)
+        where = "under --baseline"
+    else:
+        baselines = runs[runs["strategy"] == SINGLE_TASK]
+        where = "among the inputs"
+    if not any(c.startswith(f"{split}/") for c in metric_columns(runs)):
+        raise MtlrunError(f"the runs have no '{split}' metrics; use --split test or --split val")
+    directions = metric_directions(runs)
+    runs[DELTA_M], why = delta_m(runs, baselines, directions, split, where)
+    return Comparison(runs, compare(runs), directions, split, notes + ([why] if why else []))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="mtlrun-compare",
+        description="Compare finished mtlrun runs: mean ± std over seeds of every task metric, Δm% against "
+        "single-task runs and the costs, one row per configuration.",
+    )
+    parser.error = lambda message: sys.exit(f"mtlrun-compare: error: {message}")  # one line, like every error
+    parser.add_argument("paths", nargs="+", type=Path, help="run dirs, sweep dirs or results.csv files")
+    parser.add_argument("--baseline", nargs="+", type=Path, metavar="PATH",
+                        help="single-task runs to measure Δm%% against, instead of those among the paths")
+    parser.add_argument("--split", default="test", help="split whose metrics are shown (default: %(default)s)")
+    parser.add_argument("--format", choices=FORMATS, default="table", help="output (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("comparison.csv"),
+                        help="CSV to write, every split (default: %(default)s)")
+    parser.add_argument("--sort", metavar="COLUMN", help="sort rows by a column, best first for metrics and Δm%%")
+    order = parser.add_mutually_exclusive_group()
+    order.add_argument("--ascending", dest="ascending", action="store_const", const=True, help="force ascending")
+    order.add_argument("--descending", dest="ascending", action="store_const", const=False,
+                       help="force descending")
+    parser.add_argument("--plot", type=Path, metavar="DIR", help="write PNG figures to DIR")
+    parser.add_argument("--plot-metric", metavar="SPLIT/TASK/METRIC",
+                        help="plot this metric against seconds per epoch instead of Δm%%")
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="mtlrun-compare",
-        description="Compare finished mtlrun runs: mean ± std over seeds of every task metric and cost.",
-    )
-    parser.add_argument("paths", nargs="+", type=Path, help="run dirs, sweep dirs or results.csv files")
-    parser.add_argument("--out", type=Path, default=Path("comparison.csv"), help="CSV to write (default: %(default)s)")
-    parser.add_argument("--split", default="test", help="split whose metrics the terminal table shows (default: test)")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     try:
-        files, unfinished = find_results(args.paths)
-        if unfinished:
-            print(f"mtlrun-compare: skipping {len(unfinished)} unfinished run(s) without {RESULTS_CSV}: "
-                  + ", ".join(map(str, unfinished)), file=sys.stderr)
-        if not files:
-            raise MtlrunError(f"no {RESULTS_CSV} under {', '.join(map(str, args.paths))}: finished runs write one")
-        table = compare(load_results(files))
-        if not any(c.startswith(f"{args.split}/") for c in table.columns):
-            raise MtlrunError(f"the runs have no '{args.split}' metrics; use --split test or --split val")
+        comparison = build(args.paths, args.baseline, args.split)
+        columns = shown_columns(comparison)
+        if args.sort:
+            comparison.table = sort_table(comparison.table, sort_column(comparison, args.sort), args.ascending)
+        elif args.ascending is not None:
+            raise MtlrunError("--ascending and --descending need --sort COLUMN")
+        metrics = metric_columns(comparison.runs)
+        if args.plot_metric and args.plot_metric not in metrics:
+            raise MtlrunError(f"unknown --plot-metric {args.plot_metric!r}: valid: {', '.join(metrics)}")
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(args.out, index=False)
+        comparison.table.to_csv(args.out, index=False)
+        if args.format == "csv":
+            comparison.table.to_csv(sys.stdout, index=False)
+        else:
+            print(render(comparison.table, columns, args.format))
+        if args.format == "table":
+            print(f"\n{args.split} split, mean ± std over seeds; ↑ higher / ↓ lower is better; * best in its column")
+        for line in comparison.notes:
+            note(line)
+        keys = ", ".join(grouping_keys(comparison.table))
+        note(f"{len(comparison.runs)} run(s) in {len(comparison.table)} configuration(s), grouped by config_id "
+             f"(every setting but the seed), differing in {keys}; table written to {args.out}")
+        if args.plot:
+            from mtlrun.plots import write_plots  # matplotlib is imported only when figures are asked for
+
+            for line in write_plots(comparison, args.plot, args.plot_metric):
+                note(line)
     except MtlrunError as e:
         sys.exit(f"mtlrun-compare: error: {e}")
-    with pd.option_context("display.width", 250, "display.max_columns", None, "display.max_colwidth", 40):
-        print(display_table(table, args.split).to_string(index=False))
-    print(f"\n{len(files)} run(s) in {len(table)} configuration(s); table written to {args.out}")
+    except OSError as e:
+        sys.exit(f"mtlrun-compare: error: cannot write {e.filename}: {e.strerror}")
 
 
 if __name__ == "__main__":

@@ -230,7 +230,7 @@ def results_row(
     """The run as one row: its configuration, final metrics and costs; rows of many runs concatenate."""
     row: dict = {
         "dataset": cfg.dataset.name, "model": cfg.model.name, "strategy": cfg.strategy.name,
-        "group_size": strategy.group_size, "num_tasks": len(tasks), "optimizer": cfg.optimizer.name,
+        "group_size": strategy.group_size, "num_tasks": len(tasks), "tasks": " ".join(t.name for t in tasks), "optimizer": cfg.optimizer.name,
         "moments": cfg.optimizer.moments, "lr": cfg.optimizer.lr, "scheduler": cfg.scheduler.name,
         "epochs": cfg.trainer.epochs, "batch_size": cfg.trainer.batch_size, "seed": cfg.seed,
     }
@@ -246,6 +246,7 @@ def results_row(
         "optimizer_steps": counts.optimizer_steps,
         "steps_per_iteration": counts.optimizer_steps / max(counts.iterations, 1),
         "passes_per_iteration": counts.forward_passes / max(counts.iterations, 1),
+        "backward_passes_per_iteration": counts.backward_passes / max(counts.iterations, 1),
         "seconds_per_epoch": float(np.mean([r["seconds"] for r in train_log])),
         "peak_memory_mb": peak_memory_mb(device),
         "device": str(device),
