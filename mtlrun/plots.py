@@ -23,21 +23,23 @@ from mtlrun.compare import (
     table_settings,
     training_settings,
 )
-from mtlrun.outputs import METRICS_CSV, TRAIN_LOG_CSV
+from mtlrun.outputs import DIAGNOSTICS_CSV, METRICS_CSV, TRAIN_LOG_CSV
 
 AVERAGED = "averaged"
 TRADEOFF_PNG = "tradeoff.png"
 PER_TASK_PNG = "per_task_vs_averaged.png"
 CURVES_PNG = "training_curves.png"
+DIAGNOSTICS_PNG = "diagnostics.png"
 
 
 def write_plots(comparison: Comparison, out_dir: Path, metric: str | None = None) -> list[str]:
-    """Write the three figures into `out_dir`; return one line per figure: where it went, or why not."""
+    """Write the figures into `out_dir`; return one line per figure: where it went, or why not."""
     out_dir.mkdir(parents=True, exist_ok=True)
     return [
         plot_tradeoff(comparison, out_dir / TRADEOFF_PNG, metric),
         plot_against_averaged(comparison, out_dir / PER_TASK_PNG),
         plot_curves(comparison, out_dir / CURVES_PNG),
+        plot_diagnostics(comparison, out_dir / DIAGNOSTICS_PNG),
     ]
 
 
@@ -153,10 +155,10 @@ def run_frames(comparison: Comparison, name: str) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["label", "epoch"])
 
 
-def plot_mean_curves(ax: Axes, frame: pd.DataFrame, value: str, colour: dict[str, str]) -> None:
-    """One line per configuration: `value` against epoch, mean over the configuration's seeds."""
+def plot_mean_curves(ax: Axes, frame: pd.DataFrame, value: str, colour: dict[str, str], x: str = "epoch") -> None:
+    """One line per configuration: `value` against `x`, mean over the configuration's seeds."""
     for label, rows in frame.groupby("label", sort=False):
-        curve = rows.groupby("epoch")[value].mean().dropna()
+        curve = rows.groupby(x)[value].mean().dropna()
         if len(curve):
             ax.plot(curve.index, curve.values, marker="o", markersize=3, label=label, color=colour[label])
 
@@ -194,5 +196,35 @@ def plot_curves(comparison: Comparison, path: Path) -> str:
             handles.setdefault(label, handle)
     fig.legend(list(handles.values()), list(handles.keys()), loc="outside right upper")
     fig.suptitle("Training curves (mean over seeds)")
+    fig.savefig(path, dpi=120)
+    return f"wrote {path}"
+
+
+def plot_diagnostics(comparison: Comparison, path: Path) -> str:
+    """From the runs' diagnostics.csv: distance of the shared parameters from their initial values, displacement
+    per optimizer step, and the mean pairwise cosine of the task gradients, against iteration, one line per
+    configuration (mean over seeds): how far each strategy explores and how much its tasks conflict."""
+    frame = run_frames(comparison, DIAGNOSTICS_CSV)
+    if "iteration" not in frame or frame.empty:
+        return f"{path.name} not written: no run has a {DIAGNOSTICS_CSV} (train with diagnostics=true)"
+    cosines = [c for c in frame.columns if c.startswith("cosine/")]
+    frame = frame.assign(mean_cosine=frame[cosines].mean(axis=1) if cosines else np.nan)
+    panels = [
+        ("distance_from_init", "distance of shared parameters from init", "L2 norm"),
+        ("displacement_per_step", "displacement per optimizer step", "L2 norm"),
+        ("mean_cosine", "mean pairwise cosine of task gradients", "cosine (< 0: conflict)"),
+    ]
+    colour = colours(comparison)
+    fig = Figure(figsize=(15, 4.2), layout="constrained")
+    axes = fig.subplots(1, len(panels))
+    for ax, (column, title, unit) in zip(axes, panels):
+        plot_mean_curves(ax, frame, column, colour, x="iteration")
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(unit)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper")
+    fig.suptitle("Training diagnostics (mean over seeds)")
     fig.savefig(path, dpi=120)
     return f"wrote {path}"

@@ -289,6 +289,7 @@ def test_plots_say_why_a_figure_is_missing(tmp_path, capsys):
     _, err = compare_cli(capsys, tmp_path, "--out", tmp_path / "cmp.csv", "--plot", tmp_path / "figs")
     assert "tradeoff.png not written: no configuration has Δm%" in err
     assert "per_task_vs_averaged.png not written: no averaged configuration" in err
+    assert "diagnostics.png not written: no run has a diagnostics.csv" in err
     assert not (tmp_path / "figs" / "tradeoff.png").exists()
     assert_png(tmp_path / "figs" / "training_curves.png")
     _, err = compare_cli(capsys, tmp_path, "--out", tmp_path / "cmp.csv", "--plot", tmp_path / "figs",
@@ -312,9 +313,11 @@ def run_tool(tool: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_real_sweep_compares_and_plots(tmp_path):
     """A real 2-seed sweep with averaged and single-task runs, from the CLI: Δm%, the table and all figures."""
-    run_tool("mtlrun", "-m", *TINY, "strategy=grouped", "strategy.group_size=1,2", "seed=0,1",
+    diagnostics = ["diagnostics=true", "diagnostics_every=1"]
+    run_tool("mtlrun", "-m", *TINY, *diagnostics, "strategy=grouped", "strategy.group_size=1,2", "seed=0,1",
              "hydra.sweep.dir=sweep/grouped", cwd=tmp_path)
-    run_tool("mtlrun", "-m", *TINY, "strategy=averaged", "seed=0,1", "hydra.sweep.dir=sweep/averaged", cwd=tmp_path)
+    run_tool("mtlrun", "-m", *TINY, *diagnostics, "strategy=averaged", "seed=0,1", "hydra.sweep.dir=sweep/averaged",
+             cwd=tmp_path)
     run_tool("mtlrun", "-m", *TINY, "strategy=single_task", "strategy.task=segmentation,depth",
              "hydra.sweep.dir=stl", cwd=tmp_path)
     result = run_tool("mtlrun-compare", "sweep", "--baseline", "stl", "--plot", "figs", "--sort", "Δm%", cwd=tmp_path)
@@ -322,5 +325,5 @@ def test_real_sweep_compares_and_plots(tmp_path):
     table = pd.read_csv(tmp_path / "comparison.csv")
     multi = table[table["strategy"] != "single_task"]
     assert len(multi) == 3 and list(multi["n_seeds"]) == [2, 2, 2] and multi[f"{DELTA_M} mean"].notna().all()
-    for name in ("tradeoff.png", "per_task_vs_averaged.png", "training_curves.png"):
+    for name in ("tradeoff.png", "per_task_vs_averaged.png", "training_curves.png", "diagnostics.png"):
         assert_png(tmp_path / "figs" / name)
