@@ -8,17 +8,51 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtlrun import CONF_DIR
 from mtlrun.errors import MtlrunError
+from mtlrun.strategies.aligned_mtl import AlignedMTL
 from mtlrun.strategies.alternating import Alternating
 from mtlrun.strategies.averaged import Averaged
 from mtlrun.strategies.base import LossCombiner, SeededStrategy, StepContext, Strategy
+from mtlrun.strategies.cagrad import CAGrad
+from mtlrun.strategies.db_mtl import DBMTL
+from mtlrun.strategies.dwa import DWA
+from mtlrun.strategies.famo import FAMO
+from mtlrun.strategies.gls import GLS
+from mtlrun.strategies.graddrop import GradDrop
+from mtlrun.strategies.gradnorm import GradNorm
+from mtlrun.strategies.gradvac import GradVac
 from mtlrun.strategies.grouped import Grouped
+from mtlrun.strategies.imtl import IMTL
+from mtlrun.strategies.mgda import MGDA
+from mtlrun.strategies.nash_mtl import NashMTL
+from mtlrun.strategies.pcgrad import PCGrad
+from mtlrun.strategies.rlw import RLW
 from mtlrun.strategies.single_task import SingleTask
+from mtlrun.strategies.uncertainty import Uncertainty
+from mtlrun.strategies.upgrad import UPGrad
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "averaged": Averaged,
     "alternating": Alternating,
     "grouped": Grouped,
     "single_task": SingleTask,
+    # loss weighting
+    "uncertainty": Uncertainty,
+    "dwa": DWA,
+    "rlw": RLW,
+    "gradnorm": GradNorm,
+    "famo": FAMO,
+    "db_mtl": DBMTL,
+    "gls": GLS,
+    # gradient manipulation of the shared parameters
+    "mgda": MGDA,
+    "pcgrad": PCGrad,
+    "gradvac": GradVac,
+    "cagrad": CAGrad,
+    "nash_mtl": NashMTL,
+    "imtl": IMTL,
+    "aligned_mtl": AlignedMTL,
+    "graddrop": GradDrop,
+    "upgrad": UPGrad,
 }
 
 __all__ = ["STRATEGIES", "StepContext", "Strategy", "build_strategy"]

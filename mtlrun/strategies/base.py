@@ -38,15 +38,24 @@ class StepContext:
         self._batches, self._to_device = batches, to_device
         self.counts = Counts()
         self._shared = model.shared_parameters()
+        self.features: object = None  # the encoder's output in the last `losses` pass (MGDA-UB weighs on it)
 
     def next_batch(self) -> Batch:
         return self._to_device(next(self._batches))
 
     def losses(self, batch: Batch, tasks: Sequence[str]) -> dict[str, Tensor]:
-        """One forward pass through the encoder and the heads of `tasks` only."""
+        """One forward pass through the encoder and the heads of `tasks` only; the encoder's output stays in
+        `self.features` until the next pass."""
         self.counts.forward_passes += 1
-        outputs = self.model(batch["image"], tasks)
+        keep = self.model.encoder.register_forward_hook(self._keep_features)
+        try:
+            outputs = self.model(batch["image"], tasks)
+        finally:
+            keep.remove()
         return {t: self.tasks[t].loss(outputs[t], batch[t]) for t in tasks}
+
+    def _keep_features(self, _module: object, _inputs: object, output: object) -> None:
+        self.features = output
 
     def step(self, tasks: Sequence[str], loss: Tensor) -> None:
         """Backpropagate `loss` to the shared parameters and the heads of `tasks`, then take one optimizer step."""

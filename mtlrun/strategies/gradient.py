@@ -1,0 +1,90 @@
+"""The common frame of the gradient-manipulation methods: Jacobian, aggregated shared update, one step."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from mtlrun.optim import flatten
+from mtlrun.strategies.base import LossCombiner, StepContext
+
+
+class GradientMethod(LossCombiner):
+    """A method turning the task gradients of the shared parameters into one shared update.
+
+    `combine` takes one forward pass's losses, gets each task's gradient of the shared parameters (the
+    rows of the T x P Jacobian, one backward pass per task, `ctx.jacobian`) and each task's head
+    gradient, and takes exactly one optimizer step (`ctx.apply`): the shared parameters along
+    `aggregate(jacobian, losses)`, every head along its own task's gradient, unweighted.
+    Subclasses define `aggregate`; per-task or per-pair state is keyed by task names, so `combine`
+    accepts any subset of the tasks (a group of `grouped`) in any call.
+
+    With `optimizer.moments=per_task` a step covers every task handed to `combine`, so each of those
+    tasks' optimizer states receives the same aggregated direction: well defined, and when the step
+    holds all tasks (no grouping) the same as one shared state; inside `grouped`, the tasks of a group
+    share their group's direction and the groups' states stay apart.
+    Scale: each method's update has its paper's scale (a sum of task gradients for PCGrad, GradVac and
+    GradDrop; a convex or mean-like combination for the others), stated in its docstring.
+    Guarantees (every method): a finite update of the shared parameters' size for any Jacobian,
+    including one task, a zero row, identical rows and the all-zero Jacobian (update zero).
+    """
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        self.group_size = len(tasks)
+        self.weights: dict[str, float] = {}  # each task's weight in its last aggregated update
+
+    def task_weights(self) -> dict[str, float] | None:
+        return dict(self.weights) or None
+
+    def combine(self, ctx: StepContext, losses: dict[str, Tensor]) -> None:
+        jacobian, head_grads = ctx.jacobian(losses)
+        ctx.apply(list(losses), self.aggregate(jacobian, losses), head_grads)
+
+    @abstractmethod
+    def aggregate(self, jacobian: Tensor, losses: dict[str, Tensor]) -> Tensor:
+        """The shared update from the Jacobian (row t: task t's gradient, rows in the order of `losses`)."""
+
+
+class GramWeighting(GradientMethod):
+    """A method whose update is sum_t w_t g_t with weights read from the T x T Gram matrix G = J J^T.
+
+    G is formed once in float64 and divided by its trace, which leaves these weights unchanged (they
+    do not depend on a common scale of the gradients) but keeps solver tolerances meaningful however
+    small the gradients get. The all-zero Jacobian gives the zero update without calling the method.
+    """
+
+    def aggregate(self, jacobian: Tensor, losses: dict[str, Tensor]) -> Tensor:
+        gram = (jacobian @ jacobian.T).double()
+        trace = gram.trace()
+        if not trace > 0:
+            return torch.zeros_like(jacobian[0])
+        weights = self.gram_weights(gram / trace, losses)
+        self.weights.update(zip(losses, weights.tolist()))
+        return weights.to(jacobian.dtype) @ jacobian
+
+    @abstractmethod
+    def gram_weights(self, gram: Tensor, losses: dict[str, Tensor]) -> Tensor:
+        """One weight per task (float64) from the trace-normalised Gram matrix of the tasks in `losses`."""
+
+
+def weighted_gradients(
+    ctx: StepContext, losses: dict[str, Tensor], weights: Tensor,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The gradient of sum_t w_t L_t for the shared parameters (one backward pass) and each task's own
+    head gradient (a second pass, through the heads only): a weighted step without the Jacobian."""
+    tasks = list(losses)
+    shared = ctx.model.shared_parameters()
+    heads = {t: ctx.model.task_parameters(t) for t in tasks}
+    total = sum(w * losses[t] for w, t in zip(weights.tolist(), tasks))
+    shared_grad = flatten(torch.autograd.grad(total, shared, retain_graph=True, allow_unused=True), shared)
+    head_params = [p for t in tasks for p in heads[t]]
+    grads = torch.autograd.grad(sum(losses.values()), head_params, allow_unused=True)
+    ctx.counts.backward_passes += 2
+    head_grads, n = {}, 0
+    for t in tasks:
+        head_grads[t] = flatten(grads[n : n + len(heads[t])], heads[t])
+        n += len(heads[t])
+    return shared_grad, head_grads

@@ -1,0 +1,103 @@
+"""Nash-MTL: task weights from the Nash bargaining solution, G alpha = 1 / alpha on the gradients' Gram."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from mtlrun.errors import MtlrunError
+from mtlrun.strategies.aggregation import NashMTLSolver
+from mtlrun.strategies.base import StepContext
+from mtlrun.strategies.gradient import GradientMethod, weighted_gradients
+
+ZERO_ROW = 1e-12  # a task whose squared gradient norm is below this fraction of the largest gets weight 0
+
+
+class NashMTL(GradientMethod):
+    """Nash-MTL (Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik & Fetaya, "Multi-Task Learning as a
+    Bargaining Game", ICML 2022, Algorithm 1): d = sum_t alpha_t g_t with alpha > 0 solving the bargaining
+    condition G alpha = 1 / alpha (G = J J^T), i.e. every task gets g_t . d = 1 / alpha_t.
+    torchjd's port of the authors' solver (`optim_niter` rounds of their convex program, cvxpy/ECOS,
+    warm-started from the previous solution; the Gram matrix is divided by its Frobenius norm as theirs).
+    As the authors' code, the weights are recomputed every `update_weights_every` steps (in between, no
+    Jacobian: one backward pass of sum_t alpha_t L_t) and the shared update is clipped to norm `max_norm`
+    (0: no clipping); defaults are their NYUv2 settings.
+    State per set of tasks combined together (each group of `grouped` has its own schedule, weights and
+    warm start, keyed by task names). A task with a zero gradient cannot satisfy the condition: it gets
+    weight 0 and the others are solved alone. Checkpointed: schedule, weights, warm starts.
+    Deviation: heads step along their own task's gradient, not alpha_t times it as the authors'
+    weighted loss. Scale: set by the bargaining (||d|| grows as the gradients shrink), then clipped.
+    Guarantees: alpha > 0 and G alpha = 1 / alpha up to the solver's tolerance, so each task's
+    improvement g_t . d (before clipping) is the reciprocal of its weight; ||d|| <= max_norm.
+    """
+
+    name = "nash_mtl"
+
+    def __init__(
+        self, tasks: Sequence[str], update_weights_every: int = 1, max_norm: float = 1.0,
+        optim_niter: int = 20,
+    ) -> None:
+        for key, value in (("update_weights_every", update_weights_every), ("optim_niter", optim_niter)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MtlrunError(f"strategy.{key} must be an integer >= 1, got {value!r}")
+        if not max_norm >= 0:
+            raise MtlrunError(f"strategy.max_norm must be >= 0 (0: no clipping), got {max_norm!r}")
+        super().__init__(tasks)
+        self.update_weights_every, self.optim_niter = update_weights_every, optim_niter
+        self.max_norm = float(max_norm)
+        self.solvers: dict[tuple[str, ...], NashMTLSolver] = {}  # per set of tasks with nonzero gradients
+        self.calls: dict[tuple[str, ...], int] = {}  # combine calls per set of tasks: the update schedule
+        self.alphas: dict[tuple[str, ...], Tensor] = {}  # last weights per set of tasks
+
+    def combine(self, ctx: StepContext, losses: dict[str, Tensor]) -> None:
+        tasks = tuple(losses)
+        call = self.calls.get(tasks, 0)
+        self.calls[tasks] = call + 1
+        if call % self.update_weights_every == 0 or tasks not in self.alphas:
+            super().combine(ctx, losses)
+            return
+        shared_grad, head_grads = weighted_gradients(ctx, losses, self.alphas[tasks])
+        ctx.apply(list(tasks), self._clipped(shared_grad), head_grads)
+
+    def aggregate(self, jacobian: Tensor, losses: dict[str, Tensor]) -> Tensor:
+        tasks = tuple(losses)
+        gram = (jacobian @ jacobian.T).double()
+        norms = gram.diagonal()
+        active = norms > ZERO_ROW * norms.max()
+        alpha = torch.zeros(len(tasks), dtype=torch.float64, device=gram.device)
+        if active.any():
+            solved = tuple(t for t, a in zip(tasks, active.tolist()) if a)
+            alpha[active] = self._solve(solved, gram[active][:, active])
+        self.alphas[tasks] = alpha
+        self.weights.update(zip(tasks, alpha.tolist()))
+        return self._clipped(alpha.to(jacobian.dtype) @ jacobian)
+
+    def _solve(self, tasks: tuple[str, ...], gram: Tensor) -> Tensor:
+        if len(tasks) == 1:  # the condition in closed form, alpha = 1 / ||g|| (the solver needs T >= 2)
+            return gram.diagonal().rsqrt()
+        if tasks not in self.solvers:
+            self.solvers[tasks] = NashMTLSolver(len(tasks), self.optim_niter)
+        return self.solvers[tasks](gram)
+
+    def _clipped(self, direction: Tensor) -> Tensor:
+        norm = direction.norm()
+        if self.max_norm > 0 and norm > self.max_norm:
+            return direction * (self.max_norm / norm)
+        return direction
+
+    def state_dict(self) -> dict:
+        return {
+            "calls": [[list(k), n] for k, n in self.calls.items()],
+            "alphas": [[list(k), a.cpu()] for k, a in self.alphas.items()],
+            "warm_starts": [[list(k), s.warm_start] for k, s in self.solvers.items()],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = {tuple(k): int(n) for k, n in state["calls"]}
+        self.alphas = {tuple(k): a.clone() for k, a in state["alphas"]}
+        self.solvers = {}
+        for key, warm_start in state["warm_starts"]:
+            self.solvers[tuple(key)] = NashMTLSolver(len(key), self.optim_niter)
+            self.solvers[tuple(key)].warm_start = warm_start

@@ -1,0 +1,485 @@
+"""Each gradient method's defining property, on hand-worked cases and small random Jacobians, and its step."""
+
+import copy
+import inspect
+import io
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mtlrun import CONF_DIR
+from mtlrun.errors import MtlrunError
+from mtlrun.strategies.aligned_mtl import AlignedMTL
+from mtlrun.strategies.base import SeededStrategy
+from mtlrun.strategies.cagrad import CAGrad
+from mtlrun.strategies.graddrop import GradDrop
+from mtlrun.strategies.gradvac import GradVac
+from mtlrun.strategies.grouped import Grouped
+from mtlrun.strategies.imtl import IMTL
+from mtlrun.strategies.mgda import MGDA, min_norm_weights
+from mtlrun.strategies.nash_mtl import NashMTL
+from mtlrun.strategies.pcgrad import PCGrad
+from mtlrun.strategies.upgrad import UPGrad
+from tests.helpers import batches, context, linear_model
+
+TASKS = ["a", "b", "c"]
+CLASSES = {
+    "mgda": MGDA, "pcgrad": PCGrad, "gradvac": GradVac, "cagrad": CAGrad, "nash_mtl": NashMTL,
+    "imtl": IMTL, "aligned_mtl": AlignedMTL, "graddrop": GradDrop, "upgrad": UPGrad,
+}
+# Every method with its conf defaults, plus the variants with a code path of their own.
+VARIANTS = [(name, {}) for name in CLASSES] + [
+    ("mgda", {"rep_grad": True}),
+    ("mgda", {"normalization": "loss+"}),
+    ("nash_mtl", {"update_weights_every": 2}),
+]
+STATEFUL = ["pcgrad", "gradvac", "graddrop", "nash_mtl"]
+
+
+def build(name: str, tasks=TASKS, seed: int = 0, **overrides):
+    """The method from its conf file (conf keys = constructor keywords), as build_strategy does."""
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "strategy" / f"{name}.yaml"))
+    assert cfg.pop("name") == name
+    cls = CLASSES[name]
+    extra = {"seed": seed} if issubclass(cls, SeededStrategy) else {}
+    return cls(list(tasks), **{**cfg, **overrides}, **extra)
+
+
+def _losses(n: int) -> dict[str, torch.Tensor]:
+    return {t: torch.tensor(1.0 + i) for i, t in enumerate(TASKS[:n])}
+
+
+def _random_jacobian(rows: int, cols: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=g, dtype=torch.float64)
+
+
+# --- conf files --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_conf_file_cites_the_paper_and_gives_every_constructor_default(name):
+    path = CONF_DIR / "strategy" / f"{name}.yaml"
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and any(year in first for year in ("2018", "202", "2406"))
+    cfg = OmegaConf.to_container(OmegaConf.load(path))
+    params = inspect.signature(CLASSES[name]).parameters
+    defaults = {k: p.default for k, p in params.items() if k not in ("tasks", "seed")}
+    assert {k: v for k, v in cfg.items() if k != "name"} == defaults
+    assert CLASSES[name].name == name == cfg["name"]
+
+
+@pytest.mark.parametrize(
+    "name,setting,message",
+    [
+        ("mgda", {"normalization": "l1"}, "strategy.normalization"),
+        ("cagrad", {"c": -0.1}, "strategy.c"),
+        ("aligned_mtl", {"scale_mode": "max"}, "strategy.scale_mode"),
+        ("gradvac", {"beta": 1.5}, "strategy.beta"),
+        ("graddrop", {"leak": -1.0}, "strategy.leak"),
+        ("nash_mtl", {"update_weights_every": 0}, "strategy.update_weights_every"),
+        ("nash_mtl", {"optim_niter": 2.5}, "strategy.optim_niter"),
+        ("nash_mtl", {"max_norm": -1.0}, "strategy.max_norm"),
+    ],
+)
+def test_bad_settings_are_refused(name, setting, message):
+    with pytest.raises(MtlrunError, match=message):
+        build(name, **setting)
+
+
+# --- each method's defining property -----------------------------------------------------------------------
+
+
+def test_pcgrad_removes_exactly_the_conflicting_component():
+    J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])  # g1 . g2 = -1
+    # g1 - (g1.g2 / |g2|^2) g2 = (1, 0) + (-1, 1) / 2 = (0.5, 0.5); g2 - (g1.g2 / |g1|^2) g1 = (0, 1)
+    d = build("pcgrad").aggregate(J, _losses(2))
+    torch.testing.assert_close(d, torch.tensor([0.5, 1.5]))
+    no_conflict = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    torch.testing.assert_close(build("pcgrad").aggregate(no_conflict, _losses(2)), no_conflict.sum(0))
+
+
+def test_pcgrad_projected_gradients_no_longer_conflict_with_two_tasks():
+    J = torch.tensor([[3.0, 1.0, 0.0], [-1.0, 2.0, 1.0]])
+    d = build("pcgrad").aggregate(J, _losses(2))
+    g1_pc = J[0] - (J[0] @ J[1]) / (J[1] @ J[1]) * J[1]
+    g2_pc = J[1] - (J[0] @ J[1]) / (J[0] @ J[0]) * J[0]
+    assert abs(float(g1_pc @ J[1])) < 1e-5 and abs(float(g2_pc @ J[0])) < 1e-5
+    torch.testing.assert_close(d, g1_pc + g2_pc)
+
+
+def _grid_min_norm(gram: torch.Tensor, step: float) -> float:
+    """min of w^T G w over a grid of the simplex (T = 2 or 3)."""
+    ticks = torch.arange(0, 1 + step / 2, step, dtype=torch.float64)
+    if gram.shape[0] == 2:
+        w = torch.stack([ticks, 1 - ticks], dim=1)
+    else:
+        a, b = torch.meshgrid(ticks, ticks, indexing="ij")
+        keep = a + b <= 1 + 1e-12
+        w = torch.stack([a[keep], b[keep], (1 - a[keep] - b[keep]).clamp(min=0)], dim=1)
+    return float(torch.einsum("ni,ij,nj->n", w, gram, w).min())
+
+
+@pytest.mark.parametrize("tasks,seed", [(2, 0), (2, 1), (3, 2), (3, 3), (3, 4)])
+def test_mgda_is_the_min_norm_point_of_the_convex_hull(tasks, seed):
+    J = _random_jacobian(tasks, 4, seed)
+    J[0] += 2 * J[1]  # correlated rows so the optimum is sometimes interior, sometimes on a face
+    method = build("mgda", TASKS[:tasks])
+    d = method.aggregate(J, _losses(tasks))
+    w = torch.tensor([method.weights[t] for t in TASKS[:tasks]], dtype=torch.float64)
+    assert (w >= -1e-12).all() and abs(float(w.sum()) - 1) < 1e-9
+    torch.testing.assert_close(d, w @ J)
+    gram = J @ J.T
+    norm2 = float(d @ d)
+    grid = _grid_min_norm(gram, 1e-4 if tasks == 2 else 2e-3)
+    assert grid - 1e-2 * grid <= norm2 <= grid + 1e-9  # no grid point beats it; the grid comes close
+    # optimality (KKT): g_t . d >= |d|^2 for every task, with equality on the support
+    inner = J @ d
+    assert (inner >= norm2 - 1e-9 * max(norm2, 1)).all()
+    assert torch.allclose(inner[w > 1e-9], torch.full_like(inner[w > 1e-9], norm2), rtol=1e-7, atol=1e-10)
+
+
+def test_min_norm_weights_by_hand():
+    orthogonal = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(min_norm_weights(orthogonal), torch.tensor([0.5, 0.5], dtype=torch.float64))
+    aligned = torch.tensor([[1.0, 2.0], [2.0, 4.0]], dtype=torch.float64)  # g2 = 2 g1: the shorter one alone
+    torch.testing.assert_close(min_norm_weights(aligned), torch.tensor([1.0, 0.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "normalization,expected",
+    [
+        ("none", [0.4, 0.8]),  # min-norm point of (2, 0), (0, 1): w = (1/5, 4/5)
+        ("l2", [1.0, 0.5]),  # unit gradients: w = (1/2, 1/2), applied to the raw gradients
+        ("loss", [1.0, 0.5]),  # losses 2 and 1 make them unit too
+        ("loss+", [1.6, 0.2]),  # (2, 0) / (2 * 2), (0, 1) / (1 * 1): w = (4/5, 1/5)
+    ],
+)
+def test_mgda_normalizations_follow_the_authors_code(normalization, expected):
+    J = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    losses = {"a": torch.tensor(2.0), "b": torch.tensor(1.0)}
+    d = build("mgda", ["a", "b"], normalization=normalization).aggregate(J, losses)
+    torch.testing.assert_close(d, torch.tensor(expected))
+
+
+def test_mgda_ub_weights_come_from_the_representation_and_the_step_is_their_weighted_loss():
+    tasks = ["a", "b"]
+    model = linear_model(tasks)
+    data = batches(tasks, count=1)
+    W = model.encoder.weight.detach().double().clone()
+    heads = {t: model.heads[t].weight.detach().double()[0].clone() for t in tasks}
+    ctx = context(model, tasks, data, lr=0.1)
+    build("mgda", tasks, rep_grad=True).iteration(ctx)
+    x, n = data[0]["image"].double(), len(data[0]["image"])
+    z = x @ W.T
+    residual = {t: z @ heads[t] - data[0][t].double() for t in tasks}
+    dz = {t: (2 / n) * torch.outer(residual[t], heads[t]) for t in tasks}  # dL_t / dz, n x d
+    z1, z2 = dz["a"].flatten(), dz["b"].flatten()
+    w1 = float(((z2 - z1) @ z2 / ((z1 - z2) @ (z1 - z2))).clamp(0, 1))  # two-point min-norm in closed form
+    dW = {t: dz[t].T @ x for t in tasks}
+    expected_W = W - 0.1 * (w1 * dW["a"] + (1 - w1) * dW["b"])
+    torch.testing.assert_close(model.encoder.weight.detach().double(), expected_W, rtol=1e-5, atol=1e-6)
+    for t in tasks:  # each head: its own gradient, unweighted
+        expected = heads[t] - 0.1 * (2 / n) * (residual[t] @ z)
+        torch.testing.assert_close(model.heads[t].weight.detach().double()[0], expected, rtol=1e-5, atol=1e-6)
+    assert 0 < w1 < 1 and ctx.counts.optimizer_steps == 1 and ctx.counts.forward_passes == 1
+    assert ctx.counts.backward_passes == 3  # one per task through its head, one through the encoder
+
+
+@pytest.mark.parametrize("tasks,seed", [(2, 0), (3, 1), (3, 2)])
+def test_imtl_g_projects_equally_on_every_unit_gradient(tasks, seed):
+    J = _random_jacobian(tasks, 6, seed) * torch.tensor([1.0, 5.0, 0.2][:tasks], dtype=torch.float64)[:, None]
+    method = build("imtl", TASKS[:tasks])
+    d = method.aggregate(J, _losses(tasks))
+    projections = (J @ d) / J.norm(dim=1)
+    torch.testing.assert_close(projections, projections[:1].expand(tasks), rtol=1e-6, atol=1e-9)
+    assert abs(sum(method.weights.values()) - 1) < 1e-9 and float(projections[0]) > 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nash_mtl_weights_solve_the_bargaining_condition(seed):
+    J = _random_jacobian(3, 10, seed) * torch.tensor([[1.0], [3.0], [0.3]], dtype=torch.float64)
+    method = build("nash_mtl", max_norm=0.0)
+    d = method.aggregate(J, _losses(3))
+    alpha = torch.tensor([method.weights[t] for t in TASKS], dtype=torch.float64)
+    assert (alpha > 0).all()
+    torch.testing.assert_close((J @ J.T) @ alpha, 1 / alpha, rtol=1e-4, atol=0)  # G alpha = 1 / alpha
+    torch.testing.assert_close(d, alpha @ J)
+    clipped = build("nash_mtl", max_norm=0.5).aggregate(J, _losses(3))
+    assert float(d.norm()) > 0.5 and abs(float(clipped.norm()) - 0.5) < 1e-9
+    torch.testing.assert_close(clipped / clipped.norm(), d / d.norm())
+
+
+def test_cagrad_closed_form_for_two_symmetric_tasks():
+    J = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # equal norms: by symmetry w = (1/2, 1/2), g_w = g0
+    g0 = J.mean(0)
+    for c in (0.0, 0.4, 1.0):
+        plain = build("cagrad", ["a", "b"], c=c, rescale=False).aggregate(J, _losses(2))
+        torch.testing.assert_close(plain, (1 + c) * g0)  # d = g0 + c |g0| g0 / |g0|
+        rescaled = build("cagrad", ["a", "b"], c=c).aggregate(J, _losses(2))
+        torch.testing.assert_close(rescaled, (1 + c) / (1 + c**2) * g0, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("c", [0.2, 0.4, 0.8])
+def test_cagrad_maximises_the_worst_improvement_in_the_ball(c):
+    J = torch.tensor([[1.0, 0.2], [-0.6, 1.0]], dtype=torch.float64)
+    d = build("cagrad", ["a", "b"], c=c, rescale=False).aggregate(J, _losses(2))
+    g0 = J.mean(0)
+    radius = c * g0.norm()
+    angles = torch.linspace(0, 2 * math.pi, 200_001, dtype=torch.float64)
+    candidates = g0 + radius * torch.stack([angles.cos(), angles.sin()], dim=1)  # optimum: on the circle
+    worst = (candidates @ J.T).min(dim=1).values
+    best = candidates[worst.argmax()]
+    assert float((d - g0).norm()) <= float(radius) + 1e-4
+    assert float((J @ d).min()) >= float(worst.max()) - 1e-4
+    torch.testing.assert_close(d, best, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_upgrad_is_non_conflicting_permutation_invariant_and_linear_under_scaling(seed):
+    J = _random_jacobian(3, 5, seed)
+    method = build("upgrad")
+    d = method.aggregate(J, _losses(3))
+    assert (J @ d >= -1e-4 * float(d.norm() * J.norm(dim=1).max())).all()  # non-conflicting
+    for permutation in ([1, 2, 0], [2, 0, 1], [1, 0, 2]):
+        torch.testing.assert_close(method.aggregate(J[permutation], _losses(3)), d, rtol=1e-4, atol=1e-4)
+    g = torch.Generator().manual_seed(100 + seed)
+    c1, c2 = torch.rand(3, generator=g, dtype=torch.float64), torch.rand(3, generator=g, dtype=torch.float64)
+    a, b = 0.7, 1.9
+    combined = method.aggregate(torch.diag(a * c1 + b * c2) @ J, _losses(3))
+    separate = a * method.aggregate(torch.diag(c1) @ J, _losses(3))
+    separate += b * method.aggregate(torch.diag(c2) @ J, _losses(3))
+    # exact for the paper's projection; torchjd adds 1e-4 to the normalised Gram's diagonal (~0.3% here)
+    assert float((combined - separate).norm()) <= 1e-2 * float(separate.norm())
+
+
+def test_upgrad_is_the_mean_without_conflict_and_fixes_a_conflict():
+    agreeing = torch.tensor([[1.0, 0.2, 0.0], [0.5, 1.0, 0.1], [0.2, 0.3, 1.0]], dtype=torch.float64)
+    assert (agreeing @ agreeing.T >= 0).all()
+    d = build("upgrad").aggregate(agreeing, _losses(3))
+    torch.testing.assert_close(d, agreeing.mean(0), rtol=1e-3, atol=1e-4)
+    conflicting = torch.tensor([[1.0, 0.0], [-2.0, 1.0]], dtype=torch.float64)
+    assert float((conflicting @ conflicting.mean(0)).min()) < 0  # the mean hurts task a
+    d = build("upgrad", ["a", "b"]).aggregate(conflicting, _losses(2))
+    assert float((conflicting @ d).min()) >= -1e-4 and float(d.norm()) > 0.1
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_aligned_mtl_rescales_every_principal_component_to_the_smallest_singular_value(seed):
+    J = _random_jacobian(3, 5, seed) * torch.tensor([[1.0], [4.0], [0.5]], dtype=torch.float64)
+    d = build("aligned_mtl").aggregate(J, _losses(3))
+    U, S, Vh = torch.linalg.svd(J, full_matrices=False)
+    weights = torch.full((3,), 1 / 3, dtype=torch.float64)
+    aligned = S[-1] * U @ Vh  # the aligned gradients: orthogonal, all of norm sigma_min
+    torch.testing.assert_close(aligned @ aligned.T, S[-1] ** 2 * torch.eye(3, dtype=torch.float64))
+    torch.testing.assert_close(d, aligned.T @ weights)
+    principal = Vh @ d  # d's coordinates in the principal basis: sigma_min (U^T w)_k, whatever S_k
+    torch.testing.assert_close(principal, S[-1] * (U.T @ weights))
+    torch.testing.assert_close(build("aligned_mtl").aggregate(7 * J, _losses(3)), 7 * d)
+
+
+def test_graddrop_keeps_one_sign_per_coordinate_with_probability_its_purity():
+    J = torch.tensor([[1.0, -2.0, 3.0, 1.0, 0.0], [2.0, -1.0, -1.0, -3.0, 0.0]])
+    # column 0: all positive -> 3; column 1: all negative -> -3; column 2: P = (1 + 2/4) / 2 = 0.75, +3 or -1;
+    # column 3: P = (1 - 2/4) / 2 = 0.25, +1 or -3; column 4: nothing to keep
+    method = build("graddrop", ["a", "b"])
+    draws = torch.stack([method.aggregate(J, _losses(2)) for _ in range(2000)])
+    assert (draws[:, 0] == 3).all() and (draws[:, 1] == -3).all() and (draws[:, 4] == 0).all()
+    assert set(draws[:, 2].tolist()) == {3.0, -1.0} and set(draws[:, 3].tolist()) == {1.0, -3.0}
+    assert abs(float((draws[:, 2] > 0).double().mean()) - 0.75) < 0.04
+    assert abs(float((draws[:, 3] > 0).double().mean()) - 0.25) < 0.04
+    torch.testing.assert_close(build("graddrop", ["a", "b"], leak=1.0).aggregate(J, _losses(2)), J.sum(0))
+    replay = build("graddrop", ["a", "b"])
+    torch.testing.assert_close(torch.stack([replay.aggregate(J, _losses(2)) for _ in range(5)]), draws[:5])
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "graddrop", "gradvac"])
+def test_random_methods_draw_from_their_own_generator_only(name):
+    J = _random_jacobian(3, 6, 0)
+    before = torch.get_rng_state()
+    first = [build(name, seed=5).aggregate(J, _losses(3)) for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), before)  # the run's global stream is untouched
+    torch.manual_seed(123)  # and the global stream does not matter
+    torch.testing.assert_close(build(name, seed=5).aggregate(J, _losses(3)), first[0], rtol=0, atol=0)
+
+
+def test_nash_mtl_reuses_its_weights_between_updates_without_the_jacobian():
+    tasks = ["a", "b"]
+    model = linear_model(tasks)
+    data = batches(tasks, count=2)
+    ctx = context(model, tasks, data, lr=0.1)
+    method = build("nash_mtl", tasks, update_weights_every=2, max_norm=0.0)
+    method.iteration(ctx)
+    alpha = torch.tensor([method.weights[t] for t in tasks])
+    W = model.encoder.weight.detach().clone()
+    replica = copy.deepcopy(model)
+    outputs = replica(data[1]["image"], tasks)
+    jacobian = torch.stack([
+        torch.autograd.grad(((outputs[t].squeeze(-1) - data[1][t]) ** 2).mean(), replica.encoder.weight,
+                            retain_graph=True)[0].flatten()
+        for t in tasks
+    ])
+    passes = ctx.counts.backward_passes
+    method.iteration(ctx)
+    assert ctx.counts.backward_passes == passes + 2  # the weighted loss, then the heads: no Jacobian
+    torch.testing.assert_close(model.encoder.weight.detach().flatten(), W.flatten() - 0.1 * alpha @ jacobian)
+    assert torch.equal(torch.tensor([method.weights[t] for t in tasks]), alpha)
+
+
+def test_gradvac_corrects_towards_the_pair_targets_by_hand():
+    method = build("gradvac", ["a", "b"], beta=0.5)
+    first = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)  # cosine 0.7071 > target 0: kept
+    torch.testing.assert_close(method.aggregate(first, _losses(2)), first.sum(0))
+    target = 0.5 * math.sqrt(0.5)
+    assert method.targets == {"a": {"b": pytest.approx(target)}, "b": {"a": pytest.approx(target)}}
+    second = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)  # cosine 0 < target 0.3536
+    k = target / math.sqrt(1 - target**2)  # g_i + |g_i| phi_hat / (|g_j| sqrt(1 - phi_hat^2)) g_j
+    g1 = second[0] + 1 * k / 2 * second[1]
+    g2 = second[1] + 2 * k / 1 * second[0]
+    torch.testing.assert_close(method.aggregate(second, _losses(2)), g1 + g2)
+    for corrected, other in ((g1, second[1]), (g2, second[0])):
+        assert float(corrected @ other / (corrected.norm() * other.norm())) == pytest.approx(target)
+    assert method.targets["a"]["b"] == pytest.approx(0.5 * target)
+
+
+def test_gradvac_with_zero_targets_is_pcgrad():
+    J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    d = build("gradvac", ["a", "b"]).aggregate(J, _losses(2))
+    torch.testing.assert_close(d, torch.tensor([0.5, 1.5]))
+
+
+# --- degenerate Jacobians ----------------------------------------------------------------------------------
+
+DEGENERATE = {
+    "one task": torch.tensor([[0.5, -1.0, 2.0, 0.0]]),
+    "zero row": torch.tensor([[0.5, -1.0, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, -1.0]]),
+    "identical rows": torch.tensor([[0.5, -1.0, 2.0, 0.0]] * 3),
+    "opposite rows": torch.tensor([[0.5, -1.0, 2.0, 0.0], [-0.5, 1.0, -2.0, 0.0], [1.0, 1.0, 0.0, -1.0]]),
+    "tiny gradients": 1e-7 * torch.tensor([[0.5, -1.0, 2.0, 0.0], [1.0, 1.0, 0.0, -1.0]]),
+    "all zero": torch.zeros(3, 4),
+}
+
+
+@pytest.mark.parametrize("case", DEGENERATE)
+@pytest.mark.parametrize("name,overrides", VARIANTS)
+def test_degenerate_jacobians_give_finite_updates(name, overrides, case):
+    J = DEGENERATE[case]
+    method = build(name, **overrides)
+    for _ in range(2):  # twice: stateful methods then read the state the first call left
+        d = method.aggregate(J, _losses(J.shape[0]))
+        assert d.shape == (4,) and d.dtype == J.dtype and d.isfinite().all()
+    if case == "all zero":
+        assert (d == 0).all()
+    if case == "tiny gradients" and name != "graddrop":  # scale-free weightings still act
+        assert float(d.norm()) > 0
+    if case == "identical rows":  # every method moves along the one gradient
+        assert float(d @ J[0]) > 0 and torch.linalg.matrix_rank(torch.stack([d, J[0]]).double()) == 1
+
+
+# --- steps through StepContext ------------------------------------------------------------------------------
+
+
+def _own_head_grads(model, batch, tasks):
+    """Each task's gradient of its head, by a separate backward pass on a copy of the model."""
+    model = copy.deepcopy(model)
+    outputs = model(batch["image"], tasks)
+    grads = {}
+    for t in tasks:
+        loss = ((outputs[t].squeeze(-1) - batch[t]) ** 2).mean()
+        (grads[t],) = torch.autograd.grad(loss, model.heads[t].weight, retain_graph=True)
+    return grads
+
+
+def _assert_stepped(weight, before, grad, lr=0.1):
+    """One SGD step along exactly `grad`."""
+    torch.testing.assert_close(weight.detach(), before - lr * grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name,overrides", VARIANTS)
+def test_each_iteration_is_one_step_moving_shared_weights_and_each_head_by_its_own_gradient(name, overrides):
+    model = linear_model(TASKS)
+    data = batches(TASKS, count=2)
+    ctx = context(model, TASKS, data, lr=0.1)
+    method = build(name, **overrides)
+    for it in range(2):
+        W = model.encoder.weight.detach().clone()
+        heads = {t: model.heads[t].weight.detach().clone() for t in TASKS}
+        own = _own_head_grads(model, data[it], TASKS)
+        logged = method.iteration(ctx)
+        assert list(logged) == TASKS
+        assert ctx.counts.optimizer_steps == it + 1 and ctx.counts.forward_passes == it + 1
+        assert not torch.equal(model.encoder.weight, W)
+        for t in TASKS:
+            _assert_stepped(model.heads[t].weight, heads[t], own[t])
+    assert method.group_size == 3
+
+
+@pytest.mark.parametrize("name,overrides", VARIANTS)
+def test_combine_on_a_subset_steps_only_those_tasks(name, overrides):
+    model = linear_model(TASKS)
+    data = batches(TASKS, count=4)
+    ctx = context(model, TASKS, data, lr=0.1)
+    method = build(name, **overrides)
+    for subset in (["a", "c"], ["b"], ["a", "c"]):
+        batch = ctx.next_batch()
+        W = model.encoder.weight.detach().clone()
+        heads = {t: model.heads[t].weight.detach().clone() for t in TASKS}
+        own = _own_head_grads(model, batch, subset)
+        steps = ctx.counts.optimizer_steps
+        method.combine(ctx, ctx.losses(batch, subset))
+        assert ctx.counts.optimizer_steps == steps + 1 and not torch.equal(model.encoder.weight, W)
+        for t in TASKS:
+            if t in subset:
+                _assert_stepped(model.heads[t].weight, heads[t], own[t])
+            else:
+                assert torch.equal(model.heads[t].weight, heads[t])
+    if method.task_weights() is not None:
+        assert set(method.task_weights()) <= set(TASKS)
+
+
+@pytest.mark.parametrize("name,overrides", VARIANTS)
+def test_grouped_applies_the_method_inside_each_group(name, overrides):
+    model = linear_model(TASKS)
+    ctx = context(model, TASKS, batches(TASKS, count=2), lr=0.1, name="adam", moments="per_task")
+    grouped = Grouped(TASKS, seed=3, group_size=2, combiner=build(name, **overrides))
+    for _ in range(2):
+        grouped.iteration(ctx)
+    assert ctx.counts.optimizer_steps == 4 and all(p.isfinite().all() for p in model.parameters())
+
+
+# --- state ------------------------------------------------------------------------------------------------
+
+
+def _run(method, model, data, optimizer_state=None):
+    ctx = context(model, TASKS, data, lr=0.1, name="adam")
+    if optimizer_state is not None:
+        ctx.optimizer.load_state_dict(optimizer_state)
+    for _ in data:
+        method.iteration(ctx)
+    return ctx
+
+
+@pytest.mark.parametrize("name,overrides", [(n, o) for n, o in VARIANTS if n in STATEFUL])
+def test_state_dict_round_trip_reproduces_the_next_update(name, overrides):
+    data = batches(TASKS, count=4)
+    model = linear_model(TASKS)
+    method = build(name, seed=1, **overrides)
+    ctx = _run(method, model, data[:3])
+    buffer = io.BytesIO()
+    torch.save(method.state_dict(), buffer)  # as a checkpoint: loaded back with weights_only=True
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    snapshot, optimizer_state = copy.deepcopy(model), copy.deepcopy(ctx.optimizer.state_dict())
+
+    resumed = build(name, seed=2, **overrides)
+    resumed.load_state_dict(state)
+    fresh = build(name, seed=2, **overrides)
+    outcomes = []
+    for candidate in (method, resumed, fresh):
+        replica = copy.deepcopy(snapshot)
+        _run(candidate, replica, data[3:], copy.deepcopy(optimizer_state))
+        outcomes.append(replica.encoder.weight.detach())
+    torch.testing.assert_close(outcomes[1], outcomes[0], rtol=0, atol=0)
+    assert not torch.equal(outcomes[2], outcomes[0])  # the state matters: without it the update differs
