@@ -9,6 +9,8 @@ import h5py
 import pandas as pd
 import pytest
 
+from mtlrun.data import build_shapes
+
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
@@ -26,8 +28,10 @@ def mtlrun(*args: str, cwd: Path, tool: str = "mtlrun") -> subprocess.CompletedP
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """A directory whose data/ holds the tiny benchmark, generated once by the first run."""
-    return tmp_path_factory.mktemp("cli")
+    """A directory whose data/ holds the tiny benchmark, built up front so no test depends on another's run."""
+    root = tmp_path_factory.mktemp("cli")
+    build_shapes(root / "data/shapes-64px-64-16-32-seed0.h5", 64, 64, 16, 32, generator_seed=0)
+    return root
 
 
 def test_short_run_writes_every_output(workdir):
@@ -113,7 +117,7 @@ def _one_line_error(result: subprocess.CompletedProcess) -> str:
 @pytest.mark.parametrize(
     "args,expected",
     [
-        (["strategy=nope"], "valid: alternating, averaged, grouped"),
+        (["strategy=nope"], "valid: aligned_mtl, alternating, averaged,"),
         (["strategy=grouped", "strategy.group_size=0"], "strategy.group_size must be an integer >= 1"),
         (["trainer.epoch=3"], "trainer.epoch is not a config key; keys of trainer: epochs"),
         (["optimizer=adam", "optimizer.moments=both"], "valid: per_task, shared"),
@@ -145,8 +149,11 @@ def test_diverging_loss_stops_with_one_line(workdir):
 
 def test_help_and_cfg_show_groups_and_config(workdir):
     help_text = mtlrun("--help", cwd=workdir).stdout
-    for group in ("dataset: nyuv2, shapes", "strategy: alternating, averaged, grouped", "optimizer: adam, adamw, sgd"):
-        assert group in help_text
+    names = ("dataset", "model", "strategy", "optimizer", "scheduler", "logger")
+    groups = dict(line.split(": ", 1) for line in help_text.splitlines() if line.split(": ")[0] in names)
+    assert groups["optimizer"] == "adam, adamw, sgd"
+    assert {"nyuv2", "shapes"} <= set(groups["dataset"].split(", "))
+    assert {"alternating", "averaged", "grouped", "pcgrad"} <= set(groups["strategy"].split(", "))
     cfg = mtlrun("strategy=grouped", "--cfg", "job", cwd=workdir)
     assert cfg.returncode == 0 and "group_size: 2" in cfg.stdout and "moments: per_task" in cfg.stdout
 

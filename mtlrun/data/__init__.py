@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,13 +140,13 @@ def _target(array: np.ndarray, key: str, spec: dict, attribute_names: list[str],
 
 
 def _check_classes(cfg: DictConfig, file: DatasetFile, tasks: list[Task]) -> None:
-    stored = file.attrs.get("class_names")
-    if stored is None:
-        return
-    num_stored = len(json.loads(stored))
+    specs = OmegaConf.to_container(cfg.task_specs, resolve=True)
     for task in tasks:
-        if getattr(task, "num_classes", num_stored) != num_stored:
+        if not hasattr(task, "num_classes"):
+            continue
+        stored = file.class_names(specs[task.name]["key"])
+        if stored is not None and task.num_classes != len(stored):
             raise MtlrunError(
-                f"task '{task.name}' expects {task.num_classes} classes but {file.path} has {num_stored}: "
-                f"set dataset.task_specs.{task.name}.num_classes={num_stored}"
+                f"task '{task.name}' expects {task.num_classes} classes but {file.path} has {len(stored)}: "
+                f"set dataset.task_specs.{task.name}.num_classes={len(stored)}"
             )

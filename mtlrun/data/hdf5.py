@@ -15,14 +15,17 @@ SCHEMA_VERSION = 1
 # Layout: root attrs {mtlrun_schema, dataset, source, options (JSON)}; one group per split
 # (train, val, test) holding `image` (uint8 N,H,W,3) and one array per target key: segmentation
 # (int16 N,H,W, -1 = ignore), depth (float N,H,W, 0 = invalid), normal (float N,H,W,3, 0 = invalid),
-# attributes (uint8 N,K with attr `names`).
+# attributes (uint8 N,K with attr `names`). Class names: root attr `class_names` (JSON list), or, where a file
+# holds several label sets (Cityscapes' 7 and 19 classes), attr `class_names` on each label array.
 
 
 def write_dataset(
     path: Path, dataset: str, splits: dict[str, dict[str, np.ndarray]], source: str, options: dict,
-    attribute_names: list[str] | None = None, class_names: list[str] | None = None,
+    attribute_names: list[str] | None = None, class_names: list[str] | dict[str, list[str]] | None = None,
 ) -> None:
-    """Write all splits to `path` through a temporary file, so a reader never sees a half-written file."""
+    """Write all splits to `path` through a temporary file, so a reader never sees a half-written file.
+
+    `class_names` is one list for the file, or a list per label array key."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     try:
@@ -35,13 +38,14 @@ def write_dataset(
 
 def _write(
     tmp: Path, dataset: str, splits: dict[str, dict[str, np.ndarray]], source: str, options: dict,
-    attribute_names: list[str] | None, class_names: list[str] | None,
+    attribute_names: list[str] | None, class_names: list[str] | dict[str, list[str]] | None,
 ) -> None:
     with h5py.File(tmp, "w") as f:
         f.attrs.update(
             mtlrun_schema=SCHEMA_VERSION, dataset=dataset, source=source, options=json.dumps(options)
         )
-        if class_names is not None:
+        per_array = class_names if isinstance(class_names, dict) else {}
+        if class_names is not None and not per_array:
             f.attrs["class_names"] = json.dumps(list(class_names))
         for split, arrays in splits.items():
             group = f.create_group(split)
@@ -51,6 +55,8 @@ def _write(
                 ds = group.create_dataset(key, data=array, chunks=chunks)
                 if key == "attributes" and attribute_names is not None:
                     ds.attrs["names"] = json.dumps(list(attribute_names))
+                if key in per_array:
+                    ds.attrs["class_names"] = json.dumps(list(per_array[key]))
 
 
 class DatasetFile:
@@ -89,6 +95,15 @@ class DatasetFile:
     def attribute_names(self, split: str) -> list[str]:
         ds = self.file[split].get("attributes")
         return json.loads(ds.attrs["names"]) if ds is not None and "names" in ds.attrs else []
+
+    def class_names(self, key: str) -> list[str] | None:
+        """The class names of label array `key`: its own, else the file's, else None."""
+        for split in self.splits():
+            ds = self.file[split].get(key)
+            if ds is not None and "class_names" in ds.attrs:
+                return json.loads(ds.attrs["class_names"])
+        stored = self.attrs.get("class_names")
+        return json.loads(stored) if stored is not None else None
 
     def close(self) -> None:
         self.file.close()
