@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from mtlrun.data import MultiTaskData, open_dataset, task_names
-from mtlrun.data.loading import BatchStream, Split, ToDevice
+from mtlrun.data.augment import Augment
+from mtlrun.data.loading import BatchStream, SplitSource, ToDevice, eval_batches
 from mtlrun.diagnostics import Diagnostics
 from mtlrun.errors import MtlrunError
 from mtlrun.loggers import build_logger
@@ -35,7 +36,10 @@ from mtlrun.tasks import Task
 log = logging.getLogger("mtlrun")
 
 # Keys that change how a run is executed or reported but not what it computes.
-RUN_CONTROL_KEYS = ("resume", "overwrite", "trainer.progress", "trainer.stop_after_epochs", "trainer.device")
+RUN_CONTROL_KEYS = (
+    "resume", "overwrite", "trainer.progress", "trainer.stop_after_epochs", "trainer.device", "trainer.workers",
+    "dataset.in_memory",
+)
 
 
 @dataclass
@@ -47,7 +51,8 @@ class Run:
     optimizer: MultiTaskOptimizer
     strategy: Strategy
     batches: BatchStream
-    to_device: ToDevice
+    to_device: ToDevice  # for evaluation and diagnostics: no augmentation
+    augment: Augment | None
     ctx: StepContext
 
 
@@ -62,12 +67,22 @@ def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: in
     optimizer = MultiTaskOptimizer(
         model.shared_parameters(), {t: model.task_parameters(t) for t in names}, optimizer_settings
     )
-    batches = BatchStream(data.splits["train"], batch_size, cfg.seed)
+    workers = cfg.trainer.get("workers", 0)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise MtlrunError(f"trainer.workers must be an integer >= 0, got {workers!r}")
+    batches = BatchStream(data.splits["train"], batch_size, cfg.seed, workers)
     if batches.batches_per_pass == 0:
         raise MtlrunError(f"trainer.batch_size={batch_size} exceeds the {len(data.splits['train'])} training samples")
-    to_device = ToDevice(device, data.mean, data.std)
-    ctx = StepContext(model, data.tasks, optimizer, batches, to_device)
-    return Run(data, model, optimizer, strategy, batches, to_device, ctx)
+    augment = _augment(cfg.dataset, data, cfg.seed)
+    ctx = StepContext(model, data.tasks, optimizer, batches, ToDevice(device, data.mean, data.std, augment))
+    return Run(data, model, optimizer, strategy, batches, ToDevice(device, data.mean, data.std), augment, ctx)
+
+
+def _augment(cfg: DictConfig, data: MultiTaskData, seed: int) -> Augment | None:
+    """The dataset's training augmentation (`dataset.augment`), or None when it changes nothing."""
+    settings = cfg.get("augment") or {}
+    augment = Augment(data.tasks, list(settings.get("scales", [1.0])), settings.get("flip", False), seed)
+    return augment if augment.active else None
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict | None:
@@ -102,6 +117,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
         optimizer.load_state_dict(state["optimizer"])
         strategy.load_state_dict(state["strategy"])
         batches.load_state_dict(state["batches"])
+        if parts.augment is not None:
+            parts.augment.load_state_dict(state["augment"])
         ctx.counts = Counts(**state["counts"])
         if diagnostics is not None and state.get("diagnostics") is not None:
             diagnostics.load_state_dict(state["diagnostics"])
@@ -138,6 +155,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
             "epoch": epoch + 1, "resume_id": resume_id, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "strategy": strategy.state_dict(),
             "batches": batches.state_dict(), "counts": asdict(ctx.counts), "torch_rng": torch.get_rng_state(),
+            "augment": parts.augment.state_dict() if parts.augment is not None else None,
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "train_log": train_log, "metrics": metrics,
             "diagnostics": diagnostics.state_dict() if diagnostics is not None else None,
@@ -199,12 +217,12 @@ def _check_finite(mean_losses: dict[str, float], epoch: int, iteration: int) -> 
 
 
 @torch.no_grad()
-def evaluate(model: MultiTaskModel, tasks: list[Task], split: Split, to_device: ToDevice, batch_size: int) -> dict:
+def evaluate(model: MultiTaskModel, tasks: list[Task], split: SplitSource, to_device: ToDevice, batch_size: int) -> dict:
     """Every task's metrics over the whole split: {task: {metric: value}}."""
     model.eval()
     names = [t.name for t in tasks]
     meters = {t.name: t.meter() for t in tasks}
-    for raw in split.batches(batch_size):
+    for raw in eval_batches(split, batch_size):
         batch = to_device(raw)
         outputs = model(batch["image"], names)
         for name, meter in meters.items():
@@ -214,10 +232,10 @@ def evaluate(model: MultiTaskModel, tasks: list[Task], split: Split, to_device: 
 
 def metric_rows(scores: dict, tasks: list[Task], epoch: int, split: str) -> list[dict]:
     """Tidy rows for metrics.csv; each carries its metric's direction, so reports never guess it."""
-    better = {(t.name, m.name): m.higher_is_better for t in tasks for m in t.metrics}
+    defined = {(t.name, m.name): m for t in tasks for m in t.metrics}
     return [
         {"epoch": epoch, "split": split, "task": task, "metric": metric, "value": value,
-         "higher_is_better": better[task, metric]}
+         "higher_is_better": defined[task, metric].higher_is_better, "in_delta_m": defined[task, metric].in_delta_m}
         for task, values in scores.items()
         for metric, value in values.items()
     ]

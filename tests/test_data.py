@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from mtlrun.data import open_dataset
 from mtlrun.data.hdf5 import DatasetFile, write_dataset
-from mtlrun.data.loading import BatchStream, Split, ToDevice
+from mtlrun.data.loading import BatchStream, LazySplit, Split, ToDevice, eval_batches
 from mtlrun.errors import MtlrunError
 
 
@@ -135,3 +135,47 @@ def test_dataset_file_reads_attribute_names(data_file):
     f = DatasetFile(data_file, "nyuv2", "")
     assert f.attribute_names("train") == ["a", "b", "c"]
     f.close()
+
+
+def _stream_images(stream, n):
+    return [{k: v.clone() for k, v in next(stream).items()} for _ in range(n)]
+
+
+def test_lazy_split_reads_the_same_batches_as_the_in_memory_one(data_file):
+    memory = open_dataset(_cfg(data_file, in_memory=True)).splits["train"]
+    lazy = open_dataset(_cfg(data_file, in_memory=False)).splits["train"]
+    assert isinstance(memory, Split) and isinstance(lazy, LazySplit) and len(lazy) == 10
+    index = torch.tensor([7, 2, 9, 0])  # unsorted, as a shuffled stream asks
+    a, b = memory.batch(index), lazy.batch(index)
+    assert set(a) == set(b) == {"image", "seg", "depth", "normal", "pair"}
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [len(x["image"]) for x in eval_batches(lazy, 4)] == [4, 4, 2]
+
+
+def test_stream_with_workers_yields_the_same_batches_and_resumes(data_file):
+    memory = open_dataset(_cfg(data_file, in_memory=True)).splits["train"]
+    lazy = open_dataset(_cfg(data_file, in_memory=False)).splits["train"]
+    plain = _stream_images(BatchStream(memory, batch_size=3, seed=2), 7)  # crosses into the third pass
+    workers = _stream_images(BatchStream(lazy, batch_size=3, seed=2, workers=2), 7)
+    for x, y in zip(plain, workers):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    resumed = BatchStream(lazy, batch_size=3, seed=2, workers=1)
+    resumed.load_state_dict({"pass_index": 1, "position": 2})
+    assert torch.equal(next(resumed)["image"], plain[5]["image"])
+
+
+def test_in_memory_auto_loads_a_small_file_and_bad_values_are_refused(data_file):
+    assert isinstance(open_dataset(_cfg(data_file, in_memory="auto")).splits["test"], Split)
+    with pytest.raises(MtlrunError, match="dataset.in_memory must be auto, true or false"):
+        open_dataset(_cfg(data_file, in_memory="sometimes"))
+
+
+def test_a_task_whose_array_is_missing_says_how_to_leave_it_out(tmp_path):
+    path = tmp_path / "no_normals.h5"
+    arrays = {k: v for k, v in _arrays(4).items() if k != "normal"}
+    write_dataset(path, "nyuv2", {"train": arrays, "test": arrays}, source="test", options={},
+                  attribute_names=["a", "b", "c"])
+    with pytest.raises(MtlrunError, match=r"no 'train/normal' array, which task 'normal' needs: leave the task out "
+                                          r"\(dataset.tasks=\[seg,depth,pair\]\)"):
+        open_dataset(_cfg(path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtlrun.data.hdf5 import DatasetFile, write_dataset
-from mtlrun.data.loading import Split
+from mtlrun.data.loading import LazySplit, Split, SplitSource, TargetTransform
 from mtlrun.errors import MtlrunError
 from mtlrun.tasks import Task, build_task
 
@@ -23,7 +24,7 @@ class MultiTaskData:
 
     name: str
     tasks: list[Task]
-    splits: dict[str, Split]
+    splits: dict[str, SplitSource]
     mean: list[float]
     std: list[float]
 
@@ -113,30 +114,57 @@ def _load(cfg: DictConfig, file: DatasetFile, tasks: list[str], split_names: tup
     attribute_names = file.attribute_names("train")
     tasks = [build_task(name, spec, attribute_names) for name, spec in specs.items()]
     _check_classes(cfg, file, tasks)
-    splits = {}
+    targets = {name: (spec["key"], _target_transform(spec, attribute_names, file)) for name, spec in specs.items()}
     for split in present:
-        arrays: dict[str, np.ndarray] = {}
-        targets = {}
-        for name, spec in specs.items():
-            key = spec["key"]
-            if key not in arrays:
-                arrays[key] = file.read(split, key)
-            targets[name] = _target(arrays[key], key, spec, attribute_names, file)
-        images = torch.from_numpy(file.read(split, "image"))
-        splits[split] = Split(split, images, targets)
+        for name, (key, _) in targets.items():
+            if not file.has(split, key):
+                others = [n for n in specs if n != name]
+                raise MtlrunError(
+                    f"{file.path} has no '{split}/{key}' array, which task '{name}' needs: leave the task out "
+                    f"(dataset.tasks=[{','.join(others)}]) or remake the file with it ({file.how_to_make})"
+                )
+    keys = {"image", *(key for key, _ in targets.values())}
+    if _in_memory(cfg, file, present, keys):
+        splits: dict[str, SplitSource] = {split: _read_split(file, split, targets) for split in present}
+    else:
+        splits = {split: LazySplit(split, file.path, targets) for split in present}
     return MultiTaskData(cfg.name, tasks, splits, list(cfg.mean), list(cfg.std))
 
 
-def _target(array: np.ndarray, key: str, spec: dict, attribute_names: list[str], file: DatasetFile) -> torch.Tensor:
+def _read_split(file: DatasetFile, split: str, targets: dict[str, tuple[str, TargetTransform]]) -> Split:
+    arrays: dict[str, np.ndarray] = {}
+    tensors = {}
+    for name, (key, transform) in targets.items():
+        if key not in arrays:
+            arrays[key] = file.read(split, key)
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(transform(arrays[key])))
+    return Split(split, torch.from_numpy(file.read(split, "image")), tensors)
+
+
+def _in_memory(cfg: DictConfig, file: DatasetFile, splits: list[str], keys: set[str]) -> bool:
+    """`dataset.in_memory`: true, false, or auto = when the arrays take under half the available memory."""
+    setting = cfg.get("in_memory", True)
+    if setting not in ("auto", True, False):
+        raise MtlrunError(f"dataset.in_memory must be auto, true or false, got {setting!r}")
+    if setting != "auto":
+        return bool(setting)
+    needed = sum(file.nbytes(split, key) for split in splits for key in keys)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return needed < available / 2
+
+
+def _target_transform(spec: dict, attribute_names: list[str], file: DatasetFile) -> TargetTransform:
+    """From rows of the stored array to the task's target: the selected attribute columns, normals channels
+    first (once at load, or per batch for a lazy split)."""
     if spec["kind"] == "binary" and spec.get("columns"):
         missing = [c for c in spec["columns"] if c not in attribute_names]
         if missing:
             raise MtlrunError(f"{file.path} has no attribute {missing}; it has: {', '.join(attribute_names)}")
-        array = array[:, [attribute_names.index(c) for c in spec["columns"]]]
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+        columns = [attribute_names.index(c) for c in spec["columns"]]
+        return lambda rows: rows[:, columns]
     if spec["kind"] == "normal":
-        tensor = tensor.permute(0, 3, 1, 2).contiguous()  # channels first, once, not per batch
-    return tensor
+        return lambda rows: rows.transpose(0, 3, 1, 2)
+    return lambda rows: rows
 
 
 def _check_classes(cfg: DictConfig, file: DatasetFile, tasks: list[Task]) -> None:

@@ -59,6 +59,48 @@ def _write(
                     ds.attrs["class_names"] = json.dumps(list(per_array[key]))
 
 
+class StreamingWriter:
+    """Writes a dataset file array slice by array slice, for data too large to hold in memory at once.
+
+    Use it as a context manager: arrays are created empty with `create` and filled by slice assignment;
+    the file appears at `path` only when the block ends without an error (the `write_dataset` rule:
+    written to `<path>.partial`, then renamed), with the same root attributes and chunking."""
+
+    def __init__(
+        self, path: Path, dataset: str, source: str, options: dict, attribute_names: list[str] | None = None,
+        class_names: list[str] | dict[str, list[str]] | None = None,
+    ) -> None:
+        self.path, self.tmp = path, path.with_name(path.name + ".partial")
+        self.attrs = dict(mtlrun_schema=SCHEMA_VERSION, dataset=dataset, source=source, options=json.dumps(options))
+        self.per_array = class_names if isinstance(class_names, dict) else {}
+        if class_names is not None and not self.per_array:
+            self.attrs["class_names"] = json.dumps(list(class_names))
+        self.attribute_names = attribute_names
+
+    def __enter__(self) -> StreamingWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = h5py.File(self.tmp, "w")
+        self.file.attrs.update(self.attrs)
+        return self
+
+    def create(self, split: str, key: str, shape: tuple[int, ...], dtype: np.dtype | type) -> h5py.Dataset:
+        """An empty array `split/key`, chunked one sample per chunk, to be filled by slice assignment."""
+        chunks = (1,) + tuple(shape[1:]) if len(shape) > 1 and shape[0] else None
+        ds = self.file.require_group(split).create_dataset(key, shape=shape, dtype=dtype, chunks=chunks)
+        if key == "attributes" and self.attribute_names is not None:
+            ds.attrs["names"] = json.dumps(list(self.attribute_names))
+        if key in self.per_array:
+            ds.attrs["class_names"] = json.dumps(list(self.per_array[key]))
+        return ds
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        self.file.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
 class DatasetFile:
     """An opened, schema-checked dataset file; every error names the file and how to remake it."""
 
@@ -91,6 +133,12 @@ class DatasetFile:
             raise MtlrunError(
                 f"{self.path} is corrupt: reading '{split}/{key}' failed ({_first_line(e)}): {self.how_to_make}"
             ) from None
+
+    def has(self, split: str, key: str) -> bool:
+        return split in self.file and key in self.file[split]
+
+    def nbytes(self, split: str, key: str) -> int:
+        return int(self.file[split][key].nbytes)
 
     def attribute_names(self, split: str) -> list[str]:
         ds = self.file[split].get("attributes")

@@ -1,14 +1,31 @@
-"""In-memory splits, reproducible endless mini-batch streams, and moving batches to the device."""
+"""Splits (in memory or read lazily from HDF5), reproducible endless mini-batch streams, moving batches to the device."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
+import h5py
+import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 Batch = dict[str, Tensor]  # "image" plus one target per task name
+TargetTransform = Callable[[np.ndarray], np.ndarray]  # from the stored array's rows to the task's target
+
+
+class SplitSource(Protocol):
+    """What a stream and the evaluation read from: a sized split whose samples come as batches."""
+
+    name: str
+
+    def __len__(self) -> int: ...
+
+    def batch(self, index: Tensor) -> Batch: ...
 
 
 @dataclass
@@ -27,54 +44,129 @@ class Split:
         out.update({task: target[index] for task, target in self.targets.items()})
         return out
 
-    def batches(self, batch_size: int) -> Iterator[Batch]:
-        """The whole split in order, for evaluation."""
-        for start in range(0, len(self), batch_size):
-            yield self.batch(torch.arange(start, min(start + batch_size, len(self))))
+
+class LazySplit:
+    """One split read from the HDF5 file batch by batch instead of held in memory.
+
+    Each process opens its own file handle on first use (h5py handles must not cross a fork), so
+    DataLoader workers read in parallel. `targets` maps each task to its stored array and the transform
+    that turns that array's rows into the task's target (the same one the in-memory load applies).
+    """
+
+    def __init__(self, name: str, path: Path, targets: dict[str, tuple[str, TargetTransform]]) -> None:
+        self.name, self.path, self.targets = name, path, targets
+        self._file: h5py.File | None = None
+        self._pid = -1
+        with h5py.File(path, "r") as f:
+            self._length = len(f[name]["image"])
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None, "_pid": -1}
+
+    def _group(self) -> h5py.Group:
+        if self._file is None or self._pid != os.getpid():
+            self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
+        return self._file[self.name]
+
+    def batch(self, index: Tensor) -> Batch:
+        group = self._group()
+        # h5py reads increasing indices only: read them sorted, then put the rows back in the asked order.
+        order = index.numpy()
+        rows, inverse = np.unique(order, return_inverse=True)
+        arrays: dict[str, np.ndarray] = {}
+
+        def read(key: str) -> np.ndarray:
+            if key not in arrays:
+                arrays[key] = group[key][rows][inverse]
+            return arrays[key]
+
+        out = {"image": torch.from_numpy(read("image"))}
+        for task, (key, transform) in self.targets.items():
+            out[task] = torch.from_numpy(np.ascontiguousarray(transform(read(key))))
+        return out
+
+
+def eval_batches(split: SplitSource, batch_size: int) -> Iterator[Batch]:
+    """The whole split in order, for evaluation."""
+    for start in range(0, len(split), batch_size):
+        yield split.batch(torch.arange(start, min(start + batch_size, len(split))))
+
+
+class _ByIndex(torch.utils.data.Dataset):
+    """A split as a dataset whose items are whole batches: item = a tensor of sample indices."""
+
+    def __init__(self, split: SplitSource) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: Tensor) -> Batch:
+        return self.split.batch(index)
 
 
 class BatchStream:
     """Endless shuffled mini-batches of a split.
 
     Pass p uses the permutation drawn from (seed, p) alone, so the stream is fully described by
-    (pass, position) and a resumed run sees exactly the batches an uninterrupted one would.
-    Incomplete last batches are dropped, as the averaged baselines of the literature do.
+    (pass, position) and a resumed run sees exactly the batches an uninterrupted one would, with or
+    without workers. Incomplete last batches are dropped, as the averaged baselines of the literature do.
+    With `workers > 0`, a DataLoader of that many processes reads the batches of the current pass ahead
+    (each with its own file handle for a lazy split); the order is the same as without.
     """
 
-    def __init__(self, split: Split, batch_size: int, seed: int) -> None:
-        self.split, self.batch_size, self.seed = split, batch_size, seed
+    def __init__(self, split: SplitSource, batch_size: int, seed: int, workers: int = 0) -> None:
+        self.split, self.batch_size, self.seed, self.workers = split, batch_size, seed, workers
         self.batches_per_pass = len(split) // batch_size
         self.pass_index, self.position = 0, 0
-        self._order = self._permutation(0)
+        self._reader: Iterator[Batch] | None = None
 
-    def _permutation(self, pass_index: int) -> Tensor:
+    def _pass_batches(self, pass_index: int, start: int) -> list[Tensor]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + pass_index)
-        return torch.randperm(len(self.split), generator=generator)
+        order = torch.randperm(len(self.split), generator=generator)
+        b = self.batch_size
+        return [order[i * b : (i + 1) * b] for i in range(start, self.batches_per_pass)]
+
+    def _open_pass(self) -> Iterator[Batch]:
+        indices = self._pass_batches(self.pass_index, self.position)
+        if self.workers == 0:
+            return (self.split.batch(index) for index in indices)
+        loader = DataLoader(
+            _ByIndex(self.split), sampler=indices, batch_size=None, num_workers=self.workers,
+            pin_memory=torch.cuda.is_available(), prefetch_factor=4,
+        )
+        return iter(loader)
 
     def __iter__(self) -> BatchStream:
         return self
 
     def __next__(self) -> Batch:
         if self.position == self.batches_per_pass:
-            self.pass_index, self.position = self.pass_index + 1, 0
-            self._order = self._permutation(self.pass_index)
-        start = self.position * self.batch_size
+            self.pass_index, self.position, self._reader = self.pass_index + 1, 0, None
+        if self._reader is None:
+            self._reader = self._open_pass()
         self.position += 1
-        return self.split.batch(self._order[start : start + self.batch_size])
+        return next(self._reader)
 
     def state_dict(self) -> dict[str, int]:
         return {"pass_index": self.pass_index, "position": self.position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.pass_index, self.position = state["pass_index"], state["position"]
-        self._order = self._permutation(self.pass_index)
+        self.pass_index, self.position, self._reader = state["pass_index"], state["position"], None
 
 
 class ToDevice:
-    """Moves a batch to the device and turns uint8 images into normalized float tensors there."""
+    """Moves a batch to the device, turns uint8 images into normalized float tensors there, and applies
+    the training augmentation when given one."""
 
-    def __init__(self, device: torch.device, mean: list[float], std: list[float]) -> None:
-        self.device = device
+    def __init__(
+        self, device: torch.device, mean: Sequence[float], std: Sequence[float],
+        augment: Callable[[Batch], Batch] | None = None,
+    ) -> None:
+        self.device, self.augment = device, augment
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
 
@@ -86,4 +178,4 @@ class ToDevice:
         for key, value in out.items():
             if value.is_floating_point() and key != "image":
                 out[key] = value.float()
-        return out
+        return self.augment(out) if self.augment is not None else out
