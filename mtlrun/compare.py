@@ -92,9 +92,10 @@ def backward_passes_per_iteration(run_dir: object) -> float:
     return float(log["backward_passes"].sum() / log["iterations"].sum())
 
 
-def metric_directions(runs: pd.DataFrame) -> dict[str, bool]:
-    """`task/metric` -> whether higher is better, as the runs' metrics.csv took it from the task's metric."""
-    directions: dict[str, bool] = {}
+def metric_definitions(runs: pd.DataFrame) -> pd.DataFrame:
+    """task, metric, higher_is_better, in_delta_m of every metric, as the runs' metrics.csv took them from the
+    task's metric definition (in_delta_m true where an older metrics.csv does not say)."""
+    frames = []
     for run_dir in runs["run_dir"]:
         path = run_file(run_dir, METRICS_CSV)
         if path is None:
@@ -102,14 +103,49 @@ def metric_directions(runs: pd.DataFrame) -> dict[str, bool]:
         rows = read_csv(path)
         if not {"task", "metric", "higher_is_better"} <= set(rows.columns):
             raise MtlrunError(f"{path} has no task, metric and higher_is_better columns; re-run that run")
-        rows = rows[["task", "metric", "higher_is_better"]].drop_duplicates()
-        for task, metric, higher in rows.itertuples(index=False):
-            name, higher = f"{task}/{metric}", str(higher).strip().lower() == "true"
-            if directions.setdefault(name, higher) != higher:
-                raise MtlrunError(
-                    f"the runs' {METRICS_CSV} files disagree on whether higher is better for {name}"
-                )
-    return directions
+        if "in_delta_m" not in rows:
+            rows["in_delta_m"] = True
+        frames.append(rows[["task", "metric", "higher_is_better", "in_delta_m"]].drop_duplicates())
+    columns = ["name", "higher_is_better", "in_delta_m"]
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    found = pd.concat(frames, ignore_index=True)
+    found["name"] = found["task"].astype(str) + "/" + found["metric"].astype(str)
+    for flag in ("higher_is_better", "in_delta_m"):
+        found[flag] = found[flag].map(lambda v: str(v).strip().lower() == "true")
+    found = found[columns].drop_duplicates()
+    disagree = found["name"][found["name"].duplicated()]
+    if len(disagree):
+        raise MtlrunError(
+            f"the runs' {METRICS_CSV} files disagree on whether higher is better for {disagree.iloc[0]}"
+        )
+    return found
+
+
+def metric_directions(definitions: pd.DataFrame) -> dict[str, bool]:
+    """`task/metric` -> whether higher is better."""
+    return dict(zip(definitions["name"], definitions["higher_is_better"]))
+
+
+def average_tasks(runs: pd.DataFrame, definitions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Replace, in every split, the metrics that several tasks share (CelebA's 40 attributes) by their mean
+    over those tasks, as `<split>/mean/<metric>`; the definitions gain `mean/<metric>` (directions agree)."""
+    by_metric: dict[str, list[str]] = {}
+    for name in definitions["name"]:
+        by_metric.setdefault(name.split("/")[1], []).append(name)
+    runs, added = runs.copy(), []
+    for metric, names in by_metric.items():
+        rows = definitions[definitions["name"].isin(names)]
+        if len(names) < 2 or rows["higher_is_better"].nunique() > 1:
+            continue
+        for split in {c.split("/")[0] for c in metric_columns(runs)}:
+            columns = [f"{split}/{n}" for n in names if f"{split}/{n}" in runs]
+            if columns:
+                runs[f"{split}/mean/{metric}"] = runs[columns].mean(axis=1)
+                runs = runs.drop(columns=columns)
+        added.append({"name": f"mean/{metric}", "higher_is_better": rows["higher_is_better"].iloc[0],
+                      "in_delta_m": bool(rows["in_delta_m"].iloc[0])})
+    return runs, pd.concat([definitions, pd.DataFrame(added)], ignore_index=True)
 
 
 def metric_columns(df: pd.DataFrame) -> list[str]:
@@ -178,12 +214,15 @@ def baseline_value(config: pd.Series, stl: pd.DataFrame, column: str) -> float:
     return closest(config, rows)[f"{column} mean"] if len(rows) else np.nan
 
 
-def delta_m(runs: pd.DataFrame, baselines: pd.DataFrame, directions: dict[str, bool], split: str,
+def delta_m(runs: pd.DataFrame, baselines: pd.DataFrame, definitions: pd.DataFrame, split: str,
             where: str) -> tuple[pd.Series, str | None]:
     """Δm% of every multi-task run (Maninis et al. 2019; Liu et al. 2022): the mean over the run's task
     metrics of (-1)^l_k (M_k - B_k) / B_k * 100, l_k = 1 where lower is better, B_k from `baseline_value`;
-    positive = better than single-task. Returns the values (NaN for single-task runs and where it cannot be
-    computed) and, if it cannot be computed somewhere, one line saying why (`where` names the baselines)."""
+    positive = better than single-task. Metrics that restate another (in_delta_m false) are left out.
+    Returns the values (NaN for single-task runs and where it cannot be computed) and, if it cannot be
+    computed somewhere, one line saying why (`where` names the baselines)."""
+    directions = metric_directions(definitions)
+    restated = set(definitions["name"][~definitions["in_delta_m"].astype(bool)])
     values = pd.Series(np.nan, index=runs.index)
     stl = compare(baselines) if len(baselines) else pd.DataFrame()
     missing: dict[tuple, list[str]] = {}  # (dataset, model) -> tasks without a single-task run
@@ -196,6 +235,8 @@ def delta_m(runs: pd.DataFrame, baselines: pd.DataFrame, directions: dict[str, b
         changes, ok = [], True
         for column in [c for c in metric_columns(runs) if c.startswith(f"{split}/") and group[c].notna().any()]:
             task, name = column.split("/")[1], column.split("/", 1)[1]
+            if name in restated:
+                continue
             reference = baseline_value(config, stl, column)
             if np.isnan(reference):
                 missing.setdefault((config.get("dataset"), config.get("model")), []).append(task)
@@ -405,8 +446,9 @@ def note(text: str) -> None:
     print(f"mtlrun-compare: {text}", file=sys.stderr)
 
 
-def build(paths: list[Path], baseline_paths: list[Path] | None, split: str) -> Comparison:
-    """Load the runs (and the --baseline single-task runs), compute Δm% and group them into configurations."""
+def build(paths: list[Path], baseline_paths: list[Path] | None, split: str, mean_over_tasks: bool = False) -> Comparison:
+    """Load the runs (and the --baseline single-task runs), compute Δm% and group them into configurations;
+    with `mean_over_tasks`, metrics shared by several tasks are shown as their mean over the tasks."""
     notes = []
     files, unfinished = find_results(paths)
     if unfinished:
@@ -432,9 +474,11 @@ def build(paths: list[Path], baseline_paths: list[Path] | None, split: str) -> C
         where = "among the inputs"
     if not any(c.startswith(f"{split}/") for c in metric_columns(runs)):
         raise MtlrunError(f"the runs have no '{split}' metrics; use --split test or --split val")
-    directions = metric_directions(runs)
-    runs[DELTA_M], why = delta_m(runs, baselines, directions, split, where)
-    return Comparison(runs, compare(runs), directions, split, notes + ([why] if why else []))
+    definitions = metric_definitions(runs)
+    runs[DELTA_M], why = delta_m(runs, baselines, definitions, split, where)
+    if mean_over_tasks:
+        runs, definitions = average_tasks(runs, definitions)
+    return Comparison(runs, compare(runs), metric_directions(definitions), split, notes + ([why] if why else []))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -456,6 +500,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     order.add_argument("--ascending", dest="ascending", action="store_const", const=True, help="force ascending")
     order.add_argument("--descending", dest="ascending", action="store_const", const=False,
                        help="force descending")
+    parser.add_argument("--mean-over-tasks", action="store_true",
+                        help="show each metric that several tasks share as its mean over them (CelebA's 40 "
+                        "attributes), as mean/<metric>")
     parser.add_argument("--plot", type=Path, metavar="DIR", help="write PNG figures to DIR")
     parser.add_argument("--plot-metric", metavar="SPLIT/TASK/METRIC",
                         help="plot this metric against seconds per epoch instead of Δm%%")
@@ -465,7 +512,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        comparison = build(args.paths, args.baseline, args.split)
+        comparison = build(args.paths, args.baseline, args.split, args.mean_over_tasks)
         columns = shown_columns(comparison)
         if args.sort:
             comparison.table = sort_table(comparison.table, sort_column(comparison, args.sort), args.ascending)

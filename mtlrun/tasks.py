@@ -14,10 +14,15 @@ from mtlrun.errors import MtlrunError
 
 @dataclass(frozen=True)
 class Metric:
-    """A metric's name and the direction that counts as better; reports ask this, never a list of their own."""
+    """A metric's name and the direction that counts as better; reports ask this, never a list of their own.
+
+    `in_delta_m` is false for a metric that restates another of the same task (a binary task's error is
+    100 - accuracy): counting it again would weigh that quantity twice in Δm%.
+    """
 
     name: str
     higher_is_better: bool
+    in_delta_m: bool = True
 
 
 class Meter(ABC):
@@ -209,10 +214,18 @@ class AngleMeter(Meter):
 
 
 class BinaryAttributes(Task):
-    """One or more per-image binary attributes: BCE on logits; accuracy and F1 averaged over attributes, in %."""
+    """One or more per-image binary attributes: BCE on logits; accuracy, error, precision, recall and F1, each
+    the mean over the task's attributes of that attribute's value, in %. Δm% counts accuracy and F1; error,
+    precision and recall restate them."""
 
     dense = False
-    metrics = (Metric("accuracy", True), Metric("f1", True))
+    metrics = (
+        Metric("accuracy", True),
+        Metric("error", False, in_delta_m=False),
+        Metric("precision", True, in_delta_m=False),
+        Metric("recall", True, in_delta_m=False),
+        Metric("f1", True),
+    )
 
     def __init__(self, name: str, attributes: list[str]) -> None:
         if not attributes:
@@ -244,9 +257,13 @@ class BinaryMeter(Meter):
     def compute(self) -> dict[str, float]:
         tp, fp, fn, tn = self.counts
         accuracy = (tp + tn) / (tp + fp + fn + tn).clamp(min=1)
-        # F1 of an attribute never predicted nor present is 0 by convention (sklearn's zero_division=0).
+        # A ratio with nothing to count (no positive predicted, present, or either) is 0, as sklearn's
+        # zero_division=0.
+        precision = tp / (tp + fp).clamp(min=1)
+        recall = tp / (tp + fn).clamp(min=1)
         f1 = 2 * tp / (2 * tp + fp + fn).clamp(min=1)
-        return {"accuracy": 100 * accuracy.mean().item(), "f1": 100 * f1.mean().item()}
+        values = {"accuracy": accuracy, "error": 1 - accuracy, "precision": precision, "recall": recall, "f1": f1}
+        return {name: 100 * v.mean().item() for name, v in values.items()}
 
 
 # --- building tasks from the dataset config --------------------------------------------------

@@ -41,7 +41,7 @@ def test_short_run_writes_every_output(workdir):
     for name in ("metrics.csv", "train_log.csv", "results.csv", "checkpoint.pt", ".hydra/config.yaml"):
         assert (run / name).is_file(), name
     metrics = pd.read_csv(run / "metrics.csv")
-    assert list(metrics.columns) == ["epoch", "split", "task", "metric", "value", "higher_is_better"]
+    assert list(metrics.columns) == ["epoch", "split", "task", "metric", "value", "higher_is_better", "in_delta_m"]
     direction = metrics.set_index(["task", "metric"]).higher_is_better.to_dict()
     assert direction["depth", "abs_err"] is False and direction["segmentation", "miou"] is True
     assert set(metrics.split) == {"val", "test"} and set(metrics.epoch) == {1, 2}

@@ -125,6 +125,48 @@ def test_delta_m_direction_is_read_from_metrics_csv(tmp_path, capsys):
     assert "disagree on whether higher is better for depth/abs_err" in message
 
 
+def _add_metric(root: Path, name: str, value: float, higher_is_better: bool, in_delta_m: bool) -> None:
+    """Give every run under `root` one more final metric, flagged as metrics.csv flags it."""
+    for results in root.rglob("results.csv"):
+        row = pd.read_csv(results)
+        task = name.split("/")[0]
+        if not any(c.startswith(f"test/{task}/") for c in row.columns):
+            continue
+        row[f"test/{name}"] = value * (1 + row["seed"])
+        row.to_csv(results, index=False)
+        metrics = pd.read_csv(results.parent / "metrics.csv")
+        if "in_delta_m" not in metrics:
+            metrics["in_delta_m"] = True
+        extra = {"epoch": 2, "split": "test", "task": task, "metric": name.split("/")[1], "value": value,
+                 "higher_is_better": higher_is_better, "in_delta_m": in_delta_m}
+        pd.concat([metrics, pd.DataFrame([extra])]).to_csv(results.parent / "metrics.csv", index=False)
+
+
+def test_delta_m_leaves_out_metrics_that_restate_another(runs):
+    """A metric flagged in_delta_m=false (a binary task's error) is shown but does not enter Δm%."""
+    _add_metric(runs, "seg/error", 7.0, False, in_delta_m=False)
+    comparison = build([runs], None, "test")
+    assert "test/seg/error mean" in comparison.table
+    for (strategy, k), (mean, _) in EXPECTED_DELTA_M.items():
+        assert row_of(comparison.table, strategy, k)[f"{DELTA_M} mean"] == pytest.approx(mean)
+    _add_metric(runs, "depth/rel_err", 0.2, False, in_delta_m=True)  # counted: Δm% now moves
+    moved = build([runs], None, "test")
+    assert row_of(moved.table, "averaged", 2)[f"{DELTA_M} mean"] != pytest.approx(3.0)
+
+
+def test_mean_over_tasks_replaces_shared_metrics_by_their_mean(tmp_path, capsys):
+    directions = {"a/accuracy": True, "b/accuracy": True, "a/loss": False}
+    write_run(tmp_path / "r0", 0, {"a/accuracy": 80, "b/accuracy": 90, "a/loss": 0.5}, "averaged", 2, directions)
+    write_run(tmp_path / "r1", 1, {"a/accuracy": 70, "b/accuracy": 100, "a/loss": 0.7}, "averaged", 2, directions)
+    comparison = build([tmp_path], None, "test", mean_over_tasks=True)
+    row = comparison.table.iloc[0]
+    assert row["test/mean/accuracy mean"] == pytest.approx(85.0) and row["test/mean/accuracy std"] == 0
+    assert "test/a/accuracy mean" not in comparison.table and row["test/a/loss mean"] == pytest.approx(0.6)
+    assert comparison.higher_is_better("test/mean/accuracy") is True
+    main([str(tmp_path), "--mean-over-tasks", "--format", "markdown", "--out", str(tmp_path / "c.csv")])
+    assert "mean/accuracy ↑" in capsys.readouterr().out
+
+
 def test_runs_differing_only_by_seed_are_grouped(tmp_path):
     values = [3.0, 4.0, 8.0]
     for seed, value in enumerate(values):

@@ -86,6 +86,11 @@ def test_binary_attributes_accuracy_and_mean_f1():
     out = meter.compute()
     assert out["accuracy"] == pytest.approx(100 * (0.5 + 0.75) / 2)
     assert out["f1"] == pytest.approx(100 * (0.5 + 0.8) / 2)
+    assert out["error"] == pytest.approx(100 * (0.5 + 0.25) / 2)
+    assert out["precision"] == pytest.approx(100 * (0.5 + 1.0) / 2)  # y: tp 2 / (tp + fp) 2
+    assert out["recall"] == pytest.approx(100 * (0.5 + 2 / 3) / 2)  # y: tp 2 / (tp + fn) 3
+    assert set(out) == {m.name for m in task.metrics}
+    assert {m.name for m in task.metrics if m.in_delta_m} == {"accuracy", "f1"}
     expected_bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target.float()).item()
     assert task.loss(logits, target).item() == pytest.approx(expected_bce)
 
