@@ -1,17 +1,26 @@
 """The dataset converters on fixture files in their source layouts, read back through the loader."""
 
+import json
+import re
+import shutil
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
+import scipy.io
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "data_scripts"))
+import celeba  # noqa: E402
+import cityscapes  # noqa: E402
 import nyuv2  # noqa: E402
 
 from mtlrun.data import open_dataset  # noqa: E402
+from mtlrun.errors import MtlrunError  # noqa: E402
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -66,3 +75,465 @@ def test_nyuv2_mismatched_files_are_named(tmp_path):
     (src / "train/depth/1.npy").unlink()
     with pytest.raises(SystemExit, match="does not hold the same file numbers"):
         nyuv2.main(["--src", str(src), "--out", str(tmp_path / "x.h5")])
+
+
+# --- shared helpers --------------------------------------------------------------------------------------
+
+
+def _open(conf: str, path: Path, **overrides):
+    cfg = OmegaConf.load(CONF / f"dataset/{conf}.yaml")
+    cfg.path = str(path)
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value)
+    return open_dataset(cfg)
+
+
+def _options(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        return json.loads(f.attrs["options"])
+
+
+def _fails(main, args: list[str], out: Path, pattern: str, name: str) -> str:
+    """The converter stops with one `<name>: error:` line matching `pattern` and leaves no file behind."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--out", str(out)])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"{name}: error: ") and "\n" not in message
+    assert re.search(pattern, message), message
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+    return message
+
+
+# --- NYUv2: the official labeled .mat -------------------------------------------------------------------
+
+
+def _write_nyu_mat(root: Path, n: int = 5, size=(6, 8), seed: int = 0) -> dict[str, np.ndarray]:
+    """A tiny nyu_depth_v2_labeled.mat in MATLAB's layout: h5py reads HxWx3xN column-major as N,3,W,H."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, *size, 3), dtype=np.uint8)
+    depths = rng.uniform(0.5, 10, (n, *size)).astype(np.float32)
+    depths[:, 0, 0] = np.nan  # the converter stores non-finite depth as invalid
+    labels = rng.choice(np.array([0, 1, 5, 40, 300, 894], dtype=np.uint16), (n, *size))
+    root.mkdir(parents=True, exist_ok=True)
+    with h5py.File(root / "nyu_depth_v2_labeled.mat", "w") as f:
+        f["images"] = images.transpose(0, 3, 2, 1)
+        f["depths"] = depths.transpose(0, 2, 1)
+        f["labels"] = labels.transpose(0, 2, 1)
+    splits = {"trainNdxs": np.array([[1], [3], [5]]), "testNdxs": np.array([[2], [4]])}  # MATLAB's columns
+    scipy.io.savemat(root / "splits.mat", splits)
+    return {"images": images, "depths": depths, "labels": labels}
+
+
+def _raw_table(seed: int = 1) -> np.ndarray:
+    table = np.random.default_rng(seed).integers(-1, 13, 895)
+    table[0] = -1
+    return table
+
+
+def test_nyuv2_mat_layout_transposes_maps_and_splits(tmp_path):
+    written = _write_nyu_mat(tmp_path / "raw")
+    table = _raw_table()
+    np.save(tmp_path / "map.npy", table)
+    out = tmp_path / "nyuv2.h5"
+    nyuv2.main(["--src", str(tmp_path / "raw"), "--splits", str(tmp_path / "raw/splits.mat"),
+                "--mapping", str(tmp_path / "map.npy"), "--size", "6x8", "--out", str(out)])
+    data = _open("nyuv2", out, tasks=["segmentation", "depth"])
+    assert set(data.splits) == {"train", "test"}  # NYUv2 has no val split
+    for split, rows in (("train", [0, 2, 4]), ("test", [1, 3])):  # splits.mat is 1-based
+        got = data.splits[split]
+        assert got.images.dtype == torch.uint8 and tuple(got.images.shape) == (len(rows), 6, 8, 3)
+        assert np.array_equal(got.images.numpy(), written["images"][rows])
+        segmentation = got.targets["segmentation"].numpy()
+        assert segmentation.dtype == np.int16
+        assert np.array_equal(segmentation, table[written["labels"][rows]])
+        depth = got.targets["depth"].numpy()
+        assert depth.dtype == np.float32 and np.all(depth[:, 0, 0] == 0)
+        assert np.array_equal(depth[:, 1:], written["depths"][rows][:, 1:])
+    with h5py.File(out, "r") as f:
+        assert "normal" not in f["train"]
+    assert "no surface normals" in _options(out)["normal"]
+    with pytest.raises(MtlrunError, match="has no 'train/normal' array"):
+        _open("nyuv2", out)
+
+
+def test_nyuv2_mat_composes_class13_with_class40_mapping(tmp_path):
+    written = _write_nyu_mat(tmp_path / "raw")
+    rng = np.random.default_rng(2)
+    raw_to_40 = rng.integers(1, 41, 894)
+    labels13 = rng.integers(0, 14, 40)  # 1-based 13 classes, 0 = unlabelled
+    names = np.array(["bed", "books", "ceiling", "chair", "floor", "furniture", "objects", "painting", "sofa",
+                      "table", "tv", "wall", "window"], dtype=object)
+    struct = {"labels13": labels13, "labelName": names}  # as in nyuv2-meta-data's class13Mapping.mat
+    scipy.io.savemat(tmp_path / "class13Mapping.mat", {"classMapping13": struct})
+    scipy.io.savemat(tmp_path / "classMapping40.mat", {"mapClass": raw_to_40[None, :]})
+    out = tmp_path / "nyuv2.h5"
+    raw = tmp_path / "raw"
+    base = ["--src", str(raw / "nyu_depth_v2_labeled.mat"), "--splits", str(raw / "splits.mat"),
+            "--size", "6x8"]
+    args = [*base, "--mapping", str(tmp_path / "class13Mapping.mat")]
+    _fails(nyuv2.main, args, out, r"class13Mapping\.mat maps the NYU-40 classes to 13; also give --mapping40",
+           "nyuv2")
+    wrong = [*base, "--mapping", str(tmp_path / "classMapping40.mat")]  # the 40-class file as --mapping
+    _fails(nyuv2.main, wrong, out, r"maps to classes 1\.\.40, not 1\.\.13: .*goes to --mapping40", "nyuv2")
+    nyuv2.main([*args, "--mapping40", str(tmp_path / "classMapping40.mat"), "--out", str(out)])
+    expected = np.concatenate([[-1], labels13[raw_to_40 - 1] - 1])[written["labels"][[0, 2, 4]]]
+    data = _open("nyuv2", out, tasks=["segmentation"])
+    assert np.array_equal(data.splits["train"].targets["segmentation"].numpy(), expected)
+    assert set(np.unique(expected)) <= set(range(-1, 13))
+
+
+def test_nyuv2_mat_accepts_a_raw_to_13_mat(tmp_path):
+    written = _write_nyu_mat(tmp_path / "raw")
+    raw_to_13 = np.random.default_rng(3).integers(0, 14, 894)  # 1-based, 0 = unlabelled
+    names = np.array([f"class {i}" for i in range(13)], dtype=object)
+    scipy.io.savemat(tmp_path / "classMapping13.mat", {"mapClass": raw_to_13[None, :], "className": names})
+    out = tmp_path / "nyuv2.h5"
+    nyuv2.main(["--src", str(tmp_path / "raw"), "--splits", str(tmp_path / "raw/splits.mat"), "--mapping",
+                str(tmp_path / "classMapping13.mat"), "--size", "6x8", "--out", str(out)])
+    with h5py.File(out, "r") as f:
+        expected = np.concatenate([[-1], raw_to_13 - 1])[written["labels"][[1, 3]]]
+        assert np.array_equal(f["test/segmentation"][...], expected)
+
+
+def test_nyuv2_mat_resizes_labels_nearest(tmp_path):
+    written = _write_nyu_mat(tmp_path / "raw", size=(8, 12))
+    table = _raw_table()
+    (tmp_path / "map.txt").write_text("\n".join(map(str, table)))
+    raw = tmp_path / "raw"
+    common = ["--src", str(raw), "--splits", str(raw / "splits.mat"), "--mapping", str(tmp_path / "map.txt")]
+    nyuv2.main([*common, "--size", "4x6", "--out", str(tmp_path / "half.h5")])
+    half = _open("nyuv2", tmp_path / "half.h5", tasks=["segmentation", "depth"]).splits["train"]
+    mapped = table[written["labels"][[0, 2, 4]]]
+    # Nearest: each target pixel takes the source pixel at its centre, so no new label value appears.
+    assert np.array_equal(half.targets["segmentation"].numpy(), mapped[:, 1::2, 1::2])
+    assert tuple(half.images.shape) == (3, 4, 6, 3)
+    nyuv2.main([*common, "--limit", "1", "--out", str(tmp_path / "default.h5")])
+    full = _open("nyuv2", tmp_path / "default.h5", tasks=["segmentation", "depth"])
+    segmentation = full.splits["test"].targets["segmentation"].numpy()
+    assert segmentation.shape == (1, 288, 384)  # the npy layout's size, so results compare
+    assert set(np.unique(segmentation)) <= set(np.unique(table[written["labels"][1]]))
+    assert _options(tmp_path / "default.h5")["size"] == [288, 384]
+
+
+def test_nyuv2_mat_errors_name_the_missing_file(tmp_path):
+    _write_nyu_mat(tmp_path / "raw")
+    np.save(tmp_path / "map.npy", _raw_table())
+    raw, out = tmp_path / "raw", tmp_path / "x.h5"
+    _fails(nyuv2.main, ["--src", str(raw), "--mapping", str(tmp_path / "map.npy")], out,
+           r"needs --splits splits\.mat.*trainNdxs", "nyuv2")
+    _fails(nyuv2.main, ["--src", str(raw), "--splits", str(raw / "splits.mat")], out,
+           r"needs --mapping: class13Mapping\.mat", "nyuv2")
+    _fails(nyuv2.main, ["--src", str(raw), "--splits", str(tmp_path / "nope.mat"), "--mapping",
+                        str(tmp_path / "map.npy")], out, r"nope\.mat not found: .*--splits", "nyuv2")
+    np.save(tmp_path / "short.npy", np.zeros(40, dtype=int))
+    _fails(nyuv2.main, ["--src", str(raw), "--splits", str(raw / "splits.mat"), "--mapping",
+                        str(tmp_path / "short.npy")], out, r"short\.npy holds 40 values", "nyuv2")
+    (tmp_path / "bad.mat").write_bytes(b"not a mat file")
+    _fails(nyuv2.main, ["--src", str(tmp_path / "bad.mat"), "--splits", str(raw / "splits.mat"), "--mapping",
+                        str(tmp_path / "map.npy")], out, r"bad\.mat is not a MATLAB v7\.3", "nyuv2")
+    _fails(nyuv2.main, ["--src", str(tmp_path), "--layout", "auto"], out, r"holds neither train/", "nyuv2")
+    _fails(nyuv2.main, ["--src", str(tmp_path / "absent")], out, r"absent not found", "nyuv2")
+
+
+# --- Cityscapes -----------------------------------------------------------------------------------------
+
+
+def _write_cityscapes_npy(root: Path, counts: dict[str, int], size=(4, 8)) -> dict:
+    rng = np.random.default_rng(0)
+    written = {}
+    for split, n in counts.items():
+        for i in range(n):
+            sample = {
+                "image": rng.uniform(0, 1, (*size, 3)).astype(np.float32),
+                "label_7": rng.integers(-1, 7, size).astype(np.float32),
+                "label_19": rng.integers(-1, 19, size).astype(np.float32),
+                "depth": (rng.uniform(0, 1, (*size, 1)) * (rng.uniform(size=(*size, 1)) > 0.2)).astype("f4"),
+            }
+            for kind, array in sample.items():
+                (root / split / kind).mkdir(parents=True, exist_ok=True)
+                np.save(root / split / kind / f"{i}.npy", array)
+            written[(split, i)] = sample
+    return written
+
+
+def test_cityscapes_npy_layout_round_trip(tmp_path):
+    written = _write_cityscapes_npy(tmp_path / "raw", {"train": 3, "val": 2})
+    out = tmp_path / "cityscapes.h5"
+    cityscapes.main(["--src", str(tmp_path / "raw"), "--out", str(out)])
+    data = _open("cityscapes", out)
+    assert [t.name for t in data.tasks] == ["segmentation", "depth"]
+    assert set(data.splits) == {"train", "test"}  # their val folder is the test split
+    test, sample = data.splits["test"], written[("val", 1)]
+    assert torch.equal(test.images[1], torch.from_numpy(np.rint(sample["image"] * 255).astype(np.uint8)))
+    assert torch.equal(test.targets["segmentation"][1], torch.from_numpy(sample["label_7"].astype(np.int16)))
+    assert torch.equal(test.targets["depth"][1], torch.from_numpy(sample["depth"][..., 0]))
+    nineteen = _open("cityscapes", out, **{"task_specs.segmentation.key": "segmentation_19",
+                                            "task_specs.segmentation.num_classes": 19})
+    assert torch.equal(nineteen.splits["test"].targets["segmentation"][1],
+                       torch.from_numpy(sample["label_19"].astype(np.int16)))
+
+
+def test_cityscapes_npy_layout_rejects_out_of_range_labels(tmp_path):
+    _write_cityscapes_npy(tmp_path / "raw", {"train": 2, "val": 1})
+    np.save(tmp_path / "raw/train/label_7/1.npy", np.full((4, 8), 7, np.float32))
+    _fails(cityscapes.main, ["--src", str(tmp_path / "raw")], tmp_path / "x.h5",
+           r"segmentation labels of train span .*7, expected 0\.\.6", "cityscapes")
+
+
+# Hand-picked labelIds and what cityscapesScripts' table makes of them: (labelId, trainId, category index).
+CITYSCAPES_IDS = [(0, -1, -1), (1, -1, -1), (6, -1, -1), (7, 0, 0), (8, 1, 0), (9, -1, 0), (11, 2, 1),
+                  (14, -1, 1), (17, 5, 2), (18, -1, 2), (20, 7, 2), (21, 8, 3), (22, 9, 3), (23, 10, 4),
+                  (24, 11, 5), (25, 12, 5), (26, 13, 6), (29, -1, 6), (31, 16, 6), (33, 18, 6)]
+DISPARITY_PIXELS = np.array([0, 1, 257, 65535, 513, 1000, 2, 300], dtype=np.uint16)
+
+
+def _write_cityscapes_official(root: Path, cities: dict[str, list[str]], size=(4, 10)) -> dict:
+    """The official tree: 8-bit RGB images, 8-bit labelIds and 16-bit disparity PNGs, named as released."""
+    rng = np.random.default_rng(0)
+    ids = np.array([i for i, _, _ in CITYSCAPES_IDS], dtype=np.uint8)
+    written = {}
+    for split, names in cities.items():
+        for k, city in enumerate(names):
+            stem = f"{city}_{k:06d}_000019"
+            image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            label_ids = np.resize(np.roll(ids, k), size)  # every id in every sample, at varying places
+            pixels = np.resize(np.roll(DISPARITY_PIXELS, k), size)
+            files = (("leftImg8bit", "leftImg8bit", image), ("gtFine", "gtFine_labelIds", label_ids),
+                     ("disparity", "disparity", pixels))
+            for folder, suffix, array in files:
+                (root / folder / split / city).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array).save(root / folder / split / city / f"{stem}_{suffix}.png")
+            written[(split, stem)] = {"image": image, "label_ids": label_ids, "pixels": pixels}
+    return written
+
+
+def _expected_labels(label_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    train_id = {i: t for i, t, _ in CITYSCAPES_IDS}
+    category = {i: c for i, _, c in CITYSCAPES_IDS}
+    return (np.vectorize(category.get)(label_ids).astype(np.int16),
+            np.vectorize(train_id.get)(label_ids).astype(np.int16))
+
+
+def test_cityscapes_official_tree_maps_ids_and_decodes_disparity(tmp_path):
+    written = _write_cityscapes_official(tmp_path / "raw", {"train": ["bochum", "aachen", "aachen"],
+                                                            "val": ["frankfurt"]})
+    out = tmp_path / "cityscapes.h5"
+    cityscapes.main(["--src", str(tmp_path / "raw"), "--size", "4x10", "--out", str(out)])
+    with h5py.File(out, "r") as f:
+        assert set(f) == {"train", "test"}
+        assert json.loads(f["train/segmentation_19"].attrs["class_names"])[18] == "bicycle"
+        assert f["train/image"].dtype == np.uint8 and f["train/depth"].dtype == np.float32
+    data = _open("cityscapes", out)
+    stems = sorted(stem for split, stem in written if split == "train")  # name order: aachen first
+    assert stems[0].startswith("aachen") and stems[-1].startswith("bochum")
+    train = data.splits["train"]
+    for i, stem in enumerate(stems):
+        sample = written[("train", stem)]
+        categories, _ = _expected_labels(sample["label_ids"])
+        assert np.array_equal(train.images[i].numpy(), sample["image"])
+        assert np.array_equal(train.targets["segmentation"][i].numpy(), categories)
+        pixels = sample["pixels"].astype(np.float64)
+        disparity = train.targets["depth"][i].numpy()
+        assert np.array_equal(disparity, np.where(pixels > 0, (pixels - 1) / 256, 0).astype(np.float32))
+        assert disparity[sample["pixels"] == 65535][0] == pytest.approx(65534 / 256)
+        assert np.all(disparity[sample["pixels"] == 0] == 0)
+    nineteen = _open("cityscapes", out, **{"task_specs.segmentation.key": "segmentation_19",
+                                            "task_specs.segmentation.num_classes": 19})
+    test_stem = next(stem for split, stem in written if split == "val")
+    assert np.array_equal(nineteen.splits["test"].targets["segmentation"][0].numpy(),
+                          _expected_labels(written[("val", test_stem)]["label_ids"])[1])
+
+
+def test_cityscapes_official_resize_is_nearest_for_labels_and_disparity(tmp_path):
+    raw = tmp_path / "raw"
+    written = _write_cityscapes_official(raw, {"train": ["aachen"], "val": ["lindau"]}, size=(8, 20))
+    out = tmp_path / "cityscapes.h5"
+    cityscapes.main(["--src", str(raw), "--size", "4x10", "--workers", "2", "--out", str(out)])
+    sample = written[("train", "aachen_000000_000019")]
+    categories, train_ids = _expected_labels(sample["label_ids"])
+    with h5py.File(out, "r") as f:
+        assert f["train/image"].shape == (1, 4, 10, 3)
+        assert np.array_equal(f["train/segmentation"][0], categories[1::2, 1::2])
+        assert np.array_equal(f["train/segmentation_19"][0], train_ids[1::2, 1::2])
+        pixels = sample["pixels"][1::2, 1::2].astype(np.float64)
+        disparity = np.where(pixels > 0, (pixels - 1) / 256, 0).astype(np.float32)
+        assert np.array_equal(f["train/depth"][0], disparity)
+    assert _options(out)["layout"] == "official"
+
+
+def test_cityscapes_official_errors_name_the_file(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "x.h5"
+    _write_cityscapes_official(raw, {"train": ["aachen", "bremen"], "val": ["lindau"]})
+    missing = raw / "disparity/train/bremen/bremen_000001_000019_disparity.png"
+    missing.rename(tmp_path / "aside.png")
+    _fails(cityscapes.main, ["--src", str(raw)], out,
+           r"disparity/train lacks the \*_disparity\.png of 1 images.*bremen_000001_000019_disparity\.png",
+           "cityscapes")
+    Image.fromarray(np.zeros((4, 10), np.uint8)).save(missing)  # an 8-bit disparity: wrong file
+    _fails(cityscapes.main, ["--src", str(raw)], out,
+           r"bremen_000001_000019_disparity\.png is a mode L image, expected a 16-bit", "cityscapes")
+    (tmp_path / "aside.png").rename(missing)
+    extra = raw / "gtFine/val/lindau/lindau_000009_000019_gtFine_labelIds.png"
+    Image.fromarray(np.zeros((4, 10), np.uint8)).save(extra)
+    _fails(cityscapes.main, ["--src", str(raw)], out, r"gtFine/val holds 1 files with no image.*lindau_0+9",
+           "cityscapes")
+    extra.unlink()
+    shutil.rmtree(raw / "gtFine")
+    _fails(cityscapes.main, ["--src", str(raw)], out, r"gtFine/train is missing: .*gtFine_trainvaltest\.zip",
+           "cityscapes")
+
+
+# --- CelebA ---------------------------------------------------------------------------------------------
+
+
+CELEBA_NAMES = list(OmegaConf.load(CONF / "dataset/celeba.yaml").task_specs)
+
+
+def _write_celeba(root: Path, partition: list[int], official_folders: bool = False) -> dict:
+    """Solid-colour JPEGs (so each survives compression recognisably) and the two official lists."""
+    rng = np.random.default_rng(0)
+    files = [f"{i + 1:06d}.jpg" for i in range(len(partition))]
+    colours = rng.integers(0, 256, (len(files), 3))
+    values = rng.choice([-1, 1], (len(files), len(CELEBA_NAMES)))
+    images = root / ("Img" if official_folders else "") / "img_align_celeba"
+    images.mkdir(parents=True)
+    for name, colour in zip(files, colours):
+        Image.fromarray(np.full((12, 10, 3), colour, np.uint8)).save(images / name, quality=95)
+    anno = root / ("Anno" if official_folders else "")
+    anno.mkdir(exist_ok=True)
+    rows = [f"{name} " + " ".join(f"{v:2d}" for v in row) for name, row in zip(files, values)]
+    header = f"{len(files)}\n{' '.join(CELEBA_NAMES)}\n"
+    (anno / "list_attr_celeba.txt").write_text(header + "\n".join(rows) + "\n")
+    evaluation = root / ("Eval" if official_folders else "")
+    evaluation.mkdir(exist_ok=True)
+    lines = [f"{name} {split}\n" for name, split in zip(files, partition)]
+    (evaluation / "list_eval_partition.txt").write_text("".join(lines))
+    return {"files": files, "colours": colours, "values": values, "partition": np.array(partition)}
+
+
+def test_celeba_splits_attributes_and_images(tmp_path):
+    written = _write_celeba(tmp_path / "raw", [0, 1, 0, 2, 0, 2, 1])
+    out = tmp_path / "celeba.h5"
+    celeba.main(["--src", str(tmp_path / "raw"), "--size", "8", "--out", str(out)])
+    data = _open("celeba", out)
+    assert [t.name for t in data.tasks] == CELEBA_NAMES and len(CELEBA_NAMES) == 40
+    assert CELEBA_NAMES[0] == "5_o_Clock_Shadow" and CELEBA_NAMES[-1] == "Young"
+    for code, split in enumerate(("train", "val", "test")):
+        rows = np.flatnonzero(written["partition"] == code)  # listed order within each split
+        got = data.splits[split]
+        assert got.images.dtype == torch.uint8 and tuple(got.images.shape) == (len(rows), 8, 8, 3)
+        assert np.abs(got.images.float().mean(dim=(1, 2)).numpy() - written["colours"][rows]).max() < 4
+        smiling = CELEBA_NAMES.index("Smiling")
+        assert np.array_equal(got.targets["Smiling"][:, 0].numpy(), (written["values"][rows, smiling] > 0))
+    with h5py.File(out, "r") as f:
+        attributes = f["train/attributes"]
+        assert attributes.dtype == np.uint8 and json.loads(attributes.attrs["names"]) == CELEBA_NAMES
+        # one sample per chunk, as write_dataset does
+        assert f["train/image"].chunks == (1, 8, 8, 3) and f.attrs["dataset"] == "celeba"
+        assert np.array_equal(attributes[...], (written["values"][[0, 2, 4]] == 1).astype(np.uint8))
+    subset = _open("celeba", out, tasks=["Smiling", "Male"])
+    assert [t.name for t in subset.tasks] == ["Smiling", "Male"]
+
+
+def test_celeba_official_folders_limit_and_workers(tmp_path):
+    _write_celeba(tmp_path / "raw", [0, 0, 0, 1, 1, 2, 2], official_folders=True)
+    one, two = tmp_path / "one.h5", tmp_path / "two.h5"
+    args = ["--src", str(tmp_path / "raw"), "--size", "6x4", "--limit", "2"]
+    celeba.main([*args, "--out", str(one)])
+    celeba.main([*args, "--workers", "2", "--out", str(two)])
+    with h5py.File(one, "r") as a, h5py.File(two, "r") as b:
+        assert {s: len(a[s]["image"]) for s in a} == {"train": 2, "val": 2, "test": 2}
+        assert a["test/image"].shape[1:] == (6, 4, 3)
+        for split in a:
+            assert np.array_equal(a[split]["image"][...], b[split]["image"][...])
+    assert _options(one)["limit"] == 2
+
+
+def test_celeba_errors_name_the_file_and_leave_nothing(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "x.h5"
+    _write_celeba(raw, [0, 1, 2])
+    (raw / "img_align_celeba/000003.jpg").write_bytes(b"not a jpeg")
+    _fails(celeba.main, ["--src", str(raw)], out, r"000003\.jpg cannot be read as an image", "celeba")
+    (raw / "img_align_celeba/000003.jpg").unlink()
+    _fails(celeba.main, ["--src", str(raw)], out, r"img_align_celeba lacks 1 of the listed images.* 000003",
+           "celeba")
+    attributes = raw / "list_attr_celeba.txt"
+    good = attributes.read_text()
+    attributes.write_text(re.sub(r"000002\.jpg +-?1", "000002.jpg  0", good))
+    _fails(celeba.main, ["--src", str(raw)], out, r"list_attr_celeba\.txt line 4: expected .* values of -1/1",
+           "celeba")
+    attributes.write_text(good)
+    (raw / "list_eval_partition.txt").unlink()
+    _fails(celeba.main, ["--src", str(raw)], out, r"list_eval_partition\.txt not found", "celeba")
+
+
+# --- real samples, where the shared data folder holds them ----------------------------------------------
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _shared(*names: str) -> Path:
+    """The shared data sub-folder of a dataset (any of its usual names, any case), or skip."""
+    wanted = {n.lower() for n in names}
+    found = [p for p in sorted(SHARED_DATA.iterdir()) if p.is_dir() and p.name.lower() in wanted] \
+        if SHARED_DATA.is_dir() else []
+    if not found:
+        pytest.skip(f"no real samples in {SHARED_DATA}/{names[0]}")
+    return found[0]
+
+
+def _first(folder: Path, *names: str) -> Path | None:
+    return next((folder / n for n in names if (folder / n).exists()), None)
+
+
+def _check_real(path: Path, num_classes: dict[str, int]) -> None:
+    with h5py.File(path, "r") as f:
+        for split in f:
+            images = f[split]["image"]
+            assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3 and len(images)
+            for key, count in num_classes.items():
+                labels = f[split][key][...]
+                assert labels.shape == images.shape[:3] and -1 <= labels.min() and labels.max() < count
+            if "depth" in f[split]:
+                depth = f[split]["depth"][...]
+                assert np.all(np.isfinite(depth)) and depth.min() >= 0 and depth.max() > 0
+            if "attributes" in f[split]:
+                assert set(np.unique(f[split]["attributes"][...])) <= {0, 1}
+
+
+def test_real_nyuv2_samples(tmp_path):
+    root = _shared("nyuv2", "nyu_v2", "nyu", "nyu_depth_v2")
+    out = tmp_path / "nyuv2.h5"
+    if (root / "train").is_dir():
+        nyuv2.main(["--src", str(root), "--limit", "4", "--out", str(out)])
+    else:
+        mat = _first(root, "nyu_depth_v2_labeled.mat")
+        splits = _first(root, "splits.mat")
+        mapping = _first(root, "class13Mapping.mat", "classMapping13.mat", "mapping13.npy", "mapping13.txt")
+        if not (mat and splits and mapping):
+            pytest.skip(f"{root} holds neither the npy layout nor the .mat with splits.mat and a mapping")
+        mapping40 = _first(root, "classMapping40.mat")
+        nyuv2.main(["--src", str(mat), "--splits", str(splits), "--mapping", str(mapping), "--limit", "4",
+                    "--out", str(out)] + (["--mapping40", str(mapping40)] if mapping40 else []))
+    _check_real(out, {"segmentation": 13})
+
+
+def test_real_cityscapes_samples(tmp_path):
+    root = _shared("cityscapes")
+    out = tmp_path / "cityscapes.h5"
+    if not ((root / "train").is_dir() or (root / "leftImg8bit").is_dir()):
+        pytest.skip(f"{root} holds neither the npy layout (train/) nor the official tree (leftImg8bit/)")
+    cityscapes.main(["--src", str(root), "--limit", "4", "--out", str(out)])
+    _check_real(out, {"segmentation": 7, "segmentation_19": 19})
+
+
+def test_real_celeba_samples(tmp_path):
+    root = _shared("celeba", "celeb_a")
+    if not (_first(root, "list_attr_celeba.txt") or _first(root, "Anno")):
+        pytest.skip(f"{root} holds no list_attr_celeba.txt")
+    out = tmp_path / "celeba.h5"
+    celeba.main(["--src", str(root), "--limit", "4", "--out", str(out)])
+    _check_real(out, {})
+    with h5py.File(out, "r") as f:
+        assert f["train/attributes"].shape[1] == 40 and f["train/image"].shape[1:] == (64, 64, 3)

@@ -71,7 +71,9 @@ class StreamingWriter:
         class_names: list[str] | dict[str, list[str]] | None = None,
     ) -> None:
         self.path, self.tmp = path, path.with_name(path.name + ".partial")
-        self.attrs = dict(mtlrun_schema=SCHEMA_VERSION, dataset=dataset, source=source, options=json.dumps(options))
+        self.attrs = dict(
+            mtlrun_schema=SCHEMA_VERSION, dataset=dataset, source=source, options=json.dumps(options)
+        )
         self.per_array = class_names if isinstance(class_names, dict) else {}
         if class_names is not None and not self.per_array:
             self.attrs["class_names"] = json.dumps(list(class_names))
