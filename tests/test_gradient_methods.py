@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from mtlrun import CONF_DIR
 from mtlrun.errors import MtlrunError
+from mtlrun.models.base import MultiTaskModel
 from mtlrun.strategies.aligned_mtl import AlignedMTL
 from mtlrun.strategies.base import SeededStrategy
 from mtlrun.strategies.cagrad import CAGrad
@@ -186,6 +187,37 @@ def test_mgda_ub_weights_come_from_the_representation_and_the_step_is_their_weig
         torch.testing.assert_close(model.heads[t].weight.detach().double()[0], expected, rtol=1e-5, atol=1e-6)
     assert 0 < w1 < 1 and ctx.counts.optimizer_steps == 1 and ctx.counts.forward_passes == 1
     assert ctx.counts.backward_passes == 3  # one per task through its head, one through the encoder
+
+
+class _TwoFeatures(torch.nn.Module):
+    """An encoder handing its heads two maps, the second computed from the first (as segnet_mtan's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(3, 3, bias=False), torch.nn.Linear(3, 3, bias=False)
+
+    def forward(self, x):
+        a = self.first(x)
+        return a, self.second(a)
+
+
+class _ReadsBoth(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = torch.nn.Linear(3, 1, bias=False)
+
+    def forward(self, features):
+        return self.out(features[0] + features[1])
+
+
+def test_mgda_ub_refuses_an_encoder_without_one_representation():
+    """The gradient w.r.t. each of several dependent feature maps would count shared paths twice."""
+    tasks = ["a", "b"]
+    model = MultiTaskModel(_TwoFeatures(), {t: _ReadsBoth() for t in tasks})
+    ctx = context(model, tasks, batches(tasks, count=1))
+    with pytest.raises(MtlrunError, match="needs a model whose encoder gives its heads one representation"):
+        build("mgda", tasks, rep_grad=True).iteration(ctx)
+    assert ctx.counts.optimizer_steps == 0
 
 
 @pytest.mark.parametrize("tasks,seed", [(2, 0), (3, 1), (3, 2)])

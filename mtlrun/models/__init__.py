@@ -7,12 +7,16 @@ from collections.abc import Callable
 from omegaconf import DictConfig
 
 from mtlrun.errors import MtlrunError
-from mtlrun.models import convnet
+from mtlrun.models import convnet, resnet, segnet
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.tasks import Task
 
 MODELS: dict[str, Callable[..., MultiTaskModel]] = {
     "convnet": convnet.build,
+    "segnet_split": segnet.build_split,
+    "segnet_mtan": segnet.build_mtan,
+    "resnet50_dilated": resnet.build_resnet50_dilated,
+    "resnet18_multihead": resnet.build_resnet18_multihead,
 }
 
 

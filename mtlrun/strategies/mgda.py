@@ -94,11 +94,23 @@ class MGDA(GramWeighting):
 
 
 def _tensors(features: object) -> list[Tensor]:
-    """The tensors of the encoder's output: itself, or those in its tuple, list or dict."""
+    """The encoder's output as the one representation MGDA-UB differentiates: a tensor, or a tuple, list or
+    dict holding exactly one tensor that needs a gradient.
+
+    An encoder handing its heads several features computed from one another (segnet_mtan's 20 maps) has
+    no single representation: the gradient with respect to each would count the paths through the later
+    ones again, so that case is refused rather than computed wrongly.
+    """
     if isinstance(features, Tensor):
         return [features]
     values = features.values() if isinstance(features, dict) else features
     found = [f for f in values if isinstance(f, Tensor) and f.requires_grad] if values is not None else []
     if not found:
         raise MtlrunError("strategy.rep_grad=true needs the encoder's output of the step's forward pass")
+    if len(found) > 1:
+        raise MtlrunError(
+            f"strategy.rep_grad=true (MGDA-UB) needs a model whose encoder gives its heads one representation; "
+            f"this one gives {len(found)} feature maps (e.g. segnet_mtan): use strategy.rep_grad=false or "
+            f"another model (segnet_split, resnet50_dilated, resnet18_multihead, convnet)"
+        )
     return found
