@@ -31,3 +31,8 @@ bench: install
 
 clean:
 	rm -rf $(VENV) outputs multirun *.egg-info
+
+# Convert a real dataset you have: make data-nyuv2 SRC=/path/to/nyuv2 (or cityscapes, celeba).
+data-%: install
+	@test -n "$(SRC)" || { echo "make data-$*: give the source, e.g. make data-$* SRC=/path/to/$*"; exit 2; }
+	$(BIN)/python data_scripts/$*.py --src $(SRC) --out data/$*.h5 $(ARGS)
