@@ -1,0 +1,53 @@
+"""Every strategy on every model, two iterations each, from the CLI: one `mtlrun -m` sweep per model."""
+
+import pandas as pd
+import pytest
+
+from mtlrun.cli import config_groups
+from mtlrun.data import build_shapes
+from tests.test_cli import mtlrun
+
+pytestmark = pytest.mark.slow
+
+GROUPS = config_groups()
+STRATEGIES = [s for s in GROUPS["strategy"] if s != "single_task"]  # single_task needs strategy.task: test_cli
+SMALL = {  # settings that keep each model small enough for two CPU iterations
+    "convnet": ["model.width=4"],
+    "segnet_split": ["model.filters=[4,8,8,16,16]"],
+    "segnet_mtan": ["model.filters=[4,8,8,16,16]"],
+    "resnet50_dilated": ["dataset.tasks=[depth,attributes]"],  # one dense and one per-image task: ASPP heads are big
+    "resnet18_multihead": [],
+}
+DATA = ["dataset.image_size=32", "dataset.num_train=8", "dataset.num_val=4", "dataset.num_test=4"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("methods")
+    build_shapes(root / "data/shapes-32px-8-4-4-seed0.h5", 32, 8, 4, 4, generator_seed=0)
+    return root
+
+
+def test_every_model_is_covered():
+    assert set(SMALL) == set(GROUPS["model"])
+
+
+@pytest.mark.parametrize("model", list(SMALL))
+def test_every_strategy_trains_two_iterations_on_the_model(workdir, model):
+    sweep = workdir / model
+    result = mtlrun(
+        "-m", f"model={model}", *SMALL[model], *DATA, f"strategy={','.join(STRATEGIES)}",
+        "trainer.epochs=1", "trainer.batch_size=4", "trainer.eval_batch_size=4", f"hydra.sweep.dir={sweep}",
+        cwd=workdir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = pd.concat([pd.read_csv(f) for f in sweep.glob("*/results.csv")], ignore_index=True)
+    assert sorted(rows.strategy) == sorted(STRATEGIES)
+    assert (rows.iterations == 2).all()
+    metrics = [c for c in rows.columns if c.count("/") == 2]
+    assert rows[metrics].notna().all().all() and (rows[metrics].abs() < float("inf")).all().all()
+    tasks = int(rows.num_tasks.iloc[0])
+    steps = rows.set_index("strategy").optimizer_steps
+    assert steps["alternating"] == 2 * tasks and steps["grouped"] == 2 * -(-tasks // 2)  # groups of 2
+    combiners = [s for s in STRATEGIES if s not in ("alternating", "grouped")]
+    assert (steps[combiners] == 2).all()  # averaged and every method: one step per iteration
