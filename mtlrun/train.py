@@ -329,7 +329,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        # warn_only: some ops the models need have no deterministic kernel (max_unpool2d on the CPU,
+        # interpolate's and adaptive pooling's backward on CUDA); they warn instead of stopping the run.
+        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     else:
         torch.use_deterministic_algorithms(False)

@@ -88,7 +88,7 @@ class Augment:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # a checkpoint loaded onto a GPU holds CUDA tensors
 
 
 def _kind(task: Task) -> str:

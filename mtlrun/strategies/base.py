@@ -39,14 +39,16 @@ class StepContext:
         self.counts = Counts()
         self._shared = model.shared_parameters()
         self.features: object = None  # the encoder's output in the last `losses` pass (MGDA-UB weighs on it)
+        self.batch: Batch | None = None  # the batch of the last `losses` pass (FAMO re-evaluates on it)
 
     def next_batch(self) -> Batch:
         return self._to_device(next(self._batches))
 
     def losses(self, batch: Batch, tasks: Sequence[str]) -> dict[str, Tensor]:
-        """One forward pass through the encoder and the heads of `tasks` only; the encoder's output stays in
-        `self.features` until the next pass."""
+        """One forward pass through the encoder and the heads of `tasks` only; the encoder's output and the
+        batch stay in `self.features` and `self.batch` until the next pass."""
         self.counts.forward_passes += 1
+        self.batch = batch
         keep = self.model.encoder.register_forward_hook(self._keep_features)
         try:
             outputs = self.model(batch["image"], tasks)
@@ -182,4 +184,4 @@ class SeededStrategy(Strategy):
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # a checkpoint loaded onto a GPU holds CUDA tensors

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mtlrun.data.loading import Batch
 from mtlrun.errors import MtlrunError
 from mtlrun.strategies.base import LossCombiner, StepContext
 from mtlrun.strategies.uncertainty import TaskScalars
@@ -30,8 +29,8 @@ class FAMO(LossCombiner):
     min_losses, which the reference leaves at 0.
 
     The logits live on the model's device. On a group of tasks (`grouped`) the softmax is over the group.
-    Re-evaluating needs the batch the losses came from: `iteration` passes it; `combine` without it
-    (inside `grouped`: step_on_groups hands a combiner only the losses) is refused.
+    The re-evaluation uses the batch of the forward pass that produced the losses (`ctx.batch`), so it
+    works alone and inside `grouped`, with the same or fresh batches.
     Guarantees: the step's loss weights are positive and sum to 1; a task whose log-loss fell less than
     the weighted average in a step gains logit.
     """
@@ -50,18 +49,8 @@ class FAMO(LossCombiner):
         names = list(self.logits.values)
         return dict(zip(names, torch.softmax(self.logits.get(names), dim=0).tolist()))
 
-    def iteration(self, ctx: StepContext) -> dict[str, Tensor]:
-        batch = ctx.next_batch()
-        losses = ctx.losses(batch, ctx.task_names)
-        self.combine(ctx, losses, batch)
-        return {t: loss.detach() for t, loss in losses.items()}
-
-    def combine(self, ctx: StepContext, losses: dict[str, Tensor], batch: Batch | None = None) -> None:
-        if batch is None:
-            raise MtlrunError(
-                "famo re-evaluates the losses on their batch after each step, and this caller does not give "
-                "the batch: use strategy=famo on its own, not as strategy.combine"
-            )
+    def combine(self, ctx: StepContext, losses: dict[str, Tensor]) -> None:
+        batch = ctx.batch
         names = list(losses)
         self.logits.to(next(ctx.model.parameters()).device)
         z = torch.softmax(self.logits.get(names), dim=0)
