@@ -7,7 +7,9 @@ Layouts (auto-detected; or --layout npy|official):
             0 = invalid). Stored at its own size unless --size is given.
   official  SRC/leftImg8bit/{train,val}/<city>/<city>_<seq>_<frame>_leftImg8bit.png with the matching
             SRC/gtFine/.../*_gtFine_labelIds.png and SRC/disparity/.../*_disparity.png (16-bit: disparity =
-            (p - 1) / 256, invalid where p = 0). The labelIds are mapped with cityscapesScripts' table to
+            (p - 1) / 256 pixels, invalid where p = 0, times the resize's width ratio: pixels of the stored
+            width; mtan's npy files hold a further-normalised disparity (values up to about 0.5), so
+            absolute depth errors of the two layouts differ in scale). The labelIds are mapped with cityscapesScripts' table to
             the 19 train classes and to the 7 categories (void and ignored classes -> -1). Resized to
             --size (default 128x256, the npy layout's size): image bilinear, labels and disparity nearest.
 
@@ -67,7 +69,7 @@ OFFICIAL = {"leftImg8bit": "_leftImg8bit.png", "gtFine": "_gtFine_labelIds.png",
 OFFICIAL_HELP = ("the official layout needs leftImg8bit/, gtFine/ and disparity/, each with train/ and val/ "
                  "(leftImg8bit_trainvaltest.zip, gtFine_trainvaltest.zip, disparity_trainvaltest.zip from "
                  "cityscapes-dataset.com, unzipped into one folder)")
-DISPARITY = "disparity (p - 1) / 256 of the 16-bit PNGs, 0 = invalid (p = 0)"
+DISPARITY = "disparity (p - 1) / 256 of the 16-bit PNGs in pixels of the stored width, 0 = invalid (p = 0)"
 
 
 def _lookup(classes: dict[int, int | None]) -> np.ndarray:
@@ -138,13 +140,15 @@ def official_sample(paths: tuple[Path, ...], size: Size) -> dict[str, np.ndarray
     for path, array in ((label_path, label_ids), (disparity_path, pixels)):
         if array.shape != image.shape[:2]:
             raise ConversionError(f"{path} is {array.shape}, its image {image_path} {image.shape[:2]}")
+    # Disparity is measured in pixels of the image's width: at a new width it scales with it.
+    width_ratio = size[1] / image.shape[1]
     # Nearest resizing picks pixels, so it commutes with the per-pixel mappings below: first is cheaper.
     label_ids, pixels = resize("label", label_ids, size), resize("depth", pixels, size)
     return {
         "image": resize("image", image, size),
         "segmentation": TO_CATEGORY[label_ids],
         "segmentation_19": TO_TRAIN_ID[label_ids],
-        "depth": np.where(pixels > 0, (pixels - 1) / 256, 0).astype(np.float32),
+        "depth": np.where(pixels > 0, (pixels - 1) / 256 * width_ratio, 0).astype(np.float32),
     }
 
 

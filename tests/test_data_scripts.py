@@ -356,7 +356,7 @@ def test_cityscapes_official_resize_is_nearest_for_labels_and_disparity(tmp_path
         assert np.array_equal(f["train/segmentation"][0], categories[1::2, 1::2])
         assert np.array_equal(f["train/segmentation_19"][0], train_ids[1::2, 1::2])
         pixels = sample["pixels"][1::2, 1::2].astype(np.float64)
-        disparity = np.where(pixels > 0, (pixels - 1) / 256, 0).astype(np.float32)
+        disparity = np.where(pixels > 0, (pixels - 1) / 256 * (10 / 20), 0).astype(np.float32)  # half the width
         assert np.array_equal(f["train/depth"][0], disparity)
     assert _options(out)["layout"] == "official"
 
