@@ -32,12 +32,20 @@ _failed_jobs: list[str] = []
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _run(cfg: DictConfig) -> None:
+    import torch
+
     from mtlrun.train import train  # torch loads only once the config is known to be good
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        train(cfg, run_dir)
+        try:
+            train(cfg, run_dir)
+        except torch.cuda.OutOfMemoryError as e:
+            raise MtlrunError(
+                f"the GPU ran out of memory ({str(e).splitlines()[0][:120]}): lower trainer.batch_size or "
+                f"trainer.eval_batch_size, or choose a smaller model; files of finished epochs are kept"
+            ) from None
     except MtlrunError as e:
         if hydra_cfg.mode != RunMode.MULTIRUN:
             raise SystemExit(f"mtlrun: error: {e}") from None

@@ -152,8 +152,15 @@ def lr_factor(cfg: DictConfig, epoch: int, epochs: int) -> float:
     if cfg.name == "none":
         return 1.0
     if cfg.name == "step":
-        return float(cfg.gamma) ** (epoch // int(cfg.step_size))
+        step_size, gamma = cfg.step_size, cfg.gamma
+        if isinstance(step_size, bool) or not isinstance(step_size, int) or step_size < 1:
+            raise MtlrunError(f"scheduler.step_size must be an integer >= 1 (epochs), got {step_size!r}")
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
+            raise MtlrunError(f"scheduler.gamma must be a number > 0, got {gamma!r}")
+        return float(gamma) ** (epoch // step_size)
     if cfg.name == "cosine":
+        if not isinstance(cfg.min_factor, (int, float)) or not 0 <= cfg.min_factor <= 1:
+            raise MtlrunError(f"scheduler.min_factor must be a number in [0, 1], got {cfg.min_factor!r}")
         progress = epoch / max(epochs, 1)
         return float(cfg.min_factor) + (1 - float(cfg.min_factor)) * 0.5 * (1 + math.cos(math.pi * progress))
     raise MtlrunError(f"scheduler {cfg.name!r} is unknown; valid: none, step, cosine (scheduler=step)")

@@ -84,7 +84,10 @@ def test_multirun_then_compare_groups_seeds(workdir):
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(workdir):
-    common = [*TINY, "trainer.epochs=3", "deterministic=true", "strategy=grouped", "strategy.group_size=2"]
+    # Every kind of state a resume must restore: the partition's generator, a method's learned weights
+    # (famo's logits, inside each group) and the augmentation's draws.
+    common = [*TINY, "trainer.epochs=3", "deterministic=true", "strategy=grouped", "strategy.group_size=2",
+              "strategy.combine=famo", "dataset.augment.scales=[1.0,1.5]", "dataset.augment.flip=true"]
     full = mtlrun(*common, "hydra.run.dir=runs/full", cwd=workdir)
     assert full.returncode == 0, full.stderr
     part = mtlrun(*common, "trainer.stop_after_epochs=1", "hydra.run.dir=runs/part", cwd=workdir)
@@ -122,6 +125,7 @@ def _one_line_error(result: subprocess.CompletedProcess) -> str:
         (["trainer.epoch=3"], "trainer.epoch is not a config key; keys of trainer: epochs"),
         (["optimizer=adam", "optimizer.moments=both"], "valid: per_task, shared"),
         (["trainer.batch_size=1000"], "exceeds the 64 training samples"),
+        (["scheduler=step", "scheduler.step_size=0"], "scheduler.step_size must be an integer >= 1"),
     ],
 )
 def test_bad_input_is_one_readable_line(workdir, args, expected):

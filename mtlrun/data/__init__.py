@@ -149,7 +149,10 @@ def _in_memory(cfg: DictConfig, file: DatasetFile, splits: list[str], keys: set[
     if setting != "auto":
         return bool(setting)
     needed = sum(file.nbytes(split, key) for split in splits for key in keys)
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # not every system reports free memory (macOS): judge by the total
+        available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2
     return needed < available / 2
 
 
