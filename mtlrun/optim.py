@@ -6,6 +6,10 @@ step's gradient to the state of each task in the group and moves the shared para
 mean of those tasks' update directions; for a group of one task this is exactly that task's own
 optimizer. With `moments=shared` there is one state, i.e. the plain optimizer. Task-specific
 parameters (a task's head) only ever get a state of their own and are moved only by their task.
+
+Tasks whose states have seen exactly the same steps hold one state object between them (copied on the
+first step that sets them apart), so steps on all tasks at once (averaged and every baseline method)
+keep a single state and cost one update, not T identical ones: the same numbers, T times less memory.
 """
 
 from __future__ import annotations
@@ -103,14 +107,14 @@ class MultiTaskOptimizer:
         elif s.weight_decay:
             grad = grad + s.weight_decay * block.flat_params()
         update = torch.zeros_like(grad)
-        share = 1 / len(slot_keys)  # the step moves along the mean of the slots' directions
-        for key in slot_keys:
-            slot = block.slots.setdefault(key, {"step": 0})
+        for slot, holders in _states_to_step(block.slots, slot_keys):
             slot["step"] += 1
+            # The step moves along the mean of the keys' directions; keys sharing a state share a direction.
+            scale = -lr * holders / len(slot_keys)
             if s.name in ("adam", "adamw"):
-                self._adam_direction(slot, grad, update, -lr * share)
+                self._adam_direction(slot, grad, update, scale)
             else:
-                self._sgd_direction(slot, grad, update, -lr * share)
+                self._sgd_direction(slot, grad, update, scale)
         block.apply(update)
 
     def _adam_direction(self, slot: dict, grad: Tensor, update: Tensor, scale: float) -> None:
@@ -138,6 +142,7 @@ class MultiTaskOptimizer:
         update.add_(direction, alpha=scale)
 
     def state_dict(self) -> dict:
+        # One torch.save keeps states shared between tasks shared: pickling stores each object once.
         return {"lr": self.lr, "shared": self.shared.slots, "heads": {t: b.slots for t, b in self.heads.items()}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -145,6 +150,29 @@ class MultiTaskOptimizer:
         self.shared.slots = state["shared"]
         for task, slots in state["heads"].items():
             self.heads[task].slots = slots
+
+
+def _states_to_step(slots: dict[str, dict], keys: list[str]) -> list[tuple[dict, int]]:
+    """The distinct states a step on `keys` updates, each with how many of the keys hold it.
+
+    Keys without a state yet get one new state between them (all start equal). A state also held by a
+    key outside the step is copied for the step's keys first, so the others keep theirs unchanged.
+    """
+    fresh = [k for k in keys if k not in slots]
+    if fresh:
+        new: dict = {"step": 0}
+        slots.update({k: new for k in fresh})
+    by_state: dict[int, list[str]] = {}
+    for key in keys:
+        by_state.setdefault(id(slots[key]), []).append(key)
+    stepped = []
+    for holders in by_state.values():
+        state = slots[holders[0]]
+        if any(slots[k] is state for k in slots if k not in keys):
+            state = {name: v.clone() if isinstance(v, Tensor) else v for name, v in state.items()}
+            slots.update({k: state for k in holders})
+        stepped.append((state, len(holders)))
+    return stepped
 
 
 def lr_factor(cfg: DictConfig, epoch: int, epochs: int) -> float:

@@ -124,3 +124,48 @@ def test_schedules():
     assert lr_factor(cosine, 0, 10) == pytest.approx(1.0)
     assert lr_factor(cosine, 5, 10) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_factor(cosine, 9, 10) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.9)))
+
+
+def _per_task_state(steps: list[list[str]], grads: list[torch.Tensor], separate: bool):
+    """The shared parameter and its per-task states after `steps`; `separate` makes every task's state its
+    own object up front (the plain formulation), otherwise states are shared until steps set them apart."""
+    shared = torch.nn.Parameter(torch.arange(4.0))
+    opt = MultiTaskOptimizer([shared], {}, OptimizerSettings(name="adam", lr=0.01, moments="per_task"))
+    if separate:
+        opt.shared.slots = {t: {"step": 0} for t in "abc"}
+    for tasks, g in zip(steps, grads):
+        opt.step(tasks, g.clone(), {})
+    return shared.detach(), opt
+
+
+def test_tasks_stepped_together_share_one_state_with_the_same_numbers():
+    steps = [["a", "b", "c"], ["a", "b", "c"], ["a"], ["b", "c"], ["a", "b", "c"], ["c"]]
+    grads = _grads(len(steps), 4, seed=7)
+    param, opt = _per_task_state(steps[:2], grads, separate=False)
+    slots = opt.shared.slots
+    assert slots["a"] is slots["b"] is slots["c"] and slots["a"]["step"] == 2  # one state, stepped once per step
+    ref = torch.nn.Parameter(torch.arange(4.0))  # all-task steps with per-task moments are plain Adam
+    adam = torch.optim.Adam([ref], lr=0.01)
+    for g in grads[:2]:
+        ref.grad = g.clone()
+        adam.step()
+    torch.testing.assert_close(param, ref.detach(), rtol=0, atol=1e-7)
+    shared_param, shared_opt = _per_task_state(steps, grads, separate=False)
+    plain_param, plain_opt = _per_task_state(steps, grads, separate=True)
+    torch.testing.assert_close(shared_param, plain_param, rtol=0, atol=1e-7)
+    for t in "abc":  # each task's state is exactly the one it would own alone
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(torch.as_tensor(shared_opt.shared.slots[t][key]),
+                                       torch.as_tensor(plain_opt.shared.slots[t][key]), rtol=0, atol=0)
+    s = shared_opt.shared.slots
+    assert s["a"] is not s["b"] and s["b"] is not s["c"]  # set apart by the steps on a and on c alone
+    # The step on a alone copied the common state: b and c kept theirs (2 steps) until their own step.
+    assert [s[t]["step"] for t in "abc"] == [4, 4, 5]
+
+
+def test_shared_states_stay_shared_through_a_checkpoint(tmp_path):
+    _, opt = _per_task_state([["a", "b", "c"], ["a"]], _grads(2, 4), separate=False)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    loaded = torch.load(tmp_path / "opt.pt", weights_only=True)["shared"]
+    assert loaded["b"] is loaded["c"] and loaded["a"] is not loaded["b"]
+    torch.testing.assert_close(loaded["b"]["exp_avg"], opt.shared.slots["b"]["exp_avg"])
