@@ -360,6 +360,21 @@ def test_nash_mtl_reuses_its_weights_between_updates_without_the_jacobian():
     assert torch.equal(torch.tensor([method.weights[t] for t in tasks]), alpha)
 
 
+def test_nash_mtl_keeps_the_state_of_a_bounded_number_of_task_sets(monkeypatch):
+    """Random groups of many tasks rarely repeat: only the most recently used sets keep their state."""
+    import mtlrun.strategies.nash_mtl as nash
+
+    monkeypatch.setattr(nash, "KEPT_TASK_SETS", 2)
+    model = linear_model(TASKS)
+    ctx = context(model, TASKS, batches(TASKS, count=4))
+    method = build("nash_mtl", TASKS)
+    for subset in (["a", "b"], ["b", "c"], ["a", "b"], ["a", "c"]):
+        method.combine(ctx, ctx.losses(ctx.next_batch(), subset))
+    for kept in (method.calls, method.alphas, method.solvers):
+        assert list(kept) == [("a", "b"), ("a", "c")]  # ("b", "c") was the least recently used
+    assert method.calls[("a", "b")] == 2
+
+
 def test_gradvac_corrects_towards_the_pair_targets_by_hand():
     method = build("gradvac", ["a", "b"], beta=0.5)
     first = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)  # cosine 0.7071 > target 0: kept

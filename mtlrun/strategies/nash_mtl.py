@@ -13,6 +13,9 @@ from mtlrun.strategies.base import StepContext
 from mtlrun.strategies.gradient import GradientMethod, weighted_gradients
 
 ZERO_ROW = 1e-12  # a task whose squared gradient norm is below this fraction of the largest gets weight 0
+# Sets of tasks whose schedule, weights and solver are kept. Random groups of many tasks (CelebA's 40) rarely
+# repeat, so older sets are forgotten, least recently used first: memory and checkpoints stay bounded.
+KEPT_TASK_SETS = 64
 
 
 class NashMTL(GradientMethod):
@@ -25,7 +28,8 @@ class NashMTL(GradientMethod):
     Jacobian: one backward pass of sum_t alpha_t L_t) and the shared update is clipped to norm `max_norm`
     (0: no clipping); defaults are their NYUv2 settings.
     State per set of tasks combined together (each group of `grouped` has its own schedule, weights and
-    warm start, keyed by task names). A task with a zero gradient cannot satisfy the condition: it gets
+    warm start, keyed by task names; the `KEPT_TASK_SETS` most recently used sets are kept, so a group
+    seen long ago starts afresh). A task with a zero gradient cannot satisfy the condition: it gets
     weight 0 and the others are solved alone. Checkpointed: schedule, weights, warm starts.
     Deviation: heads step along their own task's gradient, not alpha_t times it as the authors'
     weighted loss. Scale: set by the bargaining (||d|| grows as the gradients shrink), then clipped.
@@ -53,13 +57,14 @@ class NashMTL(GradientMethod):
 
     def combine(self, ctx: StepContext, losses: dict[str, Tensor]) -> None:
         tasks = tuple(losses)
-        call = self.calls.get(tasks, 0)
-        self.calls[tasks] = call + 1
+        call = self.calls.pop(tasks, 0)
+        self.calls[tasks] = call + 1  # re-inserted: the dict's order is the order of last use
         if call % self.update_weights_every == 0 or tasks not in self.alphas:
             super().combine(ctx, losses)
-            return
-        shared_grad, head_grads = weighted_gradients(ctx, losses, self.alphas[tasks])
-        ctx.apply(list(tasks), self._clipped(shared_grad), head_grads)
+        else:
+            shared_grad, head_grads = weighted_gradients(ctx, losses, self.alphas[tasks])
+            ctx.apply(list(tasks), self._clipped(shared_grad), head_grads)
+        self._forget_old_sets()
 
     def aggregate(self, jacobian: Tensor, losses: dict[str, Tensor]) -> Tensor:
         tasks = tuple(losses)
@@ -70,6 +75,7 @@ class NashMTL(GradientMethod):
         if active.any():
             solved = tuple(t for t, a in zip(tasks, active.tolist()) if a)
             alpha[active] = self._solve(solved, gram[active][:, active])
+        self.alphas.pop(tasks, None)
         self.alphas[tasks] = alpha
         self.weights.update(zip(tasks, alpha.tolist()))
         return self._clipped(alpha.to(jacobian.dtype) @ jacobian)
@@ -79,7 +85,13 @@ class NashMTL(GradientMethod):
             return gram.diagonal().rsqrt()
         if tasks not in self.solvers:
             self.solvers[tasks] = NashMTLSolver(len(tasks), self.optim_niter)
+        self.solvers[tasks] = self.solvers.pop(tasks)  # most recently used last
         return self.solvers[tasks](gram)
+
+    def _forget_old_sets(self) -> None:
+        for kept in (self.calls, self.alphas, self.solvers):
+            while len(kept) > KEPT_TASK_SETS:
+                kept.pop(next(iter(kept)))
 
     def _clipped(self, direction: Tensor) -> Tensor:
         norm = direction.norm()
