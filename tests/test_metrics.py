@@ -101,3 +101,72 @@ def test_metric_directions_are_declared_by_tasks():
     normal = {m.name: m.higher_is_better for m in Normal("n").metrics}
     assert normal["mean_angle"] is False and normal["within_30"] is True
     assert set(normal) == set(Normal("n").meter().compute())
+
+
+# --- at the real datasets' shapes: NYUv2 288x384 batches of 2, CelebA's 40 attributes in batches of 256 ---
+
+
+def test_nyuv2_shaped_metrics_by_construction():
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(-1, 13, (4, 288, 384), generator=g)
+    wrong = target.clone()
+    wrong[:, :96, :] = 0  # the top third predicted as class 0
+    seg = Segmentation("segmentation", 13).meter()
+    for i in (0, 2):  # two batches of 2, accumulated over the split
+        seg.update(_logits(wrong[i : i + 2].clamp(min=0), 13), target[i : i + 2])
+    valid = target >= 0
+    correct = (wrong == target) & valid
+    ious = []
+    for c in range(13):  # IoU per class from counts, the split as a whole
+        tp = ((wrong == c) & (target == c) & valid).sum()
+        union = (((wrong == c) | (target == c)) & valid).sum()
+        if union:
+            ious.append(tp.double() / union.double())
+    out = seg.compute()
+    assert out["pixel_acc"] == pytest.approx(100 * correct.sum().item() / valid.sum().item(), rel=1e-9)
+    assert out["miou"] == pytest.approx(100 * torch.stack(ious).double().mean().item(), rel=1e-6)
+
+    depth_target = torch.rand(4, 288, 384, generator=g) * 10 * (torch.rand(4, 288, 384, generator=g) > 0.2)
+    depth = Depth("depth").meter()
+    for i in (0, 2):
+        depth.update(depth_target[i : i + 2, None] + 0.25, depth_target[i : i + 2])
+    valid = depth_target > 0
+    out = depth.compute()
+    assert out["abs_err"] == pytest.approx(0.25, rel=1e-6)
+    assert out["rel_err"] == pytest.approx((0.25 / depth_target[valid].double()).mean().item(), rel=1e-6)
+
+    angle = math.radians(10.0)  # every prediction turned 10 degrees about the z axis
+    normal_target = torch.zeros(2, 3, 288, 384)
+    normal_target[:, 0], normal_target[:, 2] = 1.0, 0.0
+    normal_target[:, :, :50] = 0  # invalid rows
+    pred = torch.zeros_like(normal_target)
+    pred[:, 0], pred[:, 1] = math.cos(angle) * 3, math.sin(angle) * 3  # not unit length: normalized first
+    normals = Normal("normal").meter()
+    normals.update(pred, normal_target)
+    out = normals.compute()
+    assert out["mean_angle"] == pytest.approx(10.0, abs=1e-3)
+    assert out["median_angle"] == pytest.approx(10.0, abs=0.01)
+    assert out["within_11.25"] == 100.0 and out["within_30"] == 100.0
+
+
+def test_celeba_shaped_binary_metrics_against_per_attribute_counts():
+    g = torch.Generator().manual_seed(1)
+    target = (torch.rand(512, 40, generator=g) < torch.linspace(0.05, 0.9, 40)).to(torch.uint8)
+    logits = torch.randn(512, 40, generator=g) + 2 * (target.float() - 0.5)
+    meter = BinaryAttributes("attributes", [f"a{i}" for i in range(40)]).meter()
+    for start in (0, 256):
+        meter.update(logits[start : start + 256], target[start : start + 256])
+    out = meter.compute()
+    predicted, actual = (logits > 0).double(), target.double()
+    tp = (predicted * actual).sum(0)
+    fp = (predicted * (1 - actual)).sum(0)
+    fn = ((1 - predicted) * actual).sum(0)
+    accuracy = ((predicted == actual).double().mean(0))
+    precision = tp / (tp + fp).clamp(min=1)
+    recall = tp / (tp + fn).clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    assert out["accuracy"] == pytest.approx(100 * accuracy.mean().item())
+    assert out["error"] == pytest.approx(100 - 100 * accuracy.mean().item())
+    assert out["precision"] == pytest.approx(100 * precision.mean().item())
+    assert out["recall"] == pytest.approx(100 * recall.mean().item())
+    assert out["f1"] == pytest.approx(100 * f1.mean().item())
