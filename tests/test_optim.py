@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from mtlrun.optim import MultiTaskOptimizer, OptimizerSettings, lr_factor
-from omegaconf import OmegaConf
 
 
 def _grads(count: int, size: int, seed: int = 0) -> list[torch.Tensor]:

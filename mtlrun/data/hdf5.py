@@ -26,37 +26,10 @@ def write_dataset(
     """Write all splits to `path` through a temporary file, so a reader never sees a half-written file.
 
     `class_names` is one list for the file, or a list per label array key."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        _write(tmp, dataset, splits, source, options, attribute_names, class_names)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-
-
-def _write(
-    tmp: Path, dataset: str, splits: dict[str, dict[str, np.ndarray]], source: str, options: dict,
-    attribute_names: list[str] | None, class_names: list[str] | dict[str, list[str]] | None,
-) -> None:
-    with h5py.File(tmp, "w") as f:
-        f.attrs.update(
-            mtlrun_schema=SCHEMA_VERSION, dataset=dataset, source=source, options=json.dumps(options)
-        )
-        per_array = class_names if isinstance(class_names, dict) else {}
-        if class_names is not None and not per_array:
-            f.attrs["class_names"] = json.dumps(list(class_names))
+    with StreamingWriter(path, dataset, source, options, attribute_names, class_names) as writer:
         for split, arrays in splits.items():
-            group = f.create_group(split)
             for key, array in arrays.items():
-                # One sample per chunk: random reads of single samples stay cheap.
-                chunks = (1,) + array.shape[1:] if array.ndim > 1 and len(array) else None
-                ds = group.create_dataset(key, data=array, chunks=chunks)
-                if key == "attributes" and attribute_names is not None:
-                    ds.attrs["names"] = json.dumps(list(attribute_names))
-                if key in per_array:
-                    ds.attrs["class_names"] = json.dumps(list(per_array[key]))
+                writer.create(split, key, array.shape, array.dtype)[...] = array
 
 
 class StreamingWriter:
@@ -71,9 +44,9 @@ class StreamingWriter:
         class_names: list[str] | dict[str, list[str]] | None = None,
     ) -> None:
         self.path, self.tmp = path, path.with_name(path.name + ".partial")
-        self.attrs = dict(
-            mtlrun_schema=SCHEMA_VERSION, dataset=dataset, source=source, options=json.dumps(options)
-        )
+        self.attrs = {
+            "mtlrun_schema": SCHEMA_VERSION, "dataset": dataset, "source": source, "options": json.dumps(options),
+        }
         self.per_array = class_names if isinstance(class_names, dict) else {}
         if class_names is not None and not self.per_array:
             self.attrs["class_names"] = json.dumps(list(class_names))
