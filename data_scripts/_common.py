@@ -52,6 +52,18 @@ def count_arg(text: str) -> int:
     return int(text)
 
 
+def converter_parser(doc: str | None, src_help: str, size_help: str, layouts: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The options every converter takes: --src, --out, --size, --limit (and --layout where it reads several)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--src", type=Path, required=True, help=src_help)
+    parser.add_argument("--out", type=Path, required=True, help="HDF5 file to write")
+    if layouts:
+        parser.add_argument("--layout", choices=("auto", *layouts), default="auto")
+    parser.add_argument("--size", type=size_arg, help=size_help)
+    parser.add_argument("--limit", type=count_arg, help="convert the first N samples of each split only")
+    return parser
+
+
 def progress(items: Iterable, total: int, desc: str) -> Iterable:
     return tqdm(items, total=total, desc=desc, unit="img", file=sys.stderr)
 

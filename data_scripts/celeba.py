@@ -24,12 +24,12 @@ import numpy as np
 from _common import (
     ConversionError,
     Size,
+    converter_parser,
     count_arg,
     one_line_errors,
     parallel_map,
     read_image,
     resize,
-    size_arg,
 )
 
 from mtlrun.data.hdf5 import StreamingWriter
@@ -133,13 +133,8 @@ def report(splits: dict[str, np.ndarray], names: list[str], attributes: np.ndarr
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--src", type=Path, required=True, help="the folder holding the CelebA files")
-    parser.add_argument("--out", type=Path, required=True, help="HDF5 file to write")
-    parser.add_argument("--size", type=size_arg, default=(64, 64), help="N (for NxN) or HxW (default 64)")
-    parser.add_argument("--limit", type=count_arg, help="convert the first N images of each split only")
+    parser = converter_parser(__doc__, "the folder holding the CelebA files", "N (for NxN) or HxW (default 64)")
+    parser.set_defaults(size=(64, 64))
     parser.add_argument("--workers", type=count_arg, default=1, help="processes decoding JPEGs")
     return parser
 

@@ -31,6 +31,7 @@ from _common import (
     ConversionError,
     Size,
     check_classes,
+    converter_parser,
     count_arg,
     describe,
     one_line_errors,
@@ -38,7 +39,6 @@ from _common import (
     read_image,
     read_npy_layout,
     resize,
-    size_arg,
     write,
 )
 
@@ -173,15 +173,10 @@ def read_official(src: Path, size: Size, limit: int | None, workers: int) -> dic
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = converter_parser(
+        __doc__, "the npy layout's folder (train/, val/) or the official tree's root",
+        "HxW to resize to (official layout default: 128x256)", layouts=("npy", "official"),
     )
-    parser.add_argument("--src", type=Path, required=True,
-                        help="the npy layout's folder (train/, val/) or the official tree's root")
-    parser.add_argument("--out", type=Path, required=True, help="HDF5 file to write")
-    parser.add_argument("--layout", choices=("auto", "npy", "official"), default="auto")
-    parser.add_argument("--size", type=size_arg, help="HxW to resize to (official layout default: 128x256)")
-    parser.add_argument("--limit", type=count_arg, help="convert the first N samples of each split only")
     parser.add_argument("--workers", type=count_arg, default=1, help="official layout: decoding processes")
     return parser
 

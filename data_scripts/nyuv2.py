@@ -29,13 +29,12 @@ from _common import (
     ConversionError,
     Size,
     check_classes,
-    count_arg,
+    converter_parser,
     describe,
     one_line_errors,
     progress,
     read_npy_layout,
     resize,
-    size_arg,
     write,
 )
 
@@ -273,19 +272,14 @@ def read_mat(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = converter_parser(
+        __doc__, f"npy layout: the folder holding train/ and val/; mat layout: {MAT_NAME}",
+        "HxW to resize to (mat layout default: 288x384)", layouts=("npy", "mat"),
     )
-    parser.add_argument("--src", type=Path, required=True,
-                        help=f"npy layout: the folder holding train/ and val/; mat layout: {MAT_NAME}")
-    parser.add_argument("--out", type=Path, required=True, help="HDF5 file to write")
-    parser.add_argument("--layout", choices=("auto", "npy", "mat"), default="auto")
     parser.add_argument("--splits", type=Path, help="mat layout: splits.mat (trainNdxs, testNdxs)")
     parser.add_argument("--mapping", type=Path,
                         help=f"mat layout: class13Mapping.mat, or a text/.npy file of {NUM_RAW + 1} integers")
     parser.add_argument("--mapping40", type=Path, help="mat layout: classMapping40.mat (raw -> NYU-40)")
-    parser.add_argument("--size", type=size_arg, help="HxW to resize to (mat layout default: 288x384)")
-    parser.add_argument("--limit", type=count_arg, help="convert the first N samples of each split only")
     return parser
 
 
