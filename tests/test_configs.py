@@ -71,3 +71,13 @@ def test_every_model_runs_forward_and_backward_for_every_task_kind(option):
         assert tuple(out.shape) == expected
     sum(o.float().mean() for o in outputs.values()).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_an_experiment_sets_its_published_settings_and_the_command_line_still_wins():
+    cfg = _compose("experiment=nyuv2_segnet_mtan", "trainer.epochs=3")
+    assert (cfg.dataset.name, cfg.model.name, cfg.optimizer.name, cfg.scheduler.name) == (
+        "nyuv2", "segnet_mtan", "adam", "step")
+    assert cfg.optimizer.lr == 1e-4 and cfg.scheduler.step_size == 100 and cfg.scheduler.gamma == 0.5
+    assert cfg.trainer.batch_size == 2 and list(cfg.dataset.augment.scales) == [1.0, 1.2, 1.5]
+    assert cfg.trainer.epochs == 3  # overrides after the experiment apply on top of it
+    assert _compose("experiment=nyuv2_resnet50").dataset.augment.flip is False  # LibMTL's --aug is off
