@@ -64,6 +64,18 @@ def converter_parser(doc: str | None, src_help: str, size_help: str, layouts: Se
     return parser
 
 
+def stack_samples(samples: Iterable[dict[str, np.ndarray]], count: int, dtypes: dict[str, type]) -> dict[str, np.ndarray]:
+    """`count` decoded samples as one array per key, each of its `dtypes` entry, allocated once at the first
+    sample's shapes (no list of samples held, no second copy)."""
+    arrays: dict[str, np.ndarray] = {}
+    for i, sample in enumerate(samples):
+        for key, array in sample.items():
+            if key not in arrays:
+                arrays[key] = np.empty((count, *array.shape), dtypes[key])
+            arrays[key][i] = array
+    return arrays
+
+
 def progress(items: Iterable, total: int, desc: str) -> Iterable:
     return tqdm(items, total=total, desc=desc, unit="img", file=sys.stderr)
 

@@ -39,6 +39,7 @@ from _common import (
     read_image,
     read_npy_layout,
     resize,
+    stack_samples,
     write,
 )
 
@@ -63,6 +64,7 @@ NUM_CLASSES = {"segmentation": len(CATEGORIES), "segmentation_19": len(TRAIN_CLA
 NPY_LAYOUT = {"image": ("image", "image"), "label_7": ("segmentation", "label"),
               "label_19": ("segmentation_19", "label"), "depth": ("depth", "depth")}
 OFFICIAL_SIZE = (128, 256)
+DTYPES = {"image": np.uint8, "segmentation": np.int16, "segmentation_19": np.int16, "depth": np.float32}
 # Official folder -> the file-name suffix after <city>_<seq>_<frame>.
 OFFICIAL = {"leftImg8bit": "_leftImg8bit.png", "gtFine": "_gtFine_labelIds.png",
             "disparity": "_disparity.png"}
@@ -157,15 +159,8 @@ def read_official(src: Path, size: Size, limit: int | None, workers: int) -> dic
     splits = {}
     for theirs, ours in SOURCE_SPLITS.items():
         samples = official_samples(src, theirs)[:limit]
-        n = len(samples)
-        arrays = {"image": np.empty((n, *size, 3), np.uint8), "segmentation": np.empty((n, *size), np.int16),
-                  "segmentation_19": np.empty((n, *size), np.int16),
-                  "depth": np.empty((n, *size), np.float32)}
         decoded = parallel_map(partial(official_sample, size=size), samples, workers, f"cityscapes {theirs}")
-        for i, sample in enumerate(decoded):
-            for key, array in sample.items():
-                arrays[key][i] = array
-        splits[ours] = arrays
+        splits[ours] = stack_samples(decoded, len(samples), DTYPES)
     return splits
 
 

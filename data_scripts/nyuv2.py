@@ -35,6 +35,7 @@ from _common import (
     progress,
     read_npy_layout,
     resize,
+    stack_samples,
     write,
 )
 
@@ -44,6 +45,7 @@ NPY_LAYOUT = {"image": ("image", "image"), "label": ("segmentation", "label"), "
               "normal": ("normal", "normal")}
 MAT_NAME = "nyu_depth_v2_labeled.mat"
 MAT_SIZE = (288, 384)
+DTYPES = {"image": np.uint8, "segmentation": np.int16, "depth": np.float32}
 NUM_RAW = 894  # raw classes of the labeled .mat, 1..894; 0 = unlabelled
 META = "github.com/ankurhanda/nyuv2-meta-data or github.com/VainF/nyuv2-python-toolkit"
 SPLITS_HELP = (
@@ -254,18 +256,17 @@ def read_mat(
         out = {}
         for split, indices in splits.items():
             indices = indices[:limit]
-            arrays = {"image": np.empty((len(indices), *size, 3), np.uint8),
-                      "segmentation": np.empty((len(indices), *size), np.int16),
-                      "depth": np.empty((len(indices), *size), np.float32)}
-            for n, i in enumerate(progress(indices, len(indices), f"nyuv2 {split}")):
-                try:
-                    sample = _mat_sample(mat, int(i), table, size)
-                except OSError as e:
-                    raise ConversionError(f"{path} is damaged: reading image {i + 1} failed ({e})") from None
-                for key, array in sample.items():
-                    arrays[key][n] = array
-            out[split] = arrays
+            decoded = (_read_mat_sample(mat, path, int(i), table, size)
+                       for i in progress(indices, len(indices), f"nyuv2 {split}"))
+            out[split] = stack_samples(decoded, len(indices), DTYPES)
     return out
+
+
+def _read_mat_sample(mat: h5py.File, path: Path, i: int, table: np.ndarray, size: Size) -> dict[str, np.ndarray]:
+    try:
+        return _mat_sample(mat, i, table, size)
+    except OSError as e:
+        raise ConversionError(f"{path} is damaged: reading image {i + 1} failed ({e})") from None
 
 
 # --- the command -------------------------------------------------------------------------------------

@@ -36,8 +36,8 @@ class StreamingWriter:
     """Writes a dataset file array slice by array slice, for data too large to hold in memory at once.
 
     Use it as a context manager: arrays are created empty with `create` and filled by slice assignment;
-    the file appears at `path` only when the block ends without an error (the `write_dataset` rule:
-    written to `<path>.partial`, then renamed), with the same root attributes and chunking."""
+    the file appears at `path` only when the block ends without an error (written to `<path>.partial`,
+    then renamed), so a reader never sees a half-written file. `write_dataset` is this for in-memory arrays."""
 
     def __init__(
         self, path: Path, dataset: str, source: str, options: dict, attribute_names: list[str] | None = None,
