@@ -21,12 +21,15 @@ class MultiTaskModel(nn.Module):
         self.heads = nn.ModuleDict(heads)
 
     def forward(self, image: Tensor, tasks: Sequence[str]) -> dict[str, Tensor]:
-        features = self.encoder(image)
+        return self.heads_on(self.encoder(image), tasks, image.shape[-2:])
+
+    def heads_on(self, features: object, tasks: Sequence[str], size: Sequence[int]) -> dict[str, Tensor]:
+        """The outputs of the heads of `tasks` on the encoder's `features`, dense ones at the image `size`."""
         outputs = {}
         for task in tasks:
             out = self.heads[task](features)
-            if out.dim() == 4 and out.shape[-2:] != image.shape[-2:]:
-                out = F.interpolate(out, size=image.shape[-2:], mode="bilinear", align_corners=False)
+            if out.dim() == 4 and tuple(out.shape[-2:]) != tuple(size):
+                out = F.interpolate(out, size=tuple(size), mode="bilinear", align_corners=False)
             outputs[task] = out
         return outputs
 

@@ -49,15 +49,10 @@ class StepContext:
         batch stay in `self.features` and `self.batch` until the next pass."""
         self.counts.forward_passes += 1
         self.batch = batch
-        keep = self.model.encoder.register_forward_hook(self._keep_features)
-        try:
-            outputs = self.model(batch["image"], tasks)
-        finally:
-            keep.remove()
+        image = batch["image"]
+        self.features = self.model.encoder(image)
+        outputs = self.model.heads_on(self.features, tasks, image.shape[-2:])
         return {t: self.tasks[t].loss(outputs[t], batch[t]) for t in tasks}
-
-    def _keep_features(self, _module: object, _inputs: object, output: object) -> None:
-        self.features = output
 
     def step(self, tasks: Sequence[str], loss: Tensor) -> None:
         """Backpropagate `loss` to the shared parameters and the heads of `tasks`, then take one optimizer step."""
