@@ -179,3 +179,93 @@ def test_a_task_whose_array_is_missing_says_how_to_leave_it_out(tmp_path):
     with pytest.raises(MtlrunError, match=r"no 'train/normal' array, which task 'normal' needs: leave the task out "
                                           r"\(dataset.tasks=\[seg,depth,pair\]\)"):
         open_dataset(_cfg(path))
+
+
+def test_chunks_hold_whole_samples_about_64_kib_of_small_ones(tmp_path):
+    path = tmp_path / "c.h5"
+    big = np.zeros((5, 200, 200, 3), np.uint8)  # 120 KB a sample: one per chunk, random reads stay small
+    write_dataset(path, "x", {"train": {"image": big, "attributes": np.zeros((5000, 40), np.uint8)}},
+                  source="", options={})
+    with h5py.File(path) as f:
+        assert f["train/image"].chunks == (1, 200, 200, 3)
+        assert f["train/attributes"].chunks == (64 * 1024 // 40, 40)
+
+
+def test_a_failed_rename_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "keep").write_text("x")  # a non-empty folder: os.replace cannot put a file there
+    with pytest.raises(OSError):
+        write_dataset(target, "x", {"train": _arrays(2)}, source="", options={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_a_file_of_another_dataset_is_named(data_file):
+    with pytest.raises(MtlrunError, match="holds the nyuv2 dataset, not cityscapes: pass dataset=nyuv2"):
+        open_dataset(_cfg(data_file, name="cityscapes"))
+
+
+@pytest.mark.parametrize("version, shown", [("1", "'1'"), (np.array([1, 1]), "array"), (None, None)])
+def test_schema_version_of_the_wrong_type_is_refused_in_one_line(data_file, version, shown):
+    with h5py.File(data_file, "a") as f:
+        if version is None:
+            del f.attrs["mtlrun_schema"]
+        else:
+            f.attrs["mtlrun_schema"] = version
+    message = "not an mtlrun dataset file" if version is None else f"schema version {shown}"
+    with pytest.raises(MtlrunError, match=message):
+        open_dataset(_cfg(data_file))
+
+
+def _edit(path, split, key, array):
+    with h5py.File(path, "a") as f:
+        attrs = dict(f[split][key].attrs)
+        del f[split][key]
+        f[split][key] = array
+        f[split][key].attrs.update(attrs)
+
+
+@pytest.mark.parametrize("key, array, message", [
+    ("segmentation", np.zeros((9, 8, 8), np.int16), r"'train/segmentation' is int16 of shape \(9, 8, 8\), the schema "
+                                                     r"wants integer of shape \(10, 8, 8\)"),
+    ("segmentation", np.zeros((10, 8, 8), np.float32), "'train/segmentation' is float32"),
+    ("depth", np.zeros((10, 8, 7), np.float32), r"'train/depth' is float32 of shape \(10, 8, 7\)"),
+    ("normal", np.zeros((10, 8, 8), np.float32), r"wants float of shape \(10, 8, 8, 3\)"),
+    ("attributes", np.zeros((10, 3), np.float32), r"wants integer of shape \(10, 'K'\)"),
+    ("image", np.zeros((10, 8, 8, 3), np.float32), "'train/image' is float32 .* wants uint8 N x H x W x 3"),
+])
+def test_arrays_of_the_wrong_shape_or_dtype_are_refused_before_training(data_file, key, array, message):
+    _edit(data_file, "train", key, array)
+    with pytest.raises(MtlrunError, match=message):
+        open_dataset(_cfg(data_file))
+
+
+def test_an_empty_test_split_is_refused_and_an_empty_val_split_skipped(tmp_path):
+    path = tmp_path / "e.h5"
+    empty = {k: v[:0] for k, v in _arrays(2).items()}
+    write_dataset(path, "nyuv2", {"train": _arrays(4), "val": empty, "test": _arrays(2)}, source="", options={},
+                  attribute_names=["a", "b", "c"])
+    assert set(open_dataset(_cfg(path)).splits) == {"train", "test"}
+    write_dataset(path, "nyuv2", {"train": _arrays(4), "test": empty}, source="", options={},
+                  attribute_names=["a", "b", "c"])
+    with pytest.raises(MtlrunError, match="holds no 'test' images"):
+        open_dataset(_cfg(path))
+
+
+def test_a_file_broken_after_loading_is_one_readable_error_when_read_lazily(data_file):
+    lazy = open_dataset(_cfg(data_file, in_memory=False)).splits["train"]
+    data = data_file.read_bytes()
+    data_file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MtlrunError, match=r"d\.h5 is corrupt: reading split 'train' failed \("):
+        lazy.batch(torch.tensor([0, 1]))
+    with pytest.raises(MtlrunError) as raised:  # from a DataLoader worker: its own line, not the traceback
+        next(BatchStream(lazy, batch_size=2, seed=0, workers=1))
+    assert str(raised.value).startswith(f"{data_file} is corrupt: reading split 'train' failed (")
+    assert "\n" not in str(raised.value)
+
+
+def test_an_error_from_a_dataloader_worker_shows_its_own_line():
+    wrapped = MtlrunError("Caught MtlrunError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                          "call last):\n  File \"x.py\", line 1\nmtlrun.errors.MtlrunError: d.h5 is corrupt: fix it\n")
+    assert str(wrapped) == "d.h5 is corrupt: fix it"
+    assert str(MtlrunError("plain")) == "plain"

@@ -428,8 +428,8 @@ def test_celeba_splits_attributes_and_images(tmp_path):
     with h5py.File(out, "r") as f:
         attributes = f["train/attributes"]
         assert attributes.dtype == np.uint8 and json.loads(attributes.attrs["names"]) == CELEBA_NAMES
-        # one sample per chunk, as write_dataset does
-        assert f["train/image"].chunks == (1, 8, 8, 3) and f.attrs["dataset"] == "celeba"
+        # whole samples per chunk, as many as fit in CHUNK_BYTES (here all three of this tiny split)
+        assert f["train/image"].chunks == (3, 8, 8, 3) and f.attrs["dataset"] == "celeba"
         assert np.array_equal(attributes[...], (written["values"][[0, 2, 4]] == 1).astype(np.uint8))
     subset = _open("celeba", out, tasks=["Smiling", "Male"])
     assert [t.name for t in subset.tasks] == ["Smiling", "Male"]

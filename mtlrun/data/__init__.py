@@ -108,7 +108,7 @@ def task_names(cfg: DictConfig) -> list[str]:
 
 def _load(cfg: DictConfig, file: DatasetFile, tasks: list[str], split_names: tuple[str, ...]) -> MultiTaskData:
     specs = {name: spec for name, spec in _selected_task_specs(cfg).items() if name in tasks}
-    present = [s for s in split_names if s in file.splits()]
+    present = [s for s in split_names if s in file.splits() and _length(file, s, required=s != "val")]
     if "train" not in present or "test" not in present:
         raise MtlrunError(f"{file.path} must hold 'train' and 'test' splits, found {file.splits()}: {file.how_to_make}")
     attribute_names = file.attribute_names("train")
@@ -123,12 +123,50 @@ def _load(cfg: DictConfig, file: DatasetFile, tasks: list[str], split_names: tup
                     f"{file.path} has no '{split}/{key}' array, which task '{name}' needs: leave the task out "
                     f"(dataset.tasks=[{','.join(others)}]) or remake the file with it ({file.how_to_make})"
                 )
+    for split in present:
+        _check_arrays(file, split, {spec["key"]: spec["kind"] for spec in specs.values()})
     keys = {"image", *(key for key, _ in targets.values())}
     if _in_memory(cfg, file, present, keys):
         splits: dict[str, SplitSource] = {split: _read_split(file, split, targets) for split in present}
     else:
         splits = {split: LazySplit(split, file.path, targets) for split in present}
     return MultiTaskData(cfg.name, tasks, splits, list(cfg.mean), list(cfg.std))
+
+
+def _length(file: DatasetFile, split: str, required: bool) -> int:
+    """The number of images of `split`; an empty train or test split is an error, an empty val one is skipped."""
+    if not file.has(split, "image"):
+        raise MtlrunError(f"{file.path} has no '{split}/image' array: {file.how_to_make}")
+    length = file.shape_dtype(split, "image")[0][0]
+    if not length and required:
+        raise MtlrunError(f"{file.path} holds no '{split}' images: {file.how_to_make}")
+    return length
+
+
+# What each target kind's stored array looks like: dtype kinds ("iu": integers, "f": floats) and shape after N.
+_STORED = {"segmentation": ("iu", "HW"), "depth": ("f", "HW"), "normal": ("f", "HW3"), "binary": ("biu", "K")}
+
+
+def _check_arrays(file: DatasetFile, split: str, kinds: dict[str, str]) -> None:
+    """The stored arrays are what the schema says (a hand-made file may not be): a uint8 N x H x W x 3 image
+    and, per target, the right dtype and a shape of N samples of the image's size; checked without reading."""
+    (count, height, width, *channels), dtype = file.shape_dtype(split, "image")
+    if dtype != np.uint8 or channels != [3]:
+        raise MtlrunError(
+            f"{file.path}: '{split}/image' is {dtype} of shape {(count, height, width, *channels)}, the schema "
+            f"wants uint8 N x H x W x 3 (0..255): {file.how_to_make}"
+        )
+    for key, kind in kinds.items():
+        shape, dtype = file.shape_dtype(split, key)
+        dtype_kinds, rest = _STORED[kind]
+        expected = {"HW": (height, width), "HW3": (height, width, 3), "K": shape[1:2]}[rest]
+        if dtype.kind not in dtype_kinds or len(shape) != 1 + len(rest) or shape[0] != count or shape[1:] != expected:
+            want = {"iu": "integer", "f": "float", "biu": "integer"}[dtype_kinds]
+            raise MtlrunError(
+                f"{file.path}: '{split}/{key}' is {dtype} of shape {shape}, the schema wants {want} of shape "
+                f"{(count, *expected) if rest != 'K' else (count, 'K')} ({count} images of {height}x{width}): "
+                f"{file.how_to_make}"
+            )
 
 
 def _read_split(file: DatasetFile, split: str, targets: dict[str, tuple[str, TargetTransform]]) -> Split:

@@ -12,6 +12,7 @@ import numpy as np
 from mtlrun.errors import MtlrunError
 
 SCHEMA_VERSION = 1
+CHUNK_BYTES = 64 * 1024
 # Layout: root attrs {mtlrun_schema, dataset, source, options (JSON)}; one group per split
 # (train, val, test) holding `image` (uint8 N,H,W,3) and one array per target key: segmentation
 # (int16 N,H,W, -1 = ignore), depth (float N,H,W, 0 = invalid), normal (float N,H,W,3, 0 = invalid),
@@ -59,8 +60,12 @@ class StreamingWriter:
         return self
 
     def create(self, split: str, key: str, shape: tuple[int, ...], dtype: np.dtype | type) -> h5py.Dataset:
-        """An empty array `split/key`, chunked one sample per chunk, to be filled by slice assignment."""
-        chunks = (1,) + tuple(shape[1:]) if len(shape) > 1 and shape[0] else None
+        """An empty array `split/key`, to be filled by slice assignment; chunked by whole samples, one per chunk
+        where a sample is large (random reads touch only their own), enough for ~64 KiB where it is small."""
+        chunks = None
+        if len(shape) > 1 and shape[0]:
+            sample_bytes = max(1, int(np.prod(shape[1:])) * np.dtype(dtype).itemsize)
+            chunks = (min(shape[0], max(1, CHUNK_BYTES // sample_bytes)), *shape[1:])
         ds = self.file.require_group(split).create_dataset(key, shape=shape, dtype=dtype, chunks=chunks)
         if key == "attributes" and self.attribute_names is not None:
             ds.attrs["names"] = json.dumps(list(self.attribute_names))
@@ -70,10 +75,11 @@ class StreamingWriter:
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         self.file.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+        try:
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
+        finally:
+            self.tmp.unlink(missing_ok=True)  # a failed block or rename leaves no complete-looking file
 
 
 class DatasetFile:
@@ -90,9 +96,18 @@ class DatasetFile:
                 f"{path} is not a readable HDF5 file ({_first_line(e)}): {how_to_make}"
             ) from None
         version = self.file.attrs.get("mtlrun_schema")
-        if version != SCHEMA_VERSION:
+        if version is None:
+            raise MtlrunError(f"{path} is not an mtlrun dataset file (no mtlrun_schema attribute): {how_to_make}")
+        if not (isinstance(version, int | np.integer) and version == SCHEMA_VERSION):
+            shown = version.item() if isinstance(version, np.generic) else version
             raise MtlrunError(
-                f"{path} has schema version {version}, this mtlrun reads version {SCHEMA_VERSION}: {how_to_make}"
+                f"{path} has schema version {shown!r}, this mtlrun reads version {SCHEMA_VERSION}: {how_to_make}"
+            )
+        made_for = self.file.attrs.get("dataset")
+        if made_for is not None and made_for != dataset:
+            raise MtlrunError(
+                f"{path} holds the {made_for} dataset, not {dataset}: pass dataset={made_for}, or point "
+                f"dataset.path at a {dataset} file ({how_to_make})"
             )
         self.attrs = dict(self.file.attrs)
 
@@ -111,6 +126,10 @@ class DatasetFile:
 
     def has(self, split: str, key: str) -> bool:
         return split in self.file and key in self.file[split]
+
+    def shape_dtype(self, split: str, key: str) -> tuple[tuple[int, ...], np.dtype]:
+        ds = self.file[split][key]
+        return tuple(ds.shape), ds.dtype
 
     def nbytes(self, split: str, key: str) -> int:
         return int(self.file[split][key].nbytes)

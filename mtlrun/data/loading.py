@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from mtlrun.errors import MtlrunError
+
 Batch = dict[str, Tensor]  # "image" plus one target per task name
 TargetTransform = Callable[[np.ndarray], np.ndarray]  # from the stored array's rows to the task's target
 
@@ -72,20 +74,20 @@ class LazySplit:
         return self._file[self.name]
 
     def batch(self, index: Tensor) -> Batch:
-        group = self._group()
-        # h5py reads increasing indices only: read them sorted, then put the rows back in the asked order.
-        order = index.numpy()
-        rows, inverse = np.unique(order, return_inverse=True)
-        arrays: dict[str, np.ndarray] = {}
-
-        def read(key: str) -> np.ndarray:
-            if key not in arrays:
-                arrays[key] = group[key][rows][inverse]
-            return arrays[key]
-
-        out = {"image": torch.from_numpy(read("image"))}
+        try:
+            group = self._group()
+            # h5py reads increasing indices only: read them sorted, then put the rows back in the asked order.
+            rows, inverse = np.unique(index.numpy(), return_inverse=True)
+            arrays = {key: group[key][rows][inverse] for key in {"image", *(k for k, _ in self.targets.values())}}
+        except OSError as e:  # the file changed or broke since it was opened and checked
+            line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MtlrunError(
+                f"{self.path} is corrupt: reading split '{self.name}' failed ({line}): convert the dataset "
+                f"again (or delete the file, for the built-in benchmark)"
+            ) from None
+        out = {"image": torch.from_numpy(arrays["image"])}
         for task, (key, transform) in self.targets.items():
-            out[task] = torch.from_numpy(np.ascontiguousarray(transform(read(key))))
+            out[task] = torch.from_numpy(np.ascontiguousarray(transform(arrays[key])))
         return out
 
 
