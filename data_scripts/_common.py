@@ -61,7 +61,19 @@ def converter_parser(doc: str | None, src_help: str, size_help: str, layouts: Se
         parser.add_argument("--layout", choices=("auto", *layouts), default="auto")
     parser.add_argument("--size", type=size_arg, help=size_help)
     parser.add_argument("--limit", type=count_arg, help="convert the first N samples of each split only")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     return parser
+
+
+def check_out(src: Path, out: Path, force: bool) -> None:
+    """Refuse, before any work, an --out that would destroy something: the source itself, a folder, or an
+    existing file (unless --force)."""
+    if out.exists() and out.resolve() == src.resolve():
+        raise ConversionError(f"--out {out} is --src itself: give the HDF5 file another name")
+    if out.is_dir():
+        raise ConversionError(f"--out {out} is a folder: give a file name, e.g. {out / 'dataset.h5'}")
+    if out.exists() and not force:
+        raise ConversionError(f"--out {out} exists: pass --force to replace it, or choose another name")
 
 
 def stack_samples(samples: Iterable[dict[str, np.ndarray]], count: int, dtypes: dict[str, type]) -> dict[str, np.ndarray]:
@@ -141,14 +153,21 @@ def npy_indices(folder: Path, subfolders: Sequence[str]) -> list[int]:
     found = sorted(int(m.group(1)) for p in folder.iterdir() if (m := re.fullmatch(r"(\d+)\.npy", p.name)))
     if not found:
         raise ConversionError(f"{folder} holds no <i>.npy files")
+    twice = [i for i, j in zip(found, found[1:]) if i == j]
+    if twice:
+        raise ConversionError(f"{folder} holds two files for sample {twice[0]} (e.g. 1.npy and 01.npy): keep one")
     return found
 
 
 def load_npy(path: Path) -> np.ndarray:
     try:
-        return np.load(path)
-    except (OSError, ValueError) as e:
-        raise ConversionError(f"{path} cannot be read as .npy ({e})") from None
+        array = np.load(path)
+    except (OSError, ValueError, EOFError) as e:
+        reason = "not a numeric array" if "allow_pickle" in str(e) else str(e) or "empty file"
+        raise ConversionError(f"{path} cannot be read as .npy ({reason})") from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
+        raise ConversionError(f"{path} cannot be read as .npy (not a numeric array)")
+    return array
 
 
 def _npy_target(kind: str, array: np.ndarray, image_size: Size, path: Path) -> np.ndarray:
@@ -157,8 +176,14 @@ def _npy_target(kind: str, array: np.ndarray, image_size: Size, path: Path) -> n
         array = array[..., 0]
     if array.shape != expected:
         raise ConversionError(f"{path} has shape {array.shape}, expected {expected} to match its image")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ConversionError(f"{path} holds NaN or infinite values: the source file is damaged")
     if kind == "label":
+        if array.dtype.kind == "f" and not np.array_equal(array, np.rint(array)):
+            raise ConversionError(f"{path} holds non-integer labels: expected class numbers (-1 = ignore)")
         return np.where(array < 0, -1, array).astype(np.int16)
+    if kind == "depth" and array.size and array.min() < 0:
+        raise ConversionError(f"{path} holds negative depth ({array.min():.3g}): expected >= 0 (0 = invalid)")
     return array.astype(np.float32)
 
 
@@ -253,8 +278,15 @@ def describe(split: str, arrays: dict[str, np.ndarray], num_classes: dict[str, i
     return "; ".join(parts)
 
 
+def check_not_empty(counts: dict[str, int]) -> None:
+    empty = [split for split, count in counts.items() if not count]
+    if empty:
+        raise ConversionError(f"no images for the {', '.join(empty)} split(s): the source lists none there")
+
+
 def write(path: Path, dataset: str, splits: dict[str, dict[str, np.ndarray]], **kwargs: Any) -> None:
     """`write_dataset`, with a failure to write (disk full, no permission) as a one-line error."""
+    check_not_empty({split: len(arrays["image"]) for split, arrays in splits.items()})
     try:
         write_dataset(path, dataset, splits, **kwargs)
     except OSError as e:

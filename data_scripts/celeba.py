@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -24,6 +25,8 @@ import numpy as np
 from _common import (
     ConversionError,
     Size,
+    check_not_empty,
+    check_out,
     converter_parser,
     count_arg,
     one_line_errors,
@@ -64,12 +67,20 @@ def read_attributes(path: Path) -> tuple[list[str], list[str], np.ndarray]:
     """The attribute names, the image files in listed order and their attributes as uint8 0/1."""
     lines = _lines(path)
     (_, header), (_, names) = next(lines, (0, [])), next(lines, (0, []))
-    if len(header) != 1 or not header[0].isdigit() or not names:
-        raise ConversionError(f"{path} must start with the image count, then the attribute names")
-    files, rows = [], []
+    if len(header) != 1 or not header[0].isdigit() or not names or not set(names).isdisjoint({"-1", "1"}):
+        raise ConversionError(f"{path} must start with the image count, then a line of attribute names")
+    if len(set(names)) != len(names):
+        raise ConversionError(f"{path}: an attribute name appears twice in its names line")
+    if len(names) != 40:
+        print(f"celeba: note: {path} names {len(names)} attributes, the official file 40; "
+              f"dataset=celeba's tasks are the official 40 (pick others with dataset.tasks=[...])", file=sys.stderr)
+    files, rows, seen = [], [], set()
     for number, row in lines:
         if len(row) != len(names) + 1 or not set(row[1:]) <= {"-1", "1"}:
             raise ConversionError(f"{path} line {number}: expected `<file>` and {len(names)} values of -1/1")
+        if row[0] in seen:
+            raise ConversionError(f"{path} line {number}: {row[0]} is listed a second time")
+        seen.add(row[0])
         files.append(row[0])
         rows.append(bytes(value == "1" for value in row[1:]))  # compact: one bytes object per image
     if len(files) != int(header[0]):
@@ -142,10 +153,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     with one_line_errors("celeba"):
+        check_out(args.src, args.out, args.force)
         names, files, attributes = read_attributes(find(args.src, "list_attr_celeba.txt"))
         splits = {split: rows[: args.limit] for split, rows in
                   read_partition(find(args.src, "list_eval_partition.txt"), files).items()}
         folder = find(args.src, "img_align_celeba")
+        check_not_empty({split: len(rows) for split, rows in splits.items()})
         check_images(folder, [files[i] for rows in splits.values() for i in rows])
         print(report(splits, names, attributes, args.size))
         options = {"size": list(args.size), "limit": args.limit,

@@ -31,6 +31,7 @@ from _common import (
     ConversionError,
     Size,
     check_classes,
+    check_out,
     converter_parser,
     count_arg,
     describe,
@@ -89,6 +90,9 @@ def detect_layout(src: Path, layout: str) -> str:
     """`npy` or `official`: as asked, or from what SRC holds."""
     if not src.is_dir():
         raise ConversionError(f"{src} is not a folder: --src is the npy layout's folder or the official tree")
+    if src.name in ("leftImg8bit", "gtFine", "disparity"):
+        raise ConversionError(f"{src} is one folder of the official tree: pass its parent, which holds "
+                              f"leftImg8bit/, gtFine/ and disparity/")
     if layout == "auto":
         if (src / "leftImg8bit").is_dir():
             return "official"
@@ -193,6 +197,7 @@ def _convert(args: argparse.Namespace) -> tuple[dict[str, dict[str, np.ndarray]]
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     with one_line_errors("cityscapes"):
+        check_out(args.src, args.out, args.force)
         splits, source, options = _convert(args)
         check_classes(splits, NUM_CLASSES)
         for name, arrays in splits.items():

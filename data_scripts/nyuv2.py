@@ -29,6 +29,7 @@ from _common import (
     ConversionError,
     Size,
     check_classes,
+    check_out,
     converter_parser,
     describe,
     one_line_errors,
@@ -166,7 +167,7 @@ def _plain_mapping(path: Path) -> np.ndarray:
     try:
         values = np.load(path) if path.suffix == ".npy" else path.read_text().replace(",", " ").split()
         table = _integers(np.asarray(values, dtype=np.float64), path, "the mapping")
-    except (OSError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError, EOFError) as e:
         raise ConversionError(f"{path} cannot be read as a list of integers ({e}): {MAPPING_HELP}") from None
     if len(table) != NUM_RAW + 1 or table.min() < -1 or table.max() >= len(CLASS_NAMES):
         raise ConversionError(
@@ -306,6 +307,7 @@ def _convert(args: argparse.Namespace) -> tuple[dict[str, dict[str, np.ndarray]]
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     with one_line_errors("nyuv2"):
+        check_out(args.src, args.out, args.force)
         splits, source, options, notes = _convert(args)
         check_classes(splits, {"segmentation": len(CLASS_NAMES)})
         for name, arrays in splits.items():

@@ -88,7 +88,9 @@ class ConfusionMeter(Meter):
     def update(self, pred: Tensor, target: Tensor) -> None:
         labels = pred.argmax(dim=1).flatten()
         target = target.flatten().long()
-        valid = target != self.ignore_index
+        # Only labels of a known class count (as mtan's and LibMTL's metrics keep 0 <= label < n): any other
+        # value, whatever ignore_index says, would shift the confusion matrix's rows.
+        valid = (target != self.ignore_index) & (target >= 0) & (target < self.num_classes)
         index = target[valid] * self.num_classes + labels[valid]
         counts = torch.bincount(index, minlength=self.num_classes**2).reshape(self.num_classes, -1)
         self.confusion = counts if self.confusion is None else self.confusion + counts

@@ -77,6 +77,50 @@ def test_nyuv2_mismatched_files_are_named(tmp_path):
         nyuv2.main(["--src", str(src), "--out", str(tmp_path / "x.h5")])
 
 
+def test_nyuv2_npy_damaged_values_are_refused_with_the_file_named(tmp_path):
+    src, out = tmp_path / "raw", tmp_path / "x.h5"
+    _write_mtan_layout(src, {"train": 2, "val": 1})
+    depth, label = src / "train/depth/1.npy", src / "train/label/0.npy"
+    good_depth, good_label = np.load(depth), np.load(label)
+    for bad, pattern in [(np.nan, "NaN or infinite values"), (np.inf, "NaN or infinite values"),
+                         (-3.0, "negative depth")]:
+        np.save(depth, np.where(np.arange(good_depth.size).reshape(good_depth.shape) == 5, bad, good_depth))
+        _fails(nyuv2.main, ["--src", str(src)], out, rf"train/depth/1\.npy holds {pattern}", "nyuv2")
+    np.save(depth, good_depth)
+    np.save(label, good_label + 0.5)
+    _fails(nyuv2.main, ["--src", str(src)], out, r"train/label/0\.npy holds non-integer labels", "nyuv2")
+    np.save(label, good_label)
+    depth.write_bytes(b"")  # an empty file: numpy says EOFError
+    _fails(nyuv2.main, ["--src", str(src)], out, r"depth/1\.npy cannot be read as \.npy", "nyuv2")
+    depth.write_text("not numbers")
+    _fails(nyuv2.main, ["--src", str(src)], out, r"depth/1\.npy cannot be read as \.npy", "nyuv2")
+    np.save(depth, good_depth)
+    shutil.copy(src / "train/image/1.npy", src / "train/image/01.npy")
+    _fails(nyuv2.main, ["--src", str(src)], out, r"train/image holds two files for sample 1", "nyuv2")
+
+
+def test_an_existing_out_is_kept_unless_forced_and_the_source_is_never_overwritten(tmp_path):
+    src, out = tmp_path / "raw", tmp_path / "x.h5"
+    _write_mtan_layout(src, {"train": 2, "val": 1})
+    out.write_text("results of last week")
+    with pytest.raises(SystemExit, match=r"nyuv2: error: --out .*x\.h5 exists: pass --force"):
+        nyuv2.main(["--src", str(src), "--out", str(out)])
+    assert out.read_text() == "results of last week"
+    nyuv2.main(["--src", str(src), "--out", str(out), "--force"])
+    assert h5py.is_hdf5(out)
+    with pytest.raises(SystemExit, match=r"--out .*raw is --src itself"):
+        nyuv2.main(["--src", str(src), "--out", str(src)])
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(SystemExit, match=r"--out .*folder is a folder: give a file name"):
+        nyuv2.main(["--src", str(src), "--out", str(tmp_path / "folder"), "--force"])
+    _write_nyu_mat(tmp_path / "mat")
+    mat = tmp_path / "mat/nyu_depth_v2_labeled.mat"
+    before = mat.read_bytes()
+    with pytest.raises(SystemExit, match=r"--out .*nyu_depth_v2_labeled\.mat is --src itself"):
+        nyuv2.main(["--src", str(mat), "--out", str(mat), "--force"])
+    assert mat.read_bytes() == before
+
+
 # --- shared helpers --------------------------------------------------------------------------------------
 
 
@@ -378,6 +422,8 @@ def test_cityscapes_official_errors_name_the_file(tmp_path):
     _fails(cityscapes.main, ["--src", str(raw)], out, r"gtFine/val holds 1 files with no image.*lindau_0+9",
            "cityscapes")
     extra.unlink()
+    _fails(cityscapes.main, ["--src", str(raw / "leftImg8bit")], out,
+           r"leftImg8bit is one folder of the official tree: pass its parent", "cityscapes")
     shutil.rmtree(raw / "gtFine")
     _fails(cityscapes.main, ["--src", str(raw)], out, r"gtFine/train is missing: .*gtFine_trainvaltest\.zip",
            "cityscapes")
@@ -462,7 +508,19 @@ def test_celeba_errors_name_the_file_and_leave_nothing(tmp_path):
     attributes.write_text(re.sub(r"000002\.jpg +-?1", "000002.jpg  0", good))
     _fails(celeba.main, ["--src", str(raw)], out, r"list_attr_celeba\.txt line 4: expected .* values of -1/1",
            "celeba")
+    lines = good.splitlines(keepends=True)
+    attributes.write_text("".join([lines[0].replace("3", "4"), *lines[1:], lines[3]]))
+    _fails(celeba.main, ["--src", str(raw)], out, r"list_attr_celeba\.txt line 6: 000002\.jpg is listed a second time",
+           "celeba")
+    attributes.write_text("".join([lines[0], *lines[2:]]))  # no names line
+    _fails(celeba.main, ["--src", str(raw)], out, r"must start with the image count, then a line of attribute names",
+           "celeba")
     attributes.write_text(good)
+    partition = raw / "list_eval_partition.txt"
+    listed = partition.read_text()
+    partition.write_text(listed.replace(" 1\n", " 0\n"))
+    _fails(celeba.main, ["--src", str(raw)], out, r"no images for the val split\(s\)", "celeba")
+    partition.write_text(listed)
     (raw / "list_eval_partition.txt").unlink()
     _fails(celeba.main, ["--src", str(raw)], out, r"list_eval_partition\.txt not found", "celeba")
 

@@ -170,3 +170,12 @@ def test_celeba_shaped_binary_metrics_against_per_attribute_counts():
     assert out["precision"] == pytest.approx(100 * precision.mean().item())
     assert out["recall"] == pytest.approx(100 * recall.mean().item())
     assert out["f1"] == pytest.approx(100 * f1.mean().item())
+
+
+def test_segmentation_labels_outside_the_classes_are_left_out_of_the_confusion_matrix():
+    """With ignore_index=255 a -1 and a label equal to num_classes are not classes: they must not count
+    (nor shift the matrix's rows, which a flat index would do)."""
+    meter = Segmentation("seg", num_classes=3, ignore_index=255).meter()
+    meter.update(_logits(torch.tensor([[[0, 1, 2, 0, 1]]]), 3), torch.tensor([[[0, 1, 2, -1, 3]]]))
+    out = meter.compute()
+    assert out["miou"] == pytest.approx(100.0) and out["pixel_acc"] == pytest.approx(100.0)

@@ -292,3 +292,16 @@ def test_a_copied_mtan_runs_its_own_shared_attention_convs():
             torch.testing.assert_close(copy(x, ["depth"]), model(x, ["depth"]))
     finally:
         model.train()
+
+
+@pytest.mark.parametrize("name", ["segnet_split", "segnet_mtan"])
+def test_segnet_refuses_images_too_small_for_five_poolings_in_one_line(name):
+    with pytest.raises(MtlrunError, match="need images of at least 32x32 pixels, got 24x64"):
+        build(name)(torch.zeros(2, 3, 24, 64), ["depth"])
+
+
+def test_dilated_resnet_refuses_a_training_batch_of_one_image_and_evaluates_one():
+    model = build("resnet50_dilated", [Depth("depth")])
+    with pytest.raises(MtlrunError, match="set trainer.batch_size >= 2"):
+        model(torch.zeros(1, 3, 32, 32), ["depth"])
+    assert model.eval()(torch.zeros(1, 3, 32, 32), ["depth"])["depth"].shape == (1, 1, 32, 32)

@@ -123,6 +123,19 @@ def upsampling_head(cin: int, cout: int) -> nn.Sequential:
 # --- the models ----------------------------------------------------------------------------------
 
 
+class BatchCheckedDeepLabHead(DeepLabHead):
+    """DeepLab-v3's head, refusing in training a batch of one image, on which the batch norm after its
+    image-pooling branch (one value per channel) cannot be computed."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and x.shape[0] == 1:
+            raise MtlrunError(
+                "model=resnet50_dilated trains on batches of at least 2 images (the batch norm of its ASPP "
+                "pooling branch needs them): set trainer.batch_size >= 2"
+            )
+        return super().forward(x)
+
+
 def build_resnet50_dilated(
     tasks: list[Task], pretrained: bool = False, weights_path: str | None = None
 ) -> MultiTaskModel:
@@ -136,7 +149,7 @@ def build_resnet50_dilated(
     _pretrain(trunk, "resnet50", pretrained, weights_path)
     c = trunk.out_channels
     heads = {
-        t.name: DeepLabHead(c, t.out_channels) if t.dense else pooled_linear(c, t.out_channels) for t in tasks
+        t.name: BatchCheckedDeepLabHead(c, t.out_channels) if t.dense else pooled_linear(c, t.out_channels) for t in tasks
     }
     return MultiTaskModel(trunk, heads)
 

@@ -100,6 +100,11 @@ class SegNet(nn.Module):
     def features(self, x: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
         """Per stage k = 0..4: the encoder's first-conv and block outputs, the decoder's unpooled input and
         block output (mtan's g_encoder[k][0], g_encoder[k][1], g_upsampl, g_decoder)."""
+        if min(x.shape[-2:]) < 2**STAGES:  # five 2x2 poolings must leave at least one pixel
+            raise MtlrunError(
+                f"the SegNet models need images of at least {2**STAGES}x{2**STAGES} pixels, got "
+                f"{x.shape[-2]}x{x.shape[-1]}: use larger images (e.g. dataset.image_size) or another model"
+            )
         enc_in, enc_out, indices = [], [], []
         for stage in self.encoder:
             first, out = stage(x)
