@@ -204,23 +204,31 @@ def closest(config: pd.Series, candidates: pd.DataFrame) -> pd.Series:
     return candidates.iloc[int(np.argmax(matches))]
 
 
-def baseline_value(config: pd.Series, stl: pd.DataFrame, column: str) -> float:
-    """The single-task baseline of `column` for `config`: the mean over seeds of a single-task configuration
-    of the same dataset and model that has this metric (the one sharing most training settings); else NaN."""
+def baseline_value(config: pd.Series, stl: pd.DataFrame, column: str) -> tuple[float, object]:
+    """The single-task baseline of `column` for `config` and the model it was trained with: the mean over
+    seeds of a single-task configuration of the same dataset that has this metric (the one sharing most
+    training settings), of the same model where there is one, else of another (the published single-task
+    reference of an MTAN is the plain SegNet, `segnet_split`); (NaN, None) if there is none."""
     if f"{column} mean" not in stl.columns:
-        return np.nan
+        return np.nan, None
     rows = stl[stl[f"{column} mean"].notna()]
-    rows = rows[[all(same(config.get(k), r.get(k)) for k in ("dataset", "model")) for _, r in rows.iterrows()]]
-    return closest(config, rows)[f"{column} mean"] if len(rows) else np.nan
+    rows = rows[[same(config.get("dataset"), r.get("dataset")) for _, r in rows.iterrows()]]
+    own = rows[[same(config.get("model"), r.get("model")) for _, r in rows.iterrows()]]
+    rows = own if len(own) else rows
+    if not len(rows):
+        return np.nan, None
+    row = closest(config, rows)
+    return row[f"{column} mean"], row.get("model")
 
 
 def delta_m(runs: pd.DataFrame, baselines: pd.DataFrame, definitions: pd.DataFrame, split: str,
-            where: str) -> tuple[pd.Series, str | None]:
+            where: str) -> tuple[pd.Series, list[str]]:
     """Δm% of every multi-task run (Maninis et al. 2019; Liu et al. 2022): the mean over the run's task
     metrics of (-1)^l_k (M_k - B_k) / B_k * 100, l_k = 1 where lower is better, B_k from `baseline_value`;
     positive = better than single-task. Metrics that restate another (in_delta_m false) are left out.
-    Returns the values (NaN for single-task runs and where it cannot be computed) and, if it cannot be
-    computed somewhere, one line saying why (`where` names the baselines)."""
+    Returns the values (NaN for single-task runs and where it cannot be computed) and the lines the report
+    must show: which model's single-task runs served where another model had none, and, if Δm% cannot be
+    computed somewhere, why (`where` names the baselines)."""
     directions = metric_directions(definitions)
     restated = set(definitions["name"][~definitions["in_delta_m"].astype(bool)])
     values = pd.Series(np.nan, index=runs.index)
@@ -228,6 +236,7 @@ def delta_m(runs: pd.DataFrame, baselines: pd.DataFrame, definitions: pd.DataFra
     missing: dict[tuple, list[str]] = {}  # (dataset, model) -> tasks without a single-task run
     unknown: list[str] = []  # metrics whose direction no metrics.csv gives
     zero: list[str] = []  # metrics whose baseline is 0
+    borrowed: dict[tuple, list[str]] = {}  # (model, model of its single-task runs) -> tasks
     multi = runs[runs["strategy"] != SINGLE_TASK].groupby("config_id", sort=False)
     failed = 0
     for _, group in multi:
@@ -237,7 +246,9 @@ def delta_m(runs: pd.DataFrame, baselines: pd.DataFrame, definitions: pd.DataFra
             task, name = column.split("/")[1], column.split("/", 1)[1]
             if name in restated:
                 continue
-            reference = baseline_value(config, stl, column)
+            reference, model = baseline_value(config, stl, column)
+            if not np.isnan(reference) and not same(model, config.get("model")):
+                borrowed.setdefault((config.get("model"), model), []).append(task)
             if np.isnan(reference):
                 missing.setdefault((config.get("dataset"), config.get("model")), []).append(task)
             elif name not in directions:
@@ -252,8 +263,13 @@ def delta_m(runs: pd.DataFrame, baselines: pd.DataFrame, definitions: pd.DataFra
             values[group.index] = pd.concat(changes, axis=1).mean(axis=1)
         else:
             failed += 1
+    notes = [
+        f"Δm% of model {model} uses the single-task runs of model {other} for {', '.join(dict.fromkeys(tasks))} "
+        f"(none of {model} itself)"
+        for (model, other), tasks in borrowed.items()
+    ]
     if not failed:
-        return values, None
+        return values, notes
     reasons = []
     for (dataset, model), tasks in missing.items():
         tasks = list(dict.fromkeys(tasks))
@@ -266,7 +282,7 @@ def delta_m(runs: pd.DataFrame, baselines: pd.DataFrame, definitions: pd.DataFra
     if zero:
         reasons.append(f"the single-task value of {', '.join(dict.fromkeys(zero))} is 0: no relative change exists")
     configurations = f"{failed} of {multi.ngroups} multi-task configuration(s)"
-    return values, f"Δm% cannot be computed for {configurations}: " + "; ".join(reasons)
+    return values, [*notes, f"Δm% cannot be computed for {configurations}: " + "; ".join(reasons)]
 
 
 @dataclass
@@ -475,10 +491,10 @@ def build(paths: list[Path], baseline_paths: list[Path] | None, split: str, mean
     if not any(c.startswith(f"{split}/") for c in metric_columns(runs)):
         raise MtlrunError(f"the runs have no '{split}' metrics; use --split test or --split val")
     definitions = metric_definitions(runs)
-    runs[DELTA_M], why = delta_m(runs, baselines, definitions, split, where)
+    runs[DELTA_M], said = delta_m(runs, baselines, definitions, split, where)
     if mean_over_tasks:
         runs, definitions = average_tasks(runs, definitions)
-    return Comparison(runs, compare(runs), metric_directions(definitions), split, notes + ([why] if why else []))
+    return Comparison(runs, compare(runs), metric_directions(definitions), split, notes + said)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

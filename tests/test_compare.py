@@ -29,10 +29,11 @@ EXPECTED_DELTA_M = {("grouped", 1): (-8.0, np.sqrt(128)), ("grouped", 2): (13.5,
 
 
 def write_run(run: Path, seed: int, values: dict[str, float], strategy: str, group_size: int,
-              directions: dict[str, bool] = DIRECTIONS, task: str | None = None, seconds: float = 0.3) -> None:
+              directions: dict[str, bool] = DIRECTIONS, task: str | None = None, seconds: float = 0.3,
+              model: str = "convnet") -> None:
     """A run directory as mtlrun writes it: results.csv, metrics.csv (two epochs) and train_log.csv."""
     run.mkdir(parents=True)
-    settings = {"dataset": "toy", "model": "convnet", "strategy": strategy, "group_size": group_size,
+    settings = {"dataset": "toy", "model": model, "strategy": strategy, "group_size": group_size,
                 "num_tasks": len(values), "optimizer": "adam", "lr": 0.001, "epochs": 2}
     if task is not None:
         settings["strategy.task"] = task
@@ -369,3 +370,23 @@ def test_real_sweep_compares_and_plots(tmp_path):
     assert len(multi) == 3 and list(multi["n_seeds"]) == [2, 2, 2] and multi[f"{DELTA_M} mean"].notna().all()
     for name in ("tradeoff.png", "per_task_vs_averaged.png", "training_curves.png", "diagnostics.png"):
         assert_png(tmp_path / "figs" / name)
+
+
+def test_delta_m_takes_another_models_single_task_runs_where_its_own_are_missing_and_says_so(tmp_path):
+    """MTAN's published single-task reference is the plain SegNet: segnet_mtan runs measured against
+    segnet_split single-task runs, a note naming both; a model's own single-task runs win where present."""
+    write_run(tmp_path / "mtan", 0, {"seg/miou": 55, "depth/abs_err": 0.4}, "averaged", 2, model="segnet_mtan")
+    for i, (task, value) in enumerate({"seg/miou": 50, "depth/abs_err": 0.5}.items()):
+        write_run(tmp_path / f"stl{i}", 0, {task: value}, "single_task", 1, task=task.split("/")[0],
+                  model="segnet_split")
+    comparison = build([tmp_path], None, "test")
+    assert row_of(comparison.table, "averaged", 2)[f"{DELTA_M} mean"] == pytest.approx((10 + 20) / 2)
+    assert comparison.notes == [
+        "Δm% of model segnet_mtan uses the single-task runs of model segnet_split for seg, depth (none of segnet_mtan itself)"
+    ]
+    write_run(tmp_path / "own", 0, {"seg/miou": 55}, "single_task", 1, task="seg", model="segnet_mtan")
+    comparison = build([tmp_path], None, "test")
+    assert row_of(comparison.table, "averaged", 2)[f"{DELTA_M} mean"] == pytest.approx((0 + 20) / 2)
+    assert comparison.notes == [
+        "Δm% of model segnet_mtan uses the single-task runs of model segnet_split for depth (none of segnet_mtan itself)"
+    ]

@@ -64,6 +64,9 @@ class Augment:
                 crop = target[i : i + h, j : j + w][None].float()
                 out[name] = _resize(crop, height, width, "nearest")[0].to(target.dtype)
             elif kind == "depth":
+                # Zooming in by s brings the scene s times nearer: depth / s. Cityscapes stores disparity, which
+                # would scale by s instead; mtan's and CAGrad's Cityscapes code divides it too, and so do we,
+                # to train as the published numbers were trained.
                 out[name] = _resize(target[i : i + h, j : j + w][None], height, width, "nearest")[0] / scale
             elif kind == "normal":
                 out[name] = _resize(target[:, i : i + h, j : j + w], height, width, "bilinear")
