@@ -595,3 +595,14 @@ def test_real_celeba_samples(tmp_path):
     _check_real(out, {})
     with h5py.File(out, "r") as f:
         assert f["train/attributes"].shape[1] == 40 and f["train/image"].shape[1:] == (64, 64, 3)
+
+
+def test_a_mat_made_file_says_why_it_has_no_normals(tmp_path):
+    _write_nyu_mat(tmp_path / "raw")
+    np.save(tmp_path / "map.npy", _raw_table())
+    raw, out = tmp_path / "raw", tmp_path / "x.h5"
+    nyuv2.main(["--src", str(raw), "--splits", str(raw / "splits.mat"), "--mapping", str(tmp_path / "map.npy"),
+                "--out", str(out)])
+    with pytest.raises(MtlrunError, match=r"leave the task out \(dataset.tasks=\[segmentation,depth\]\); the file "
+                                          r"says: normal absent: the official \.mat holds no surface normals"):
+        _open("nyuv2", out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -119,9 +120,13 @@ def _load(cfg: DictConfig, file: DatasetFile, tasks: list[str], split_names: tup
         for name, (key, _) in targets.items():
             if not file.has(split, key):
                 others = [n for n in specs if n != name]
+                # The converter records why an array is absent (the official NYUv2 .mat has no normals).
+                why = json.loads(file.attrs.get("options", "{}")).get(key)
+                remake = f"the file says: {key} {why}" if isinstance(why, str) else \
+                    f"or remake the file with it ({file.how_to_make})"
                 raise MtlrunError(
                     f"{file.path} has no '{split}/{key}' array, which task '{name}' needs: leave the task out "
-                    f"(dataset.tasks=[{','.join(others)}]) or remake the file with it ({file.how_to_make})"
+                    f"(dataset.tasks=[{','.join(others)}]); {remake}"
                 )
     for split in present:
         _check_arrays(file, split, {spec["key"]: spec["kind"] for spec in specs.values()})
