@@ -305,3 +305,13 @@ def test_dilated_resnet_refuses_a_training_batch_of_one_image_and_evaluates_one(
     with pytest.raises(MtlrunError, match="set trainer.batch_size >= 2"):
         model(torch.zeros(1, 3, 32, 32), ["depth"])
     assert model.eval()(torch.zeros(1, 3, 32, 32), ["depth"])["depth"].shape == (1, 1, 32, 32)
+
+
+def test_dilated_resnet_upsamples_with_aligned_corners_as_libmtl_and_the_others_do_not():
+    model = build("resnet50_dilated", [Depth("depth")]).eval()
+    image = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        low = model.heads["depth"](model.encoder(image))
+        expected = torch.nn.functional.interpolate(low, size=(32, 48), mode="bilinear", align_corners=True)
+        torch.testing.assert_close(model(image, ["depth"])["depth"], expected)
+    assert not build("resnet18_multihead").align_corners

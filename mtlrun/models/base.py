@@ -15,10 +15,11 @@ class MultiTaskModel(nn.Module):
     bilinearly to the image size here, once for every architecture.
     """
 
-    def __init__(self, encoder: nn.Module, heads: dict[str, nn.Module]) -> None:
+    def __init__(self, encoder: nn.Module, heads: dict[str, nn.Module], align_corners: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
         self.heads = nn.ModuleDict(heads)
+        self.align_corners = align_corners  # of the upsampling to the image size, as the reference code has it
 
     def forward(self, image: Tensor, tasks: Sequence[str]) -> dict[str, Tensor]:
         return self.heads_on(self.encoder(image), tasks, image.shape[-2:])
@@ -29,7 +30,7 @@ class MultiTaskModel(nn.Module):
         for task in tasks:
             out = self.heads[task](features)
             if out.dim() == 4 and tuple(out.shape[-2:]) != tuple(size):
-                out = F.interpolate(out, size=tuple(size), mode="bilinear", align_corners=False)
+                out = F.interpolate(out, size=tuple(size), mode="bilinear", align_corners=self.align_corners)
             outputs[task] = out
         return outputs
 

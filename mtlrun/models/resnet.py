@@ -151,7 +151,7 @@ def build_resnet50_dilated(
     heads = {
         t.name: BatchCheckedDeepLabHead(c, t.out_channels) if t.dense else pooled_linear(c, t.out_channels) for t in tasks
     }
-    return MultiTaskModel(trunk, heads)
+    return MultiTaskModel(trunk, heads, align_corners=True)  # LibMTL's `process_preds` upsamples so
 
 
 def build_resnet18_multihead(
