@@ -233,6 +233,7 @@ def _edit(path, split, key, array):
     ("normal", np.zeros((10, 8, 8), np.float32), r"wants float of shape \(10, 8, 8, 3\)"),
     ("attributes", np.zeros((10, 3), np.float32), r"wants integer of shape \(10, 'K'\)"),
     ("image", np.zeros((10, 8, 8, 3), np.float32), "'train/image' is float32 .* wants uint8 N x H x W x 3"),
+    ("image", np.zeros((10, 64), np.uint8), r"'train/image' is uint8 of shape \(10, 64\), the schema wants uint8"),
 ])
 def test_arrays_of_the_wrong_shape_or_dtype_are_refused_before_training(data_file, key, array, message):
     _edit(data_file, "train", key, array)

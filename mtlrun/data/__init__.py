@@ -155,12 +155,13 @@ _STORED = {"segmentation": ("iu", "HW"), "depth": ("f", "HW"), "normal": ("f", "
 def _check_arrays(file: DatasetFile, split: str, kinds: dict[str, str]) -> None:
     """The stored arrays are what the schema says (a hand-made file may not be): a uint8 N x H x W x 3 image
     and, per target, the right dtype and a shape of N samples of the image's size; checked without reading."""
-    (count, height, width, *channels), dtype = file.shape_dtype(split, "image")
-    if dtype != np.uint8 or channels != [3]:
+    shape, dtype = file.shape_dtype(split, "image")
+    if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
         raise MtlrunError(
-            f"{file.path}: '{split}/image' is {dtype} of shape {(count, height, width, *channels)}, the schema "
-            f"wants uint8 N x H x W x 3 (0..255): {file.how_to_make}"
+            f"{file.path}: '{split}/image' is {dtype} of shape {shape}, the schema wants uint8 N x H x W x 3 "
+            f"(0..255): {file.how_to_make}"
         )
+    count, height, width = shape[:3]
     for key, kind in kinds.items():
         shape, dtype = file.shape_dtype(split, key)
         dtype_kinds, rest = _STORED[kind]
