@@ -25,22 +25,26 @@ from mtlrun.errors import MtlrunError  # noqa: E402
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
-def _write_mtan_layout(root: Path, counts: dict[str, int], size=(6, 8)) -> dict:
+def _write_npy_layout(root: Path, counts: dict[str, int], sample) -> dict:
+    """`root/<split>/<kind>/<i>.npy` from `sample(rng)` (kind -> array) for each sample; returns them all."""
     rng = np.random.default_rng(0)
     written = {}
     for split, n in counts.items():
         for i in range(n):
-            sample = {
-                "image": rng.uniform(0, 1, (*size, 3)).astype(np.float32),
-                "label": rng.integers(-1, 13, size).astype(np.float32),
-                "depth": rng.uniform(0, 10, (*size, 1)).astype(np.float32),
-                "normal": rng.uniform(-1, 1, (*size, 3)).astype(np.float32),
-            }
-            for kind, array in sample.items():
+            written[(split, i)] = arrays = sample(rng)
+            for kind, array in arrays.items():
                 (root / split / kind).mkdir(parents=True, exist_ok=True)
                 np.save(root / split / kind / f"{i}.npy", array)
-            written[(split, i)] = sample
     return written
+
+
+def _write_mtan_layout(root: Path, counts: dict[str, int], size=(6, 8)) -> dict:
+    return _write_npy_layout(root, counts, lambda rng: {
+        "image": rng.uniform(0, 1, (*size, 3)).astype(np.float32),
+        "label": rng.integers(-1, 13, size).astype(np.float32),
+        "depth": rng.uniform(0, 10, (*size, 1)).astype(np.float32),
+        "normal": rng.uniform(-1, 1, (*size, 3)).astype(np.float32),
+    })
 
 
 def test_nyuv2_mtan_layout_round_trip(tmp_path):
@@ -283,21 +287,12 @@ def test_nyuv2_mat_errors_name_the_missing_file(tmp_path):
 
 
 def _write_cityscapes_npy(root: Path, counts: dict[str, int], size=(4, 8)) -> dict:
-    rng = np.random.default_rng(0)
-    written = {}
-    for split, n in counts.items():
-        for i in range(n):
-            sample = {
-                "image": rng.uniform(0, 1, (*size, 3)).astype(np.float32),
-                "label_7": rng.integers(-1, 7, size).astype(np.float32),
-                "label_19": rng.integers(-1, 19, size).astype(np.float32),
-                "depth": (rng.uniform(0, 1, (*size, 1)) * (rng.uniform(size=(*size, 1)) > 0.2)).astype("f4"),
-            }
-            for kind, array in sample.items():
-                (root / split / kind).mkdir(parents=True, exist_ok=True)
-                np.save(root / split / kind / f"{i}.npy", array)
-            written[(split, i)] = sample
-    return written
+    return _write_npy_layout(root, counts, lambda rng: {
+        "image": rng.uniform(0, 1, (*size, 3)).astype(np.float32),
+        "label_7": rng.integers(-1, 7, size).astype(np.float32),
+        "label_19": rng.integers(-1, 19, size).astype(np.float32),
+        "depth": (rng.uniform(0, 1, (*size, 1)) * (rng.uniform(size=(*size, 1)) > 0.2)).astype("f4"),
+    })
 
 
 def test_cityscapes_npy_layout_round_trip(tmp_path):
