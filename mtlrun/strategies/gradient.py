@@ -51,19 +51,22 @@ class GradientMethod(LossCombiner):
 class GramWeighting(GradientMethod):
     """A method whose update is sum_t w_t g_t with weights read from the T x T Gram matrix G = J J^T.
 
-    G is formed once in float64 and divided by its trace, which leaves these weights unchanged (they
-    do not depend on a common scale of the gradients) but keeps solver tolerances meaningful however
-    small the gradients get. The all-zero Jacobian gives the zero update without calling the method.
+    G and the combination sum_t w_t g_t are computed in float64 from the (float32) task gradients, so G is
+    the exact Gram matrix of the gradients the model produced: on near-parallel gradients (cosine
+    1 - 1e-6) a float32 G loses the small eigenvalue the methods divide by. G is divided by its trace,
+    which leaves these weights unchanged (they do not depend on a common scale of the gradients) but
+    keeps solver tolerances meaningful however small the gradients get. The all-zero Jacobian gives the zero update without calling the method.
     """
 
     def aggregate(self, jacobian: Tensor, losses: dict[str, Tensor]) -> Tensor:
-        gram = (jacobian @ jacobian.T).double()
+        exact = jacobian.double()
+        gram = exact @ exact.T
         trace = gram.trace()
         if not trace > 0:
             return torch.zeros_like(jacobian[0])
-        weights = self.gram_weights(gram / trace, losses)
+        weights = self.gram_weights(gram / trace, losses).to(exact.device)
         self.weights.update(zip(losses, weights.tolist()))
-        return weights.to(jacobian.dtype) @ jacobian
+        return (weights @ exact).to(jacobian.dtype)
 
     @abstractmethod
     def gram_weights(self, gram: Tensor, losses: dict[str, Tensor]) -> Tensor:
