@@ -100,6 +100,28 @@ class MultiTaskOptimizer:
         for task, grad in head_grads.items():
             self._update(self.heads[task], grad, [task])
 
+    @torch.no_grad()
+    def step_each(self, shared_grads: dict[str, Tensor], head_grads: dict[str, Tensor]) -> None:
+        """One step in which each task's own gradient of the shared parameters feeds that task's own state
+        and the shared parameters move along the sum of the tasks' directions (AdaTask); heads as `step`.
+
+        Weight decay: Adam's L2 term joins every task's gradient; AdamW's decoupled decay shrinks the
+        shared parameters once per step, as for any other step.
+        """
+        s, block = self.settings, self.shared
+        if s.weight_decay and s.name == "adamw":
+            torch._foreach_mul_([p.data for p in block.params], 1 - self.lr * s.weight_decay)
+        update = torch.zeros_like(next(iter(shared_grads.values())))
+        for task, grad in shared_grads.items():
+            if s.weight_decay and s.name != "adamw":
+                grad = grad + s.weight_decay * block.flat_params()
+            ((slot, _),) = _states_to_step(block.slots, [task])
+            slot["step"] += 1
+            self._adam_direction(slot, grad, update, -self.lr)
+        block.apply(update)
+        for task, grad in head_grads.items():
+            self._update(self.heads[task], grad, [task])
+
     def _update(self, block: ParameterBlock, grad: Tensor, slot_keys: list[str]) -> None:
         s, lr = self.settings, self.lr
         if s.weight_decay and s.name == "adamw":

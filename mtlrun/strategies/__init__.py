@@ -8,6 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtlrun import CONF_DIR
 from mtlrun.errors import MtlrunError
+from mtlrun.strategies.adatask import AdaTask
 from mtlrun.strategies.aligned_mtl import AlignedMTL
 from mtlrun.strategies.alternating import Alternating
 from mtlrun.strategies.averaged import Averaged
@@ -53,6 +54,8 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "aligned_mtl": AlignedMTL,
     "graddrop": GradDrop,
     "upgrad": UPGrad,
+    # per-task optimizer state from one forward pass
+    "adatask": AdaTask,
 }
 
 __all__ = ["STRATEGIES", "StepContext", "Strategy", "build_strategy"]
