@@ -13,6 +13,7 @@ from mtlrun.errors import MtlrunError
 METRICS_CSV = "metrics.csv"
 TRAIN_LOG_CSV = "train_log.csv"
 DIAGNOSTICS_CSV = "diagnostics.csv"
+STRATEGY_LOG_CSV = "strategy_log.csv"
 RESULTS_CSV = "results.csv"
 CHECKPOINT = "checkpoint.pt"
 
@@ -47,15 +48,20 @@ class RunDir:
                 f"{self.path} already holds a run ({', '.join(existing)}): add resume=true to continue it, "
                 f"overwrite=true to start it over, or choose another hydra.run.dir"
             )
-        for name in (CHECKPOINT, RESULTS_CSV, METRICS_CSV, TRAIN_LOG_CSV, DIAGNOSTICS_CSV):
+        for name in (CHECKPOINT, RESULTS_CSV, METRICS_CSV, TRAIN_LOG_CSV, DIAGNOSTICS_CSV, STRATEGY_LOG_CSV):
             (self.path / name).unlink(missing_ok=True)
 
-    def save(self, train_log: list[dict], metrics: list[dict], diagnostics: list[dict], state: dict) -> None:
+    def save(
+        self, train_log: list[dict], metrics: list[dict], diagnostics: list[dict], state: dict,
+        strategy_log: list[dict] = (),
+    ) -> None:
         """Write the logs, then the checkpoint: a checkpoint never refers to rows the CSVs lack."""
         write_csv(train_log, self.path / TRAIN_LOG_CSV)
         write_csv(metrics, self.path / METRICS_CSV)
         if diagnostics:
             write_csv(diagnostics, self.path / DIAGNOSTICS_CSV)
+        if strategy_log:
+            write_csv(list(strategy_log), self.path / STRATEGY_LOG_CSV)
         _replace(self.checkpoint, lambda tmp: torch.save(state, tmp))
 
     def load_checkpoint(self, device: torch.device) -> dict:

@@ -159,7 +159,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "train_log": train_log, "metrics": metrics,
             "diagnostics": diagnostics.state_dict() if diagnostics is not None else None,
-        })
+        }, strategy.records())
     logger.close()
 
     results = results_row(cfg, run_dir, config_id, strategy, data.tasks, train_log, metrics, ctx.counts, device)

@@ -167,7 +167,7 @@ def test_strategy_state_round_trip_reproduces_choices():
         ({"name": "alternating", "order": "random", "batch": "new"}, "strategy.batch"),
         ({"name": "averaged", "weights": {"a": 1.0}}, "one weight per task"),
         ({"name": "averaged", "weights": {"a": -1.0, "b": 1.0, "c": 1.0}}, ">= 0"),
-        ({"name": "nope"}, "known: aligned_mtl, alternating, averaged, cagrad"),
+        ({"name": "nope"}, "known: adatask, aligned_mtl, alternating, averaged, cagrad"),
     ],
 )
 def test_bad_settings_are_refused(cfg, message):

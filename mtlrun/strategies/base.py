@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from mtlrun.data.loading import Batch
+from mtlrun.errors import MtlrunError
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.optim import MultiTaskOptimizer, flatten
 from mtlrun.tasks import Task
@@ -116,6 +117,10 @@ class Strategy(ABC):
     def epoch_end(self) -> None:
         """Called by the loop after every training epoch (methods that weight tasks by epoch history)."""
 
+    def records(self) -> list[dict]:
+        """Rows of the strategy's own log (`strategy_log.csv`), e.g. the task partitions it drew; [] = none."""
+        return []
+
     def state_dict(self) -> dict:
         return {}
 
@@ -141,20 +146,32 @@ class LossCombiner(Strategy):
         """Take exactly one optimizer step (`ctx.step` or `ctx.apply`) on the tasks in `losses`."""
 
 
-def weighted_mean(losses: dict[str, Tensor], order: Sequence[str], weights: dict[str, float] | None = None) -> Tensor:
-    """Sum of w_t * L_t over `losses`, divided by the sum of weights, always in the dataset's task order.
+REDUCTIONS = ("mean", "sum")  # how a step's losses are combined: divided by the sum of weights, or not
+
+
+def weighted_mean(
+    losses: dict[str, Tensor], order: Sequence[str], weights: dict[str, float] | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Sum of w_t * L_t over `losses`, divided by the sum of weights (`reduction=sum`: not divided), always
+    in the dataset's task order.
 
     Summing in a fixed order makes a group holding every task bit-identical to the averaged loss.
     """
     names = [t for t in order if t in losses]
     w = {t: 1.0 for t in names} if weights is None else weights
     total = sum(w[t] * losses[t] for t in names)
-    return total / sum(w[t] for t in names)
+    return total if reduction == "sum" else total / sum(w[t] for t in names)
 
 
-def mean_step(ctx: StepContext, losses: dict[str, Tensor]) -> None:
-    """One step on the plain mean of `losses`: how a group is combined unless a method is given."""
-    ctx.step(list(losses), weighted_mean(losses, ctx.task_names))
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise MtlrunError(f"strategy.reduction={reduction!r} is invalid; valid: {', '.join(REDUCTIONS)}")
+
+
+def mean_step(ctx: StepContext, losses: dict[str, Tensor], reduction: str = "mean") -> None:
+    """One step on the plain mean (or sum) of `losses`: how a group is combined unless a method is given."""
+    ctx.step(list(losses), weighted_mean(losses, ctx.task_names, reduction=reduction))
 
 
 def step_on_groups(

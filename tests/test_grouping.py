@@ -1,0 +1,130 @@
+"""Random grouping's regrouping schedules and loss reductions, against hand-written loops."""
+
+import pandas as pd
+import pytest
+import torch
+
+from mtlrun.errors import MtlrunError
+from mtlrun.strategies.averaged import Averaged
+from mtlrun.strategies.grouped import Grouped
+from mtlrun.strategies.pcgrad import PCGrad
+from tests.helpers import batches, context, linear_model
+
+TASKS = ["a", "b", "c", "d"]
+
+
+def _one_step_change(strategy, tasks, **optimizer):
+    model = linear_model(tasks)
+    before = model.encoder.weight.detach().clone()
+    data = batches(tasks, count=1)
+    strategy.iteration(context(model, tasks, data, **optimizer))
+    return model.encoder.weight.detach() - before
+
+
+def test_reduction_sum_is_the_mean_times_t_in_the_gradient():
+    mean = _one_step_change(Averaged(TASKS), TASKS, name="sgd", lr=0.01)
+    total = _one_step_change(Averaged(TASKS, reduction="sum"), TASKS, name="sgd", lr=0.01)
+    torch.testing.assert_close(total, 4 * mean)
+    # inside groups of 2 (one group holding every task would be averaged): the sum is twice the mean
+    mean = _one_step_change(Grouped(TASKS[:2], seed=0, group_size=2), TASKS[:2], name="sgd", lr=0.01)
+    total = _one_step_change(Grouped(TASKS[:2], seed=0, group_size=2, reduction="sum"), TASKS[:2], name="sgd", lr=0.01)
+    torch.testing.assert_close(total, 2 * mean)
+
+
+def _run_epochs(strategy, epochs: int, per_epoch: int) -> list[list[list[str]]]:
+    """The partition used at each iteration."""
+    data = batches(TASKS, count=epochs * per_epoch)
+    ctx = context(linear_model(TASKS), TASKS, data)
+    used = []
+    for _ in range(epochs):
+        for _ in range(per_epoch):
+            strategy.iteration(ctx)
+            ctx.counts.iterations += 1
+            used.append([list(g) for g in strategy.partition])
+        strategy.epoch_end()
+    return used
+
+
+def test_regroup_once_keeps_one_partition_for_the_whole_run():
+    strategy = Grouped(TASKS, seed=3, group_size=2, regroup="once")
+    used = _run_epochs(strategy, epochs=3, per_epoch=4)
+    assert all(p == used[0] for p in used)
+    assert strategy.records() == [{"epoch": 1, "iteration": 1, "groups": " | ".join(",".join(g) for g in used[0])}]
+
+
+def test_regroup_epoch_draws_exactly_at_epoch_boundaries():
+    strategy = Grouped(TASKS, seed=1, group_size=2, regroup="epoch")
+    used = _run_epochs(strategy, epochs=4, per_epoch=3)
+    for epoch in range(4):
+        assert all(p == used[3 * epoch] for p in used[3 * epoch : 3 * epoch + 3])
+    assert [(r["epoch"], r["iteration"]) for r in strategy.records()] == [(1, 1), (2, 4), (3, 7), (4, 10)]
+    assert len({r["groups"] for r in strategy.records()}) > 1  # seed 1 draws different partitions
+    every = Grouped(TASKS, seed=1, group_size=2)  # regroup=iteration: one draw, and one row, per iteration
+    _run_epochs(every, 2, 3)
+    assert [r["iteration"] for r in every.records()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_regroup_once_with_per_task_moments_is_one_adam_per_group():
+    """The authors' MTL-IO with random groups: one torch.optim.Adam per group over the shared W and the
+    group's heads, one step per group on the sum of its losses, groups in the drawn order."""
+    data = batches(TASKS, count=5)
+    model = linear_model(TASKS)
+    W = model.encoder.weight.detach().clone().requires_grad_()
+    heads = {t: model.heads[t].weight.detach().clone().requires_grad_() for t in TASKS}
+    strategy = Grouped(TASKS, seed=2, group_size=2, regroup="once", reduction="sum")
+    ctx = context(model, TASKS, data, name="adam", lr=0.01, moments="per_task")
+    for _ in data:
+        strategy.iteration(ctx)
+    groups = strategy.partition
+    assert sorted(t for g in groups for t in g) == TASKS and all(len(g) == 2 for g in groups)
+    adams = [torch.optim.Adam([W, *(heads[t] for t in g)], lr=0.01) for g in groups]
+    for batch in data:
+        for group, adam in zip(groups, adams):
+            adam.zero_grad()
+            features = batch["image"] @ W.T
+            loss = sum(((features @ heads[t].T).squeeze(-1) - batch[t]).pow(2).mean() for t in TASKS if t in group)
+            loss.backward()
+            adam.step()
+    torch.testing.assert_close(model.encoder.weight.detach(), W.detach(), rtol=1e-5, atol=1e-6)
+    for t in TASKS:
+        torch.testing.assert_close(model.heads[t].weight.detach(), heads[t].detach(), rtol=1e-5, atol=1e-6)
+    states = ctx.optimizer.shared.slots
+    assert len({id(states[t]) for t in TASKS}) == 2  # one state per group
+
+
+def test_state_round_trip_keeps_the_partition_and_its_history():
+    strategy = Grouped(TASKS, seed=4, group_size=3, regroup="epoch")
+    _run_epochs(strategy, epochs=2, per_epoch=2)
+    resumed = Grouped(TASKS, seed=99, group_size=3, regroup="epoch")
+    resumed.load_state_dict(strategy.state_dict())
+    assert resumed.records() == strategy.records() and resumed.epochs_done == 2
+    assert _run_epochs(resumed, 1, 2) == _run_epochs(strategy, 1, 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"regroup": "sometimes"}, "strategy.regroup"), ({"reduction": "max"}, "strategy.reduction"),
+     ({"reduction": "sum", "combiner": PCGrad(TASKS, seed=0)}, "strategy.reduction=sum")],
+)
+def test_bad_settings_are_refused_in_one_line(kwargs, match):
+    with pytest.raises(MtlrunError, match=match):
+        Grouped(TASKS, seed=0, group_size=2, **kwargs)
+
+
+@pytest.mark.slow
+def test_partitions_are_written_and_survive_resume_exactly(tmp_path):
+    from mtlrun.data import build_shapes
+    from tests.test_cli import TINY, mtlrun
+
+    build_shapes(tmp_path / "data/shapes-64px-64-16-32-seed0.h5", 64, 64, 16, 32, generator_seed=0)
+    args = [*TINY, "strategy=grouped", "strategy.regroup=epoch", "strategy.reduction=sum", "trainer.epochs=2"]
+    whole = mtlrun(*args, "hydra.run.dir=whole", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    first = mtlrun(*args, "trainer.stop_after_epochs=1", "hydra.run.dir=parts", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    rest = mtlrun(*args, "resume=true", "hydra.run.dir=parts", cwd=tmp_path)
+    assert rest.returncode == 0, rest.stderr
+    log = pd.read_csv(tmp_path / "whole/strategy_log.csv")
+    assert list(log.epoch) == [1, 2] and list(log.iteration) == [1, 5]  # 64 samples, batch 16
+    assert (tmp_path / "whole/strategy_log.csv").read_bytes() == (tmp_path / "parts/strategy_log.csv").read_bytes()
+    assert (tmp_path / "whole/metrics.csv").read_bytes() == (tmp_path / "parts/metrics.csv").read_bytes()
