@@ -1,5 +1,6 @@
 """Random grouping's regrouping schedules and loss reductions, against hand-written loops."""
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -128,3 +129,75 @@ def test_partitions_are_written_and_survive_resume_exactly(tmp_path):
     assert list(log.epoch) == [1, 2] and list(log.iteration) == [1, 5]  # 64 samples, batch 16
     assert (tmp_path / "whole/strategy_log.csv").read_bytes() == (tmp_path / "parts/strategy_log.csv").read_bytes()
     assert (tmp_path / "whole/metrics.csv").read_bytes() == (tmp_path / "parts/metrics.csv").read_bytes()
+
+
+def test_affinity_propagation_finds_two_obvious_clusters():
+    from mtlrun.strategies.affinity import affinity_propagation
+
+    similarity = -np.array([[0, 1, 9, 9], [1, 0, 9, 9], [9, 9, 0, 1], [9, 9, 1, 0]], dtype=float)
+    labels = affinity_propagation(similarity)
+    assert labels is not None and labels[0] == labels[1] and labels[2] == labels[3] and labels[0] != labels[2]
+    assert len(set(affinity_propagation(similarity, preference=0.0))) == 4  # each its own exemplar
+
+
+def test_affinity_credits_each_group_with_its_own_step_on_the_same_batch():
+    """Hand-computed: with decay 1 the matrix holds the last measurement, (1 - L_t(after)/L_t(before)) / |G|
+    for the group's own step, every loss measured on the iteration's batch with SGD steps replayed here."""
+    tasks = TASKS[:3]
+    data = batches(tasks, count=1)
+    model = linear_model(tasks)
+    replica = linear_model(tasks)
+    strategy = Grouped(tasks, seed=0, group_size=1, grouping="affinity", decay=1.0, warmup=5)
+    ctx = context(model, tasks, data, name="sgd", lr=0.05)
+    strategy.iteration(ctx)
+    order = [g[0] for g in strategy.partition]
+    assert sorted(order) == tasks  # warm-up: every task alone, in a shuffled order
+    batch = data[0]
+    expected = torch.zeros(3, 3, dtype=torch.float64)
+    opt = torch.optim.SGD(replica.parameters(), lr=0.05)
+
+    def all_losses():
+        out = replica(batch["image"], tasks)
+        return {t: ((out[t].squeeze(-1) - batch[t]) ** 2).mean() for t in tasks}
+
+    for task in order:
+        before = all_losses()
+        opt.zero_grad()
+        before[task].backward()
+        opt.step()
+        with torch.no_grad():
+            after = all_losses()
+        for j, t in enumerate(tasks):
+            expected[tasks.index(task), j] = 1 - float(after[t]) / float(before[t].detach())
+    torch.testing.assert_close(strategy.affinity.matrix, expected, rtol=1e-5, atol=1e-7)
+    assert ctx.counts.forward_passes == 4 and ctx.counts.backward_passes == 3 and ctx.counts.optimizer_steps == 3
+
+
+def test_affinity_groups_tasks_that_help_each_other():
+    from mtlrun.strategies.affinity import TaskAffinity
+
+    affinity = TaskAffinity(TASKS, decay=1.0, preference=None)
+    helps = {("a", "b"), ("b", "a"), ("c", "d"), ("d", "c")}
+    for s in TASKS:
+        before = dict.fromkeys(TASKS, 1.0)
+        after = {t: 0.5 if t == s else (0.6 if (s, t) in helps else 1.3) for t in TASKS}
+        affinity.update([s], before, after)
+    groups = sorted(sorted(g) for g in affinity.groups())
+    assert groups == [["a", "b"], ["c", "d"]]
+
+
+@pytest.mark.slow
+def test_affinity_grouping_runs_from_the_cli(tmp_path):
+    from mtlrun.data import build_shapes
+    from tests.test_cli import TINY, mtlrun
+
+    build_shapes(tmp_path / "data/shapes-64px-64-16-32-seed0.h5", 64, 64, 16, 32, generator_seed=0)
+    result = mtlrun(*TINY, "strategy=grouped", "strategy.grouping=affinity", "strategy.warmup=2",
+                    "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    row = pd.read_csv(tmp_path / "run/results.csv").iloc[0]
+    log = pd.read_csv(tmp_path / "run/strategy_log.csv")
+    assert len(log) == 4 and all(len(g.split(" | ")) == 4 for g in log.groups[:2])  # warm-up: singletons
+    groups = [g.count("|") + 1 for g in log.groups]
+    assert row.steps_per_iteration == sum(groups) / 4
+    assert row.passes_per_iteration == sum(g + 1 for g in groups) / 4
