@@ -24,6 +24,10 @@ class Diagnostics:
     - `grad_norm/<task>` and `cosine/<a>/<b>`: each task's gradient of the shared parameters and their
       pairwise cosine similarities (negative = conflict), on a fixed probe batch so that measuring
       never changes the training batches; batch-norm statistics are restored afterwards;
+    - `affinity/<s>/<t>`: the lookahead inter-task affinity of Fifty et al. ("Efficiently Identifying Task
+      Groupings for Multi-Task Learning", NeurIPS 2021): 1 - L_t(theta - lr g_s) / L_t(theta) on the probe
+      batch, a plain gradient step on task s's loss alone (the current learning rate) and its relative
+      effect on task t's loss (> 0: a step on s helps t); the parameters are restored afterwards;
     - `weight/<task>`: the task weights a weighting strategy uses now, if it has any.
     Measurement passes are not counted in the run's forward/backward counts.
     """
@@ -63,17 +67,36 @@ class Diagnostics:
         buffers = {name: b.clone() for name, b in model.named_buffers()}
         shared = model.shared_parameters()
         outputs = model(self.probe["image"], ctx.task_names)
-        grads = {}
+        grads, losses = {}, {}
         for i, task in enumerate(ctx.task_names):
             loss = ctx.tasks[task].loss(outputs[task], self.probe[task])
+            losses[task] = loss.detach()
             g = torch.autograd.grad(loss, shared, retain_graph=i < len(ctx.task_names) - 1, allow_unused=True)
             grads[task] = torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1) for x, p in zip(g, shared)])
+        stats = self._lookahead_affinity(ctx, grads, losses)
         with torch.no_grad():
             for name, b in model.named_buffers():
                 b.copy_(buffers[name])
-        stats = {f"grad_norm/{t}": g.norm().item() for t, g in grads.items()}
+        stats.update({f"grad_norm/{t}": g.norm().item() for t, g in grads.items()})
         for a, b in itertools.combinations(ctx.task_names, 2):
             stats[f"cosine/{a}/{b}"] = torch.nn.functional.cosine_similarity(grads[a], grads[b], dim=0).item()
+        return stats
+
+    @torch.no_grad()
+    def _lookahead_affinity(self, ctx: StepContext, grads: dict[str, Tensor], losses: dict[str, Tensor]) -> dict:
+        shared = ctx.model.shared_parameters()
+        saved = [p.detach().clone() for p in shared]
+        sizes = [p.numel() for p in shared]
+        stats = {}
+        for source, grad in grads.items():
+            for p, g in zip(shared, grad.split(sizes)):
+                p.sub_(ctx.optimizer.lr * g.view_as(p))
+            outputs = ctx.model(self.probe["image"], ctx.task_names)
+            for target in ctx.task_names:
+                after = ctx.tasks[target].loss(outputs[target], self.probe[target])
+                stats[f"affinity/{source}/{target}"] = (1 - after / losses[target]).item()
+            for p, value in zip(shared, saved):
+                p.copy_(value)
         return stats
 
     def state_dict(self) -> dict:

@@ -30,6 +30,7 @@ TRADEOFF_PNG = "tradeoff.png"
 PER_TASK_PNG = "per_task_vs_averaged.png"
 CURVES_PNG = "training_curves.png"
 DIAGNOSTICS_PNG = "diagnostics.png"
+AFFINITY_PNG = "affinity.png"
 
 
 def write_plots(comparison: Comparison, out_dir: Path, metric: str | None = None) -> list[str]:
@@ -40,6 +41,7 @@ def write_plots(comparison: Comparison, out_dir: Path, metric: str | None = None
         plot_against_averaged(comparison, out_dir / PER_TASK_PNG),
         plot_curves(comparison, out_dir / CURVES_PNG),
         plot_diagnostics(comparison, out_dir / DIAGNOSTICS_PNG),
+        plot_affinity(comparison, out_dir / AFFINITY_PNG),
     ]
 
 
@@ -226,5 +228,47 @@ def plot_diagnostics(comparison: Comparison, path: Path) -> str:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right upper")
     fig.suptitle("Training diagnostics (mean over seeds)")
+    fig.savefig(path, dpi=120)
+    return f"wrote {path}"
+
+
+def affinity_matrices(comparison: Comparison) -> dict[str, pd.DataFrame]:
+    """Per configuration, the mean over its runs and diagnostics rows of `affinity/<s>/<t>`: rows s, columns t."""
+    frame = run_frames(comparison, DIAGNOSTICS_CSV)
+    columns = [c for c in frame.columns if c.startswith("affinity/")]
+    matrices = {}
+    for label, rows in frame.groupby("label", sort=False):
+        means = rows[columns].mean()
+        pairs = [c.split("/")[1:] for c in columns if not np.isnan(means[c])]
+        tasks = list(dict.fromkeys(t for pair in pairs for t in pair))
+        if tasks:
+            matrix = pd.DataFrame(np.nan, index=tasks, columns=tasks)
+            for (source, target), column in zip(pairs, [c for c in columns if not np.isnan(means[c])]):
+                matrix.loc[source, target] = means[column]
+            matrices[label] = matrix
+    return matrices
+
+
+def plot_affinity(comparison: Comparison, path: Path) -> str:
+    """One heat map per configuration of the lookahead inter-task affinity (mean over the run and seeds):
+    row s, column t is how a step on task s alone changes task t's loss (> 0: s helps t)."""
+    matrices = affinity_matrices(comparison)
+    if not matrices:
+        return (f"{path.name} not written: no run has affinity columns in its {DIAGNOSTICS_CSV} "
+                f"(train with diagnostics=true)")
+    fig = Figure(figsize=(4.6 * len(matrices), 4.4), layout="constrained")
+    axes = fig.subplots(1, len(matrices), squeeze=False)[0]
+    bound = max(float(np.nanmax(np.abs(m.to_numpy()))) for m in matrices.values()) or 1.0
+    for ax, (label, matrix) in zip(axes, matrices.items()):
+        image = ax.imshow(matrix.to_numpy(), cmap="RdBu", vmin=-bound, vmax=bound)
+        ax.set_xticks(range(len(matrix.columns)), matrix.columns, rotation=45, ha="right")
+        ax.set_yticks(range(len(matrix.index)), matrix.index)
+        for (i, j), value in np.ndenumerate(matrix.to_numpy()):
+            ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=8)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("task t (loss measured)")
+        ax.set_ylabel("task s (step taken)")
+    fig.colorbar(image, ax=list(axes), label="1 - L_t(after step on s) / L_t(before)")
+    fig.suptitle("Inter-task affinity (lookahead, mean over the run and seeds)")
     fig.savefig(path, dpi=120)
     return f"wrote {path}"

@@ -333,6 +333,7 @@ def test_plots_say_why_a_figure_is_missing(tmp_path, capsys):
     assert "tradeoff.png not written: no configuration has Δm%" in err
     assert "per_task_vs_averaged.png not written: no averaged configuration" in err
     assert "diagnostics.png not written: no run has a diagnostics.csv" in err
+    assert "affinity.png not written: no run has affinity columns" in err
     assert not (tmp_path / "figs" / "tradeoff.png").exists()
     assert_png(tmp_path / "figs" / "training_curves.png")
     _, err = compare_cli(capsys, tmp_path, "--out", tmp_path / "cmp.csv", "--plot", tmp_path / "figs",
@@ -368,7 +369,8 @@ def test_real_sweep_compares_and_plots(tmp_path):
     table = pd.read_csv(tmp_path / "comparison.csv")
     multi = table[table["strategy"] != "single_task"]
     assert len(multi) == 3 and list(multi["n_seeds"]) == [2, 2, 2] and multi[f"{DELTA_M} mean"].notna().all()
-    for name in ("tradeoff.png", "per_task_vs_averaged.png", "training_curves.png", "diagnostics.png"):
+    figures = ("tradeoff.png", "per_task_vs_averaged.png", "training_curves.png", "diagnostics.png", "affinity.png")
+    for name in figures:
         assert_png(tmp_path / "figs" / name)
 
 
@@ -390,3 +392,20 @@ def test_delta_m_takes_another_models_single_task_runs_where_its_own_are_missing
     assert comparison.notes == [
         "Δm% of model segnet_mtan uses the single-task runs of model segnet_split for depth (none of segnet_mtan itself)"
     ]
+
+
+def test_affinity_heat_map_averages_each_configuration(tmp_path):
+    from mtlrun.plots import affinity_matrices
+
+    for seed, value in ((0, 0.1), (1, 0.3)):
+        run = tmp_path / f"g{seed}"
+        write_run(run, seed, {"seg/miou": 50, "depth/abs_err": 0.5}, "grouped", 1)
+        pd.DataFrame([
+            {"epoch": 1, "iteration": 1, "affinity/seg/seg": 0.5, "affinity/seg/depth": value,
+             "affinity/depth/seg": -value, "affinity/depth/depth": 0.4},
+            {"epoch": 1, "iteration": 2, "affinity/seg/seg": 0.7, "affinity/seg/depth": value,
+             "affinity/depth/seg": -value, "affinity/depth/depth": 0.6},
+        ]).to_csv(run / "diagnostics.csv", index=False)
+    (matrix,) = affinity_matrices(build([tmp_path], None, "test")).values()
+    assert matrix.loc["seg", "seg"] == pytest.approx(0.6) and matrix.loc["seg", "depth"] == pytest.approx(0.2)
+    assert matrix.loc["depth", "seg"] == pytest.approx(-0.2) and matrix.loc["depth", "depth"] == pytest.approx(0.5)

@@ -80,3 +80,26 @@ def test_batch_norm_statistics_are_restored():
 def test_weights_of_a_weighting_strategy_are_recorded():
     _, _, _, diagnostics, _, _ = _run(True, strategy=Averaged(TASKS, weights={"a": 1.0, "b": 3.0}))
     assert diagnostics.rows[0]["weight/a"] == 1.0 and diagnostics.rows[0]["weight/b"] == 3.0
+
+
+def test_lookahead_affinity_by_hand():
+    """Fifty et al.'s lookahead: 1 - L_t(W - lr g_s) / L_t(W) on the probe batch, computed here in float64."""
+    model, _, _, diagnostics, probe, ctx = _run(True)
+    W = model.encoder.weight.detach().double().numpy()
+    x = probe["image"].double().numpy()
+    heads = {t: model.heads[t].weight.detach().double().numpy()[0] for t in TASKS}
+    targets = {t: probe[t].double().numpy() for t in TASKS}
+
+    def loss(w, t):
+        return np.mean(((x @ w.T) @ heads[t] - targets[t]) ** 2)
+
+    def grad(w, t):
+        r = (x @ w.T) @ heads[t] - targets[t]
+        return (2 / len(r)) * np.outer(heads[t], r @ x)
+
+    row = diagnostics.rows[-1]
+    for s in TASKS:
+        ahead = W - ctx.optimizer.lr * grad(W, s)
+        for t in TASKS:
+            assert row[f"affinity/{s}/{t}"] == pytest.approx(1 - loss(ahead, t) / loss(W, t), rel=1e-4, abs=1e-6)
+    assert row["affinity/a/a"] > 0 and row["affinity/b/b"] > 0  # a small step on a task lowers its own loss

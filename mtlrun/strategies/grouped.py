@@ -12,7 +12,12 @@ from torch import Tensor
 from mtlrun.errors import MtlrunError
 from mtlrun.strategies.affinity import TaskAffinity, losses_as_floats
 from mtlrun.strategies.base import (
-    LossCombiner, SeededStrategy, StepContext, check_reduction, mean_step, step_on_groups,
+    LossCombiner,
+    SeededStrategy,
+    StepContext,
+    check_reduction,
+    mean_step,
+    step_on_groups,
 )
 
 REGROUP = ("once", "epoch", "iteration")
