@@ -12,6 +12,7 @@ import pandas as pd
 
 from mtlrun.errors import MtlrunError
 from mtlrun.outputs import CHECKPOINT, METRICS_CSV, RESULTS_CSV, TRAIN_LOG_CSV
+from mtlrun.selection import Selection, parse_selection, select
 
 SINGLE_TASK = "single_task"
 DELTA_M = "delta_m"  # Δm% in the comparison CSV; shown and sorted as "Δm%"
@@ -20,7 +21,7 @@ COST_COLUMNS = (
     "peak_memory_mb",
 )
 # Columns that describe one run but not its configuration.
-PER_RUN_COLUMNS = ("seed", "run_dir", "config_id", "device", "iterations", "optimizer_steps")
+PER_RUN_COLUMNS = ("seed", "run_dir", "config_id", "device", "iterations", "optimizer_steps", "selected_epochs")
 # Settings that say which strategy ran; every other setting (dataset, model, optimizer, lr, ...) says how.
 STRATEGY_SETTINGS = ("strategy", "group_size", "num_tasks")
 FORMATS = ("table", "csv", "markdown", "latex")
@@ -462,9 +463,13 @@ def note(text: str) -> None:
     print(f"mtlrun-compare: {text}", file=sys.stderr)
 
 
-def build(paths: list[Path], baseline_paths: list[Path] | None, split: str, mean_over_tasks: bool = False) -> Comparison:
-    """Load the runs (and the --baseline single-task runs), compute Δm% and group them into configurations;
-    with `mean_over_tasks`, metrics shared by several tasks are shown as their mean over the tasks."""
+def build(
+    paths: list[Path], baseline_paths: list[Path] | None, split: str, mean_over_tasks: bool = False,
+    selection: Selection = Selection("last"),
+) -> Comparison:
+    """Load the runs (and the --baseline single-task runs), report each at its `selection`'s epoch(s),
+    compute Δm% and group them into configurations; with `mean_over_tasks`, metrics shared by several
+    tasks are shown as their mean over the tasks."""
     notes = []
     files, unfinished = find_results(paths)
     if unfinished:
@@ -488,6 +493,8 @@ def build(paths: list[Path], baseline_paths: list[Path] | None, split: str, mean
     else:
         baselines = runs[runs["strategy"] == SINGLE_TASK]
         where = "among the inputs"
+    runs, selected = select(runs, selection, read_csv)
+    notes += selected
     if not any(c.startswith(f"{split}/") for c in metric_columns(runs)):
         raise MtlrunError(f"the runs have no '{split}' metrics; use --split test or --split val")
     definitions = metric_definitions(runs)
@@ -519,6 +526,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mean-over-tasks", action="store_true",
                         help="show each metric that several tasks share as its mean over them (CelebA's 40 "
                         "attributes), as mean/<metric>")
+    parser.add_argument("--select", default="last", metavar="RULE",
+                        help="the epoch(s) each run reports: last (default), best:<split>/<task>/<metric>, "
+                        "best:val/loss (lowest summed validation loss) or mean_last:<k> (mean of the last k "
+                        "evaluated epochs, Nash-MTL's reporting)")
     parser.add_argument("--plot", type=Path, metavar="DIR", help="write PNG figures to DIR")
     parser.add_argument("--plot-metric", metavar="SPLIT/TASK/METRIC",
                         help="plot this metric against seconds per epoch instead of Δm%%")
@@ -528,7 +539,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        comparison = build(args.paths, args.baseline, args.split, args.mean_over_tasks)
+        comparison = build(args.paths, args.baseline, args.split, args.mean_over_tasks, parse_selection(args.select))
         columns = shown_columns(comparison)
         if args.sort:
             comparison.table = sort_table(comparison.table, sort_column(comparison, args.sort), args.ascending)

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 from tqdm import tqdm
 
 from mtlrun.data import MultiTaskData, open_dataset, task_names
@@ -218,24 +219,36 @@ def _check_finite(mean_losses: dict[str, float], epoch: int, iteration: int) -> 
 
 @torch.no_grad()
 def evaluate(model: MultiTaskModel, tasks: list[Task], split: SplitSource, to_device: ToDevice, batch_size: int) -> dict:
-    """Every task's metrics over the whole split: {task: {metric: value}}."""
+    """Every task's metrics over the whole split, and its training loss (the mean of the per-batch losses,
+    weighted by batch size; model selection reads it): {task: {metric: value, "loss": value}}."""
     model.eval()
     names = [t.name for t in tasks]
     meters = {t.name: t.meter() for t in tasks}
+    loss_sums: dict[str, Tensor] = {}
+    samples = 0
     for raw in eval_batches(split, batch_size):
         batch = to_device(raw)
         outputs = model(batch["image"], names)
-        for name, meter in meters.items():
-            meter.update(outputs[name], batch[name])
-    return {name: meter.compute() for name, meter in meters.items()}
+        count = len(batch["image"])
+        samples += count
+        for task in tasks:
+            meters[task.name].update(outputs[task.name], batch[task.name])
+            loss = task.loss(outputs[task.name], batch[task.name]).double() * count  # stays on the device
+            loss_sums[task.name] = loss_sums[task.name] + loss if task.name in loss_sums else loss
+    losses = {name: float(total) / max(samples, 1) for name, total in loss_sums.items()}
+    return {name: {**meter.compute(), LOSS: losses.get(name, float("nan"))} for name, meter in meters.items()}
+
+
+LOSS = "loss"  # the metric name of a task's evaluated loss: never in Δm%, lower is better
 
 
 def metric_rows(scores: dict, tasks: list[Task], epoch: int, split: str) -> list[dict]:
     """Tidy rows for metrics.csv; each carries its metric's direction, so reports never guess it."""
-    defined = {(t.name, m.name): m for t in tasks for m in t.metrics}
+    defined = {(t.name, m.name): (m.higher_is_better, m.in_delta_m) for t in tasks for m in t.metrics}
+    defined.update({(t.name, LOSS): (False, False) for t in tasks})
     return [
         {"epoch": epoch, "split": split, "task": task, "metric": metric, "value": value,
-         "higher_is_better": defined[task, metric].higher_is_better, "in_delta_m": defined[task, metric].in_delta_m}
+         "higher_is_better": defined[task, metric][0], "in_delta_m": defined[task, metric][1]}
         for task, values in scores.items()
         for metric, value in values.items()
     ]

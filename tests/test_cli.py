@@ -45,6 +45,15 @@ def test_short_run_writes_every_output(workdir):
     direction = metrics.set_index(["task", "metric"]).higher_is_better.to_dict()
     assert direction["depth", "abs_err"] is False and direction["segmentation", "miou"] is True
     assert set(metrics.split) == {"val", "test"} and set(metrics.epoch) == {1, 2}
+    losses = metrics[metrics.metric == "loss"]  # evaluated losses for model selection, never in Δm%
+    assert len(losses) == 2 * 2 * 4 and (losses.value > 0).all() and not losses.in_delta_m.any()
+    selected = mtlrun("runs/short", "--select", "best:val/loss", "--out", "sel.csv", cwd=workdir, tool="mtlrun-compare")
+    assert selected.returncode == 0, selected.stderr
+    val_loss = losses[losses.split == "val"].groupby("epoch").value.sum()
+    best = int(val_loss.idxmin())
+    expected = metrics[(metrics.epoch == best) & (metrics.split == "test") & (metrics.task == "depth")
+                       & (metrics.metric == "abs_err")].value.iloc[0]
+    assert pd.read_csv(workdir / "sel.csv")["test/depth/abs_err mean"].iloc[0] == pytest.approx(expected)
     assert set(metrics.task) == {"segmentation", "depth", "normal", "attributes"}
     log = pd.read_csv(run / "train_log.csv")
     assert list(log.epoch) == [1, 2]
@@ -120,7 +129,7 @@ def _one_line_error(result: subprocess.CompletedProcess) -> str:
 @pytest.mark.parametrize(
     "args,expected",
     [
-        (["strategy=nope"], "valid: aligned_mtl, alternating, averaged,"),
+        (["strategy=nope"], "valid: adatask, aligned_mtl, alternating, averaged,"),
         (["strategy=grouped", "strategy.group_size=0"], "strategy.group_size must be an integer >= 1"),
         (["trainer.epoch=3"], "trainer.epoch is not a config key; keys of trainer: epochs"),
         (["optimizer=adam", "optimizer.moments=both"], "valid: per_task, shared"),

@@ -1,0 +1,98 @@
+"""Which evaluated epoch(s) a run's reported metrics come from: `mtlrun-compare --select`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from mtlrun.errors import MtlrunError
+
+FORMS = "last, best:<split>/<task>/<metric>, best:<split>/mean/<metric>, best:<split>/loss or mean_last:<k>"
+MEAN = "mean"  # best:<split>/mean/<metric>: the metric's mean over every task that has it
+
+
+@dataclass(frozen=True)
+class Selection:
+    """`last`; `best` on one metric (task None: the sum of the tasks' losses); `mean_last` over k epochs."""
+
+    kind: str
+    split: str = ""
+    task: str | None = None
+    metric: str = ""
+    k: int = 1
+
+    def __str__(self) -> str:
+        if self.kind == "best":
+            return f"best:{self.split}/{self.task + '/' if self.task else ''}{self.metric}"
+        return f"mean_last:{self.k}" if self.kind == "mean_last" else "last"
+
+
+def parse_selection(text: str) -> Selection:
+    if text == "last":
+        return Selection("last")
+    if match := re.fullmatch(r"mean_last:(\d+)", text):
+        if int(match.group(1)) < 1:
+            raise MtlrunError(f"--select {text}: k must be >= 1")
+        return Selection("mean_last", k=int(match.group(1)))
+    if match := re.fullmatch(r"best:([^/]+)/loss", text):
+        return Selection("best", match.group(1), None, "loss")
+    if match := re.fullmatch(r"best:([^/]+)/([^/]+)/([^/]+)", text):
+        return Selection("best", *match.groups())
+    raise MtlrunError(f"--select {text!r} is not understood; valid forms: {FORMS}")
+
+
+def selected_epochs(metrics: pd.DataFrame, selection: Selection) -> tuple[list[int], str | None]:
+    """The epochs whose metrics a run reports under `selection`, and a note where it could not be followed.
+
+    Only evaluated epochs count (`trainer.eval_every` may skip some). `best` takes the metric's best
+    value by its direction (ties: the earliest epoch), `best:<split>/mean/<metric>` its mean over the
+    tasks (FAMO's CelebA rule: mean validation F1); `best:<split>/loss` the lowest sum of the tasks'
+    evaluated losses; `mean_last:k` the last k evaluated epochs (all, where fewer were evaluated).
+    """
+    evaluated = sorted(int(e) for e in metrics["epoch"].unique())
+    if selection.kind == "last":
+        return evaluated[-1:], None
+    if selection.kind == "mean_last":
+        note = f"only {len(evaluated)} evaluated epoch(s), fewer than {selection.k}" if len(evaluated) < selection.k else None
+        return evaluated[-selection.k :], note
+    rows = metrics[(metrics["split"] == selection.split) & (metrics["metric"] == selection.metric)]
+    if selection.task not in (None, MEAN):
+        rows = rows[rows["task"] == selection.task]
+    if rows.empty:
+        return evaluated[-1:], f"no {selection} in its metrics.csv: the last epoch is reported"
+    per_epoch = rows.groupby("epoch")["value"]
+    per_epoch = per_epoch.mean() if selection.task == MEAN else per_epoch.sum()
+    higher = str(rows["higher_is_better"].iloc[0]).strip().lower() == "true"
+    best = per_epoch.max() if higher else per_epoch.min()
+    return [int(per_epoch[per_epoch == best].index.min())], None
+
+
+def select(runs: pd.DataFrame, selection: Selection, read_csv) -> tuple[pd.DataFrame, list[str]]:
+    """`runs` with every `<split>/<task>/<metric>` column replaced by the selected epoch's value (the mean
+    over the selected epochs), a `selected_epochs` column, and notes on runs it could not follow."""
+    if selection.kind == "last":
+        return runs, []
+    runs = runs.copy()
+    runs["selected_epochs"] = ""
+    missing, notes = [], []
+    for index, run_dir in runs["run_dir"].items():
+        path = Path(run_dir) / "metrics.csv" if isinstance(run_dir, str) else None
+        if path is None or not path.is_file():
+            missing.append(str(run_dir))
+            continue
+        metrics = read_csv(path)
+        epochs, note = selected_epochs(metrics, selection)
+        if note:
+            notes.append(f"{run_dir}: {note}")
+        chosen = metrics[metrics["epoch"].isin(epochs)]
+        values = chosen.groupby(["split", "task", "metric"])["value"].mean()
+        for (split, task, metric), value in values.items():
+            runs.loc[index, f"{split}/{task}/{metric}"] = value
+        runs.loc[index, "selected_epochs"] = " ".join(map(str, epochs))
+    if missing:
+        notes.append(f"--select {selection}: {len(missing)} run(s) without metrics.csv report their last epoch: "
+                     f"{', '.join(missing)}")
+    return runs, notes
