@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -212,6 +213,69 @@ class AngleMeter(Meter):
         return width * (b + (half - before) / inside) if inside else width * b
 
 
+# --- binary maps cut from a label map ---------------------------------------------------------
+
+
+class BinaryMaps(Task):
+    """Per-pixel binary maps cut from a segmentation label map, map k being "the pixel's label is classes[k]"
+    (Pascal et al. 2021 train each Cityscapes category and each NYUv2 class so, as its own task). BCE on logits
+    over the labelled pixels (label >= 0 and != ignore_index; ignored pixels count in neither loss nor metric);
+    IoU, F1 and pixel accuracy in %, each the mean over the task's maps of that map's value over the whole
+    split. Δm% counts IoU and pixel accuracy; F1 = 2 IoU / (1 + IoU) restates IoU."""
+
+    dense = True
+    metrics = (Metric("iou", True), Metric("f1", True, in_delta_m=False), Metric("pixel_acc", True))
+
+    def __init__(self, name: str, classes: Sequence[int], ignore_index: int = -1) -> None:
+        if not classes or any(int(c) < 0 for c in classes):
+            raise MtlrunError(f"task '{name}' needs `classes`: a list of label values >= 0, got {list(classes)}")
+        self.name, self.classes, self.ignore_index = name, [int(c) for c in classes], ignore_index
+        self.out_channels = len(self.classes)
+
+    def binary_targets(self, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(positive, labelled) masks of shape N x K x H x W and N x 1 x H x W from N x H x W labels."""
+        labels = labels.long()
+        classes = torch.tensor(self.classes, device=labels.device).view(1, -1, 1, 1)
+        labelled = ((labels >= 0) & (labels != self.ignore_index)).unsqueeze(1)
+        return labels.unsqueeze(1) == classes, labelled
+
+    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        positive, labelled = self.binary_targets(target)
+        # Unlabelled pixels weigh 0; a batch without a labelled pixel gives a zero loss rather than 0/0.
+        total = F.binary_cross_entropy_with_logits(
+            pred, positive.to(pred.dtype), weight=labelled.to(pred.dtype), reduction="sum"
+        )
+        return total / (labelled.sum() * self.out_channels).clamp(min=1)
+
+    def meter(self) -> Meter:
+        return BinaryMapMeter(self)
+
+
+class BinaryMapMeter(Meter):
+    """True/false positive/negative pixel counts per map over the split (a logit > 0 predicts the class)."""
+
+    def __init__(self, task: BinaryMaps) -> None:
+        self.task = task
+        self.counts = torch.zeros(4, task.out_channels, dtype=torch.float64)  # tp, fp, fn, tn
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        actual, labelled = self.task.binary_targets(target)
+        predicted = pred > 0
+        cases = [predicted & actual, predicted & ~actual, ~predicted & actual, ~predicted & ~actual]
+        self.counts += torch.stack([(c & labelled).sum(dim=(0, 2, 3)) for c in cases]).double().cpu()
+
+    def compute(self) -> dict[str, float]:
+        tp, fp, fn, tn = self.counts
+        union = tp + fp + fn
+        # A map whose class is neither labelled nor predicted anywhere in the split has no IoU or F1; it is
+        # left out of their means, as an absent class is of mIoU (0 when no map is left).
+        present = union > 0
+        iou = (tp[present] / union[present]).mean().item() if present.any() else 0.0
+        f1 = (2 * tp[present] / (union + tp)[present]).mean().item() if present.any() else 0.0
+        pixel_acc = ((tp + tn) / (union + tn).clamp(min=1)).mean().item()
+        return {"iou": 100 * iou, "f1": 100 * f1, "pixel_acc": 100 * pixel_acc}
+
+
 # --- binary attributes -----------------------------------------------------------------------
 
 
@@ -270,7 +334,7 @@ class BinaryMeter(Meter):
 
 # --- building tasks from the dataset config --------------------------------------------------
 
-TASK_KINDS = ("segmentation", "depth", "normal", "binary")
+TASK_KINDS = ("segmentation", "binary_map", "depth", "normal", "binary")
 
 
 def build_task(name: str, spec: dict, attribute_names: list[str] | None = None) -> Task:
@@ -278,6 +342,8 @@ def build_task(name: str, spec: dict, attribute_names: list[str] | None = None) 
     kind = spec.get("kind")
     if kind == "segmentation":
         return Segmentation(name, int(spec["num_classes"]), int(spec.get("ignore_index", -1)))
+    if kind == "binary_map":
+        return BinaryMaps(name, list(spec.get("classes") or []), int(spec.get("ignore_index", -1)))
     if kind == "depth":
         return Depth(name)
     if kind == "normal":
@@ -286,3 +352,14 @@ def build_task(name: str, spec: dict, attribute_names: list[str] | None = None) 
         columns = spec.get("columns") or attribute_names or []
         return BinaryAttributes(name, list(columns))
     raise MtlrunError(f"task '{name}' has kind {kind!r}; valid kinds: {', '.join(TASK_KINDS)}")
+
+
+def count_in_delta_m(task: Task, names: Sequence[str]) -> None:
+    """Let exactly the metrics `names` of `task` enter Δm% (FAMO's CelebA Δm% counts F1 alone)."""
+    chosen = [m for m in task.metrics if m.name in names]
+    if not chosen:
+        raise MtlrunError(
+            f"dataset.delta_m_metrics={list(names)} names none of task '{task.name}''s metrics "
+            f"({', '.join(m.name for m in task.metrics)}): add one of them, or set it to null"
+        )
+    task.metrics = tuple(replace(m, in_delta_m=m.name in names) for m in task.metrics)

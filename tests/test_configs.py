@@ -6,7 +6,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from mtlrun.cli import CONF_DIR, config_groups
-from mtlrun.data import DATASETS, task_names
+from mtlrun.data import DATASETS, task_names, task_specs
 from mtlrun.data.shapes import ATTRIBUTE_NAMES
 from mtlrun.models import MODELS, build_model
 from mtlrun.optim import MultiTaskOptimizer, OptimizerSettings, lr_factor
@@ -43,7 +43,7 @@ def test_every_option_composes_and_builds(group, option):
     if group != "experiment":  # an experiment is a set of overrides of other groups, not a node of its own
         assert cfg[group].name == option  # each file's name matches its option
     names = task_names(cfg.dataset)
-    specs = OmegaConf.to_container(cfg.dataset.task_specs)
+    specs = task_specs(cfg.dataset)  # after dataset.binary_maps has cut segmentation into binary maps
     tasks = [build_task(n, specs[n], _attribute_names(specs)) for n in names]
     model = build_model(cfg.model, tasks)
     settings = OptimizerSettings.from_config(cfg.optimizer)

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from mtlrun.data.hdf5 import DatasetFile, write_dataset
 from mtlrun.data.loading import LazySplit, Split, SplitSource, TargetTransform
 from mtlrun.errors import MtlrunError
-from mtlrun.tasks import Task, build_task
+from mtlrun.tasks import Task, build_task, count_in_delta_m
 
 
 @dataclass
@@ -91,30 +91,85 @@ def open_dataset(
         file.close()
 
 
-def _selected_task_specs(cfg: DictConfig) -> dict[str, dict]:
-    specs = OmegaConf.to_container(cfg.task_specs, resolve=True)
-    names = list(cfg.tasks) if cfg.get("tasks") is not None else list(specs)
+def task_specs(cfg: DictConfig) -> dict[str, dict]:
+    """From the config alone, the specs of the tasks a run trains, in order: `dataset.tasks` (null = all), after
+    `dataset.binary_maps` has cut the segmentation tasks into binary maps; naming one selects all its maps."""
+    specs, parts = _binary_maps(cfg, OmegaConf.to_container(cfg.task_specs, resolve=True))
+    asked = list(cfg.tasks) if cfg.get("tasks") is not None else list(specs)
+    names = list(dict.fromkeys(n for name in asked for n in parts.get(name, [name])))
     unknown = [n for n in names if n not in specs]
     if unknown or not names:
         raise MtlrunError(
-            f"dataset.tasks={names} names unknown tasks {unknown}; {cfg.name} has: {', '.join(specs)}"
+            f"dataset.tasks={asked} names unknown tasks {unknown}; {cfg.name} has: {', '.join(specs)}"
         )
     return {n: specs[n] for n in names}
 
 
+BINARY_MAPS = ("per_class", "joint")
+
+
+def _binary_maps(cfg: DictConfig, specs: dict[str, dict]) -> tuple[dict[str, dict], dict[str, list[str]]]:
+    """`dataset.binary_maps`: null keeps each segmentation task (cross-entropy over its classes); `per_class`
+    replaces it by one binary-map task per class, named after the class (`class_names` in its spec, else
+    <task>_<i>); `joint` by one task holding a binary map per class. Returns the specs and, per replaced task,
+    the names of the tasks that replace it."""
+    mode = cfg.get("binary_maps")
+    if mode is None:
+        return specs, {}
+    if mode not in BINARY_MAPS:
+        raise MtlrunError(f"dataset.binary_maps={mode!r} is invalid; valid: null, {', '.join(BINARY_MAPS)}")
+    out: dict[str, dict] = {}
+    parts: dict[str, list[str]] = {}
+    for name, spec in specs.items():
+        if spec.get("kind") != "segmentation":
+            out[name] = spec
+            continue
+        classes = _class_names(name, spec)
+        common = {"kind": "binary_map", "key": spec["key"], "ignore_index": spec.get("ignore_index", -1)}
+        if mode == "joint":
+            out[name] = {**common, "classes": list(range(len(classes))), "class_names": classes}
+            continue
+        taken = [c for c in classes if c in specs or c in out]
+        if taken:
+            raise MtlrunError(
+                f"dataset.binary_maps=per_class names a task after each class of '{name}', and {taken} is "
+                f"already a task: rename it in dataset.task_specs.{name}.class_names"
+            )
+        out.update({c: {**common, "classes": [i], "class_names": [c]} for i, c in enumerate(classes)})
+        parts[name] = classes
+    return out, parts
+
+
+def _class_names(name: str, spec: dict) -> list[str]:
+    count = int(spec["num_classes"])
+    names = spec.get("class_names")
+    if names is None:
+        return [f"{name}_{i}" for i in range(count)]
+    if len(names) != count or len(set(names)) != count:
+        raise MtlrunError(
+            f"dataset.task_specs.{name}.class_names lists {len(names)} names for num_classes={count} (each "
+            f"once): list {count} distinct names, or set it to null to name the binary maps {name}_0 ..."
+        )
+    return [str(n) for n in names]
+
+
 def task_names(cfg: DictConfig) -> list[str]:
     """The names of the tasks a run trains, in the dataset's order, from the config alone."""
-    return list(_selected_task_specs(cfg))
+    return list(task_specs(cfg))
 
 
 def _load(cfg: DictConfig, file: DatasetFile, tasks: list[str], split_names: tuple[str, ...]) -> MultiTaskData:
-    specs = {name: spec for name, spec in _selected_task_specs(cfg).items() if name in tasks}
+    specs = {name: spec for name, spec in task_specs(cfg).items() if name in tasks}
     present = [s for s in split_names if s in file.splits() and _length(file, s, required=s != "val")]
     if "train" not in present or "test" not in present:
         raise MtlrunError(f"{file.path} must hold 'train' and 'test' splits, found {file.splits()}: {file.how_to_make}")
     attribute_names = file.attribute_names("train")
     tasks = [build_task(name, spec, attribute_names) for name, spec in specs.items()]
+    if cfg.get("delta_m_metrics") is not None:
+        for task in tasks:
+            count_in_delta_m(task, list(cfg.delta_m_metrics))
     _check_classes(cfg, file, tasks)
+    _check_binary_maps(file, specs)
     targets = {name: (spec["key"], _target_transform(spec, attribute_names, file)) for name, spec in specs.items()}
     for split in present:
         for name, (key, _) in targets.items():
@@ -149,7 +204,10 @@ def _length(file: DatasetFile, split: str, required: bool) -> int:
 
 
 # What each target kind's stored array looks like: dtype kinds ("iu": integers, "f": floats) and shape after N.
-_STORED = {"segmentation": ("iu", "HW"), "depth": ("f", "HW"), "normal": ("f", "HW3"), "binary": ("biu", "K")}
+_STORED = {
+    "segmentation": ("iu", "HW"), "binary_map": ("iu", "HW"), "depth": ("f", "HW"), "normal": ("f", "HW3"),
+    "binary": ("biu", "K"),
+}
 
 
 def _check_arrays(file: DatasetFile, split: str, kinds: dict[str, str]) -> None:
@@ -225,3 +283,24 @@ def _check_classes(cfg: DictConfig, file: DatasetFile, tasks: list[Task]) -> Non
                 f"task '{task.name}' expects {task.num_classes} classes but {file.path} has {len(stored)}: "
                 f"set dataset.task_specs.{task.name}.num_classes={len(stored)}"
             )
+
+
+def _check_binary_maps(file: DatasetFile, specs: dict[str, dict]) -> None:
+    """Each binary map's class exists in its label array and, where the spec names it, has that name in the
+    file: a map trained under a wrong name would report its numbers under that name."""
+    for name, spec in specs.items():
+        if spec["kind"] != "binary_map":
+            continue
+        stored = file.class_names(spec["key"])
+        if stored is None:
+            continue
+        named = spec.get("class_names") or [None] * len(spec["classes"])
+        for index, expected in zip(spec["classes"], named):
+            if index >= len(stored) or (expected is not None and stored[index] != expected):
+                found = f"names class {index} {stored[index]!r}" if index < len(stored) else \
+                    f"has only {len(stored)} classes"
+                raise MtlrunError(
+                    f"task '{name}' is class {index} ({expected or 'unnamed'}) of '{spec['key']}', but {file.path} "
+                    f"{found}; its classes are {', '.join(stored)}: set the segmentation task's class_names "
+                    f"(dataset.task_specs.<task>.class_names) to them"
+                )

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from mtlrun.data.loading import Batch
 from mtlrun.errors import MtlrunError
-from mtlrun.tasks import Depth, Normal, Segmentation, Task
+from mtlrun.tasks import BinaryMaps, Depth, Normal, Segmentation, Task
 
 
 class Augment:
@@ -95,7 +95,7 @@ class Augment:
 
 
 def _kind(task: Task) -> str:
-    if isinstance(task, Segmentation):
+    if isinstance(task, (Segmentation, BinaryMaps)):  # a binary map's target is the label map it is cut from
         return "label"
     if isinstance(task, Depth):
         return "depth"
