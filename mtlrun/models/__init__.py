@@ -7,7 +7,7 @@ from collections.abc import Callable
 from omegaconf import DictConfig
 
 from mtlrun.errors import MtlrunError
-from mtlrun.models import convnet, resnet, segnet
+from mtlrun.models import celeba_cnn, convnet, resnet, segnet, unet
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.tasks import Task
 
@@ -17,6 +17,8 @@ MODELS: dict[str, Callable[..., MultiTaskModel]] = {
     "segnet_mtan": segnet.build_mtan,
     "resnet50_dilated": resnet.build_resnet50_dilated,
     "resnet18_multihead": resnet.build_resnet18_multihead,
+    "unet": unet.build,
+    "celeba_cnn": celeba_cnn.build,
 }
 
 
