@@ -17,6 +17,8 @@ SMALL = {  # settings that keep each model small enough for two CPU iterations
     "segnet_mtan": ["model.filters=[4,8,8,16,16]"],
     "resnet50_dilated": ["dataset.tasks=[depth,attributes]"],  # one dense and one per-image task: ASPP heads are big
     "resnet18_multihead": [],
+    "unet": ["model.width=2"],
+    "celeba_cnn": ["model.width=2"],
 }
 DATA = ["dataset.image_size=32", "dataset.num_train=8", "dataset.num_val=4", "dataset.num_test=4"]
 

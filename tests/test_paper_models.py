@@ -10,6 +10,7 @@ from torch import nn
 from mtlrun.errors import MtlrunError
 from mtlrun.models import MODELS
 from mtlrun.models.base import MultiTaskModel
+from mtlrun.strategies.gradnorm import last_shared_layer
 from mtlrun.tasks import BinaryAttributes, BinaryMaps, Depth, Normal, Task
 
 CITYSCAPES = [BinaryMaps(name, [k]) for k, name in enumerate(
@@ -146,6 +147,7 @@ def test_heads_run_on_demand_and_a_task_reaches_only_the_shared_part_and_its_own
     Depth("depth").loss(out["depth"], torch.rand(2, 32, 48) + 0.1).backward()
     convs = [p for n, p in model.encoder.named_parameters() if "fc" not in n]  # the FCs serve per-image tasks
     assert all(p.grad is not None for p in convs + model.task_parameters("depth"))
+    assert last_shared_layer(model).grad is not None  # GradNorm's layer: one every task reaches
     assert all(p.grad is None for t in ("sky", "a") for p in model.task_parameters(t))
     groups = [model.shared_parameters()] + [model.task_parameters(t.name) for t in tasks]
     ids = [id(p) for group in groups for p in group]

@@ -33,13 +33,19 @@ class CelebaCNN(nn.Module):
                        nn.BatchNorm2d(cout, track_running_stats=running_stats), nn.ReLU(inplace=True)]
             layers += [nn.MaxPool2d(2)] if pool else []
             cin = cout
-        self.convs = nn.Sequential(*layers)
-        self.fc = nn.Sequential(
+        fc = nn.Sequential(
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
             *(m for _ in range(2) for m in (nn.Linear(cin, cin, bias=False),
                                             nn.BatchNorm1d(cin, track_running_stats=running_stats),
                                             nn.ReLU(inplace=True))),
         ) if per_image else None
+        # With dense tasks too, the FCs are registered first: the last shared layer (GradNorm's W) must be one
+        # every task reaches, the last conv, not an FC that dense tasks bypass.
+        if dense:
+            self.fc = fc
+        self.convs = nn.Sequential(*layers)
+        if not dense:
+            self.fc = fc
         self.dense, self.running_stats, self.out_channels = dense, running_stats, cin
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
