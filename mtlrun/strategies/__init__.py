@@ -16,6 +16,8 @@ from mtlrun.strategies.base import LossCombiner, SeededStrategy, StepContext, St
 from mtlrun.strategies.cagrad import CAGrad
 from mtlrun.strategies.db_mtl import DBMTL
 from mtlrun.strategies.dwa import DWA
+from mtlrun.strategies.excess_mtl import ExcessMTL
+from mtlrun.strategies.fairgrad import FairGrad
 from mtlrun.strategies.famo import FAMO
 from mtlrun.strategies.gls import GLS
 from mtlrun.strategies.graddrop import GradDrop
@@ -24,10 +26,14 @@ from mtlrun.strategies.gradvac import GradVac
 from mtlrun.strategies.grouped import Grouped
 from mtlrun.strategies.imtl import IMTL
 from mtlrun.strategies.mgda import MGDA
+from mtlrun.strategies.moco import MoCo
+from mtlrun.strategies.modo import MoDo
 from mtlrun.strategies.nash_mtl import NashMTL
 from mtlrun.strategies.pcgrad import PCGrad
 from mtlrun.strategies.rlw import RLW
+from mtlrun.strategies.sdmgrad import SDMGrad
 from mtlrun.strategies.single_task import SingleTask
+from mtlrun.strategies.stch import STCH
 from mtlrun.strategies.uncertainty import Uncertainty
 from mtlrun.strategies.upgrad import UPGrad
 
@@ -44,6 +50,8 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "famo": FAMO,
     "db_mtl": DBMTL,
     "gls": GLS,
+    "stch": STCH,
+    "excess_mtl": ExcessMTL,
     # gradient manipulation of the shared parameters
     "mgda": MGDA,
     "pcgrad": PCGrad,
@@ -54,6 +62,10 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "aligned_mtl": AlignedMTL,
     "graddrop": GradDrop,
     "upgrad": UPGrad,
+    "fairgrad": FairGrad,
+    "moco": MoCo,
+    "modo": MoDo,
+    "sdmgrad": SDMGrad,
     # per-task optimizer state from one forward pass
     "adatask": AdaTask,
 }
