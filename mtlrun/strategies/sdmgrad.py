@@ -44,17 +44,18 @@ class SDMGrad(LossCombiner):
     `grouped`), xi and xi' the next two batches of the training stream (`ctx.next_batch()`), as LibMTL's
     trainer. An epoch of floor(N / batch_size) iterations reads the training split three times; each step
     costs 3 forward and 3T backward passes. Each head steps along the mean of its task's head gradients on
-    the three batches (LibMTL; the authors' code sums them).
+    the three batches (as LibMTL's MoDo; the authors' code and LibMTL's SDMGrad sum them: a step three
+    times larger).
     Settings: lamda = 0.3 and inner_steps = 20 as the authors' NYUv2 and Cityscapes runs; inner_lr = 5 and
     momentum 0.5 as LibMTL (the authors' code: lr 10). Not taken from the authors' code: multiplying d by
     T (their summed-loss baseline; ours is the mean loss) and clipping it to norm 1; and its three
     Jacobian buffers, which alias one tensor so that all three hold the last batch's gradients.
     State: w per set of tasks combined together (`WeightsPerTaskSet`), checkpointed.
     Scale: mean-gradient scale, d = J^T c with c = (w + lamda / T) / (1 + lamda) summing to 1.
-    Guarantees: d - g0 = (J^T w - g0) / (1 + lamda), so ||d - g0|| <= max_t ||g_t - g0|| / (1 + lamda) and d
-    tends to the mean gradient as lamda grows; lamda = 0 with xi = xi' = zeta and an inner_lr small enough
-    for the inner steps to converge gives MGDA's min-norm direction. The paper's
-    convergence to a Pareto-stationary point holds for its step sizes under smoothness assumptions.
+    Guarantees: d - g0 = (J^T w - g0) / (1 + lamda), so ||d - g0|| <= max_t ||g_t - g0|| / (1 + lamda):
+    d tends to the mean gradient as lamda grows; lamda = 0 with xi = xi' = zeta and an inner_lr small
+    enough for the inner steps to converge gives MGDA's min-norm direction. The paper's convergence to a
+    Pareto-stationary point holds for its step sizes under smoothness assumptions.
     """
 
     name = "sdmgrad"
