@@ -18,11 +18,11 @@ TINY = ["dataset.num_train=64", "dataset.num_val=16", "dataset.num_test=32", "tr
         "model.width=8", "trainer.epochs=1"]
 
 
-def mtlrun(*args: str, cwd: Path, tool: str = "mtlrun") -> subprocess.CompletedProcess:
+def mtlrun(*args: str, cwd: Path, tool: str = "mtlrun", timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(
-        [str(BIN / tool), *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env
+        [str(BIN / tool), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
     )
 
 

@@ -21,6 +21,7 @@ SMALL = {  # settings that keep each model small enough for two CPU iterations
     "celeba_cnn": ["model.width=2"],
 }
 DATA = ["dataset.image_size=32", "dataset.num_train=8", "dataset.num_val=4", "dataset.num_test=4"]
+SECONDS_PER_RUN = 60  # the sweep's timeout grows with its number of strategies: a guard against hangs only
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_every_strategy_trains_two_iterations_on_the_model(workdir, model):
     result = mtlrun(
         "-m", f"model={model}", *SMALL[model], *DATA, f"strategy={','.join(STRATEGIES)}",
         "trainer.epochs=1", "trainer.batch_size=4", "trainer.eval_batch_size=4", f"hydra.sweep.dir={sweep}",
-        cwd=workdir,
+        cwd=workdir, timeout=SECONDS_PER_RUN * len(STRATEGIES),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = pd.concat([pd.read_csv(f) for f in sweep.glob("*/results.csv")], ignore_index=True)
