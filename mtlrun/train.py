@@ -10,8 +10,9 @@ import random
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -55,6 +56,86 @@ class Run:
     to_device: ToDevice  # for evaluation and diagnostics: no augmentation
     augment: Augment | None
     ctx: StepContext
+
+
+class Stateful(Protocol):
+    """What a part of a run that a checkpoint holds provides (as torch's modules and optimizers do)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class RunState:
+    """Everything a run must save and restore: each part registers once by name; a checkpoint holds every
+    part's `state_dict()` under its name, and resuming loads each one back from the same list."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, Stateful] = {}
+
+    def register(self, name: str, part: Stateful | None) -> None:
+        """Add `part` under `name`; None (a part this run does not have, e.g. no augmentation) is skipped."""
+        if name in self.parts:
+            raise ValueError(f"a run state part named {name!r} is registered already")
+        if part is not None:
+            self.parts[name] = part
+
+    def state_dict(self) -> dict:
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state: dict, source: Path) -> None:
+        missing = [name for name in self.parts if name not in state]
+        if missing:
+            raise MtlrunError(
+                f"{source} holds no state for {', '.join(missing)}: it was written by another version of "
+                f"mtlrun; restart the run with overwrite=true"
+            )
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+
+
+@dataclass
+class History:
+    """What the run has written so far: epochs finished and the rows of train_log.csv and metrics.csv."""
+
+    epoch: int = 0
+    train_log: list[dict] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "train_log": self.train_log, "metrics": self.metrics}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.train_log, self.metrics = state["epoch"], state["train_log"], state["metrics"]
+
+
+class CountsState:
+    """The step context's work counts as a part of the run state."""
+
+    def __init__(self, ctx: StepContext) -> None:
+        self.ctx = ctx
+
+    def state_dict(self) -> dict:
+        return asdict(self.ctx.counts)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ctx.counts = Counts(**state)
+
+
+class RandomState:
+    """The global torch generator (and the device's, on CUDA): dropout and any other unseeded draw."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def state_dict(self) -> dict:
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"].cpu())
+        if self.device.type == "cuda" and state["cuda"] is not None:
+            torch.cuda.set_rng_state(state["cuda"].cpu(), self.device)
 
 
 def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: int) -> Run:
@@ -103,36 +184,33 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
     run = RunDir(run_dir)
     config_id = config_hash(cfg, ignore=("seed", *RUN_CONTROL_KEYS))  # runs differing only by seed share it
     resume_id = config_hash(cfg, ignore=RUN_CONTROL_KEYS)
-    train_log: list[dict] = []
-    metrics: list[dict] = []
-    start_epoch = 0
+    history = History()
+    state = RunState()
+    state.register("model", model)
+    state.register("optimizer", optimizer)
+    state.register("strategy", strategy)
+    state.register("batches", batches)
+    state.register("augment", parts.augment)
+    state.register("counts", CountsState(ctx))
+    state.register("rng", RandomState(device))
+    state.register("diagnostics", diagnostics)
+    state.register("history", history)
 
     if cfg.resume and run.checkpoint.exists():
-        state = run.load_checkpoint(device)
-        if state["resume_id"] != resume_id:
+        checkpoint = run.load_checkpoint(device)
+        if checkpoint["resume_id"] != resume_id:
             raise MtlrunError(
                 f"{run.checkpoint} was written by a different configuration: resume with the same overrides, "
                 f"or start over with overwrite=true"
             )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        strategy.load_state_dict(state["strategy"])
-        batches.load_state_dict(state["batches"])
-        if parts.augment is not None:
-            parts.augment.load_state_dict(state["augment"])
-        ctx.counts = Counts(**state["counts"])
-        if diagnostics is not None and state.get("diagnostics") is not None:
-            diagnostics.load_state_dict(state["diagnostics"])
-        torch.set_rng_state(state["torch_rng"].cpu())
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
-        train_log, metrics, start_epoch = state["train_log"], state["metrics"], state["epoch"]
-        log.info("resuming %s after epoch %d", run_dir, start_epoch)
+        state.load_state_dict(checkpoint, run.checkpoint)
+        log.info("resuming %s after epoch %d", run_dir, history.epoch)
     else:
         run.claim(overwrite=cfg.overwrite)
 
     logger = build_logger(cfg.logger, run_dir)
-    epochs, stop_after = settings["epochs"], settings["stop_after_epochs"]
+    epochs, stop_after, start_epoch = settings["epochs"], settings["stop_after_epochs"], history.epoch
+    train_log, metrics = history.train_log, history.metrics
     for epoch in range(start_epoch, epochs):
         if stop_after is not None and epoch - start_epoch >= stop_after:
             log.info("stopped after %d epoch(s) as asked; continue with resume=true hydra.run.dir=%s", stop_after, run_dir)
@@ -150,17 +228,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
                     new_metrics += metric_rows(scores, data.tasks, epoch + 1, split)
             metrics += new_metrics
             log.info("epoch %d/%d: %s", epoch + 1, epochs, _brief(metrics, epoch + 1))
+        history.epoch = epoch + 1
         diagnostic_rows = diagnostics.rows if diagnostics is not None else []
         logger.log_epoch(epoch + 1, row, new_metrics, [r for r in diagnostic_rows if r["epoch"] == epoch + 1])
-        run.save(train_log, metrics, diagnostic_rows, {
-            "epoch": epoch + 1, "resume_id": resume_id, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "strategy": strategy.state_dict(),
-            "batches": batches.state_dict(), "counts": asdict(ctx.counts), "torch_rng": torch.get_rng_state(),
-            "augment": parts.augment.state_dict() if parts.augment is not None else None,
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "train_log": train_log, "metrics": metrics,
-            "diagnostics": diagnostics.state_dict() if diagnostics is not None else None,
-        }, strategy.records())
+        run.save(train_log, metrics, diagnostic_rows, {"resume_id": resume_id, **state.state_dict()}, strategy.records())
     logger.close()
 
     results = results_row(cfg, run_dir, config_id, strategy, data.tasks, train_log, metrics, ctx.counts, device)
