@@ -13,9 +13,15 @@ def affinity_propagation(
     similarity: np.ndarray, preference: float | None = None, damping: float = 0.5, max_iter: int = 200,
     convergence_iter: int = 50,
 ) -> list[int] | None:
-    """Frey & Dueck's affinity propagation (Science 2007): each item's exemplar index, or None without
-    convergence. `preference` (the diagonal of the similarity; None: the median similarity, as
-    scikit-learn) sets how readily items become exemplars: higher, more clusters."""
+    """Frey & Dueck's affinity propagation (Science 2007): each item's exemplar index, or None when the
+    exemplars have not stayed the same for `convergence_iter` iterations within `max_iter`.
+
+    Responsibilities and availabilities are exchanged with `damping` as in the paper, exemplars refined
+    within their clusters at the end as in its reference code. `preference` (the diagonal of the
+    similarity; None: the median of `similarity`, as scikit-learn, which the reference code calls) sets
+    how readily items become exemplars: higher, more clusters. Defaults: scikit-learn's, with the
+    reference code's `convergence_iter`.
+    """
     n = len(similarity)
     s = similarity.astype(np.float64).copy()
     s[np.diag_indices(n)] = np.median(similarity) if preference is None else preference
@@ -49,10 +55,19 @@ def affinity_propagation(
             break
     else:
         return None
-    centres = np.flatnonzero(exemplars)
-    labels = centres[s[:, centres].argmax(axis=1)]
+    labels = _nearest_exemplar(s, np.flatnonzero(exemplars))
+    # Frey & Dueck's last step (also scikit-learn's): in each cluster, the member with the largest summed
+    # similarity from the cluster (its preference counting for itself) becomes the exemplar; then reassign.
+    clusters = [np.flatnonzero(labels == centre) for centre in np.unique(labels)]
+    refined = np.array([members[s[np.ix_(members, members)].sum(axis=0).argmax()] for members in clusters])
+    return _nearest_exemplar(s, refined).tolist()
+
+
+def _nearest_exemplar(similarity: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Each item's most similar exemplar among `centres` (an exemplar is its own)."""
+    labels = centres[similarity[:, centres].argmax(axis=1)]
     labels[centres] = centres
-    return labels.tolist()
+    return labels
 
 
 class TaskAffinity:
