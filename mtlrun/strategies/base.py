@@ -100,7 +100,7 @@ class Strategy(ABC):
     """How one iteration turns task losses into parameter updates; the training loop knows nothing else."""
 
     name: str
-    group_size: int  # tasks per optimizer step, for reports
+    group_size: int | None  # tasks per optimizer step, for reports; None where it varies (learned groups)
 
     @abstractmethod
     def iteration(self, ctx: StepContext) -> dict[str, Tensor]:
@@ -120,6 +120,10 @@ class Strategy(ABC):
     def records(self) -> list[dict]:
         """Rows of the strategy's own log (`strategy_log.csv`), e.g. the task partitions it drew; [] = none."""
         return []
+
+    def task_affinity(self) -> dict[str, float] | None:
+        """The inter-task affinity the strategy keeps, `{"<s>/<t>": value}`, for diagnostics; None if none."""
+        return None
 
     def state_dict(self) -> dict:
         return {}

@@ -47,15 +47,22 @@ class Grouped(SeededStrategy):
     pass of all tasks precedes the first group's step and one follows each step, on the iteration's
     batch, so a step on group G is credited with its own effect on every task t,
     A[s, t] <- (1 - decay) A[s, t] + decay (1 - L_t(after) / L_t(before)) / |G| for s in G (the paper's
-    definition; `TaskAffinity`). For the first `warmup` iterations every task steps alone; after that
-    the groups are re-clustered every iteration by affinity propagation (`preference`: null = the
-    median similarity) and stepped in a shuffled order; `group_size` and `regroup` do not apply. Cost:
-    G + 1 forward passes and G backward passes for G groups, and a host synchronisation per group
-    (the losses are read to update A). Defaults are the reference code's (wooseong97/sel-update-mtl:
-    decay 0.001, warm-up 100 iterations, preference null). Where that code differs: it measures
-    L(before) in the forward pass of the next group's step, so each group is credited with the loss
-    change caused by the previous group's step; and it treats tasks of one group specially (negative
-    self-affinity skipped, opposite signs replaced by minus the larger). Neither is done here.
+    measure of a group's own step; the equal split by |G| is the reference code's; `TaskAffinity`).
+    For the first `warmup` iterations every task steps alone; after that the groups are re-clustered
+    every iteration by affinity propagation (`preference`: null = the median similarity) and stepped in
+    a shuffled order, each iteration's groups a row of `strategy_log.csv`; `group_size` does not apply
+    (the results report none) and `regroup` must stay `iteration`. Cost: G + 1 forward passes (each
+    computing every task's head) and G backward passes for G groups, and a host synchronisation per
+    group (the losses are read to update A). Defaults are the reference code's (wooseong97/sel-update-mtl:
+    decay 0.001, warm-up 100 iterations, preference null); it sums a group's losses (`reduction=sum`).
+    Where that code differs: at a group's step it compares the losses of the previous group's forward
+    pass with those of its own, i.e. the change made by the previous group's step, and credits that to
+    the current group (the first group of an iteration gets nothing, the last group's step is never
+    measured, and a single group is stepped twice per iteration to measure anything); it treats tasks of
+    one group specially (a negative self-affinity is skipped, opposite signs of s and t replaced by
+    minus the larger); and when affinity propagation does not converge it uses the unconverged
+    exemplars if there are any (scikit-learn's behaviour), else retries with a longer convergence
+    window. None of these is done here: without convergence the last groups are kept.
     Guarantees: every task is in exactly one group per iteration; with the mean, group_size=1 gives
     exactly `alternating` (order=random) and group_size >= T exactly `averaged`, for the same seed
     (regroup=iteration); a partition changes only where `regroup` says.
@@ -88,8 +95,16 @@ class Grouped(SeededStrategy):
                 )
             if not 0 < decay <= 1:
                 raise MtlrunError(f"strategy.decay must lie in (0, 1], got {decay!r}")
-            if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-                raise MtlrunError(f"strategy.warmup must be an integer >= 0 (iterations), got {warmup!r}")
+            if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+                raise MtlrunError(
+                    f"strategy.warmup must be an integer >= 1 (iterations of single-task steps that measure "
+                    f"the affinity before the first clustering), got {warmup!r}"
+                )
+            if regroup != "iteration":
+                raise MtlrunError(
+                    f"strategy.regroup={regroup} does not apply to strategy.grouping=affinity, which "
+                    f"re-clusters every iteration: leave strategy.regroup=iteration"
+                )
             if preference is not None and not isinstance(preference, (int, float)):
                 raise MtlrunError(f"strategy.preference must be a number or null (the median), got {preference!r}")
         if combiner is not None and reduction != "mean":
@@ -97,7 +112,9 @@ class Grouped(SeededStrategy):
                 f"strategy.reduction={reduction} applies to the plain group loss; with strategy.combine="
                 f"{combiner.name} the method sets the step's scale: leave strategy.reduction=mean"
             )
-        self.tasks, self.group_size, self.fresh_batches = list(tasks), min(group_size, len(tasks)), batch == "fresh"
+        self.tasks, self.fresh_batches = list(tasks), batch == "fresh"
+        # Under affinity the groups' sizes follow the clustering: no one k describes the run.
+        self.group_size = min(group_size, len(tasks)) if grouping == "random" else None
         self.combiner, self.regroup, self.reduction = combiner, regroup, reduction
         self.partition: list[list[str]] | None = None
         self.epochs_done = 0
@@ -155,6 +172,9 @@ class Grouped(SeededStrategy):
 
     def records(self) -> list[dict]:
         return self.history
+
+    def task_affinity(self) -> dict[str, float] | None:
+        return self.affinity.as_dict() if self.affinity is not None else None
 
     def state_dict(self) -> dict:
         state = super().state_dict()
