@@ -28,6 +28,8 @@ class Diagnostics:
       Groupings for Multi-Task Learning", NeurIPS 2021): 1 - L_t(theta - lr g_s) / L_t(theta) on the probe
       batch, a plain gradient step on task s's loss alone (the current learning rate) and its relative
       effect on task t's loss (> 0: a step on s helps t); the parameters are restored afterwards;
+    - `running_affinity/<s>/<t>`: the inter-task affinity a strategy keeps itself, if it keeps one
+      (`grouped` with `grouping=affinity`: its running average of the training steps' own effects);
     - `weight/<task>`: the task weights a weighting strategy uses now, if it has any.
     Measurement passes are not counted in the run's forward/backward counts.
     """
@@ -59,6 +61,9 @@ class Diagnostics:
         weights = strategy.task_weights()
         if weights:
             row.update({f"weight/{t}": float(w) for t, w in weights.items()})
+        affinity = strategy.task_affinity()
+        if affinity:
+            row.update({f"running_affinity/{pair}": value for pair, value in affinity.items()})
         self.rows.append(row)
         self._before = None
 

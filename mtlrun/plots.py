@@ -73,7 +73,7 @@ def plot_tradeoff(comparison: Comparison, path: Path, metric: str | None) -> str
                     label=strategy)
         for i, row in group.iterrows():
             text = labels[i].removeprefix(str(strategy)).strip()
-            if "k=" not in text and row["strategy"] != SINGLE_TASK:
+            if "k=" not in text and row["strategy"] != SINGLE_TASK and not pd.isna(row["group_size"]):
                 text = f"k={plain(row['group_size'])} {text}".strip()
             ax.annotate(text, (x[i], y[i]), textcoords="offset points", xytext=(6, 4), fontsize=8)
     if metric is None:
@@ -147,14 +147,15 @@ def plot_against_averaged(comparison: Comparison, path: Path) -> str:
 
 
 def run_frames(comparison: Comparison, name: str) -> pd.DataFrame:
-    """The `name` CSV of every run that has one, with its configuration's label in a `label` column."""
+    """The `name` CSV of every run that has one, with its configuration's label in a `label` column and its
+    directory in `run`."""
     frames = []
     for label, config_id in zip(comparison.labels(), comparison.table["config_id"]):
         for run_dir in comparison.runs.loc[comparison.runs["config_id"] == config_id, "run_dir"]:
             path = run_file(run_dir, name)
             if path is not None:
-                frames.append(read_csv(path).assign(label=label))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["label", "epoch"])
+                frames.append(read_csv(path).assign(label=label, run=str(run_dir)))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["label", "run", "epoch"])
 
 
 def plot_mean_curves(ax: Axes, frame: pd.DataFrame, value: str, colour: dict[str, str], x: str = "epoch") -> None:
@@ -232,43 +233,78 @@ def plot_diagnostics(comparison: Comparison, path: Path) -> str:
     return f"wrote {path}"
 
 
-def affinity_matrices(comparison: Comparison) -> dict[str, pd.DataFrame]:
-    """Per configuration, the mean over its runs and diagnostics rows of `affinity/<s>/<t>`: rows s, columns t."""
+AFFINITY_KINDS = {  # column prefix in diagnostics.csv -> what its heat map shows
+    "affinity/": "lookahead (Fifty et al.), run mean",
+    "running_affinity/": "running (grouping=affinity), last row",
+}
+
+
+def affinity_matrices(comparison: Comparison, prefix: str = "affinity/") -> dict[str, pd.DataFrame]:
+    """Per configuration, the `<prefix><s>/<t>` columns of its runs' diagnostics.csv as a matrix (rows s,
+    columns t), mean over seeds of each run's mean over its rows (`affinity/`, a per-interval measurement)
+    or of its last row (`running_affinity/`, already a running average)."""
     frame = run_frames(comparison, DIAGNOSTICS_CSV)
-    columns = [c for c in frame.columns if c.startswith("affinity/")]
+    columns = [c for c in frame.columns if c.startswith(prefix)]
     matrices = {}
     for label, rows in frame.groupby("label", sort=False):
-        means = rows[columns].mean()
-        pairs = [c.split("/")[1:] for c in columns if not np.isnan(means[c])]
+        rows = rows.dropna(subset=columns, how="all")
+        if rows.empty:
+            continue
+        per_run = rows.groupby("run", sort=False)[columns]
+        means = (per_run.mean() if prefix == "affinity/" else per_run.last()).mean()
+        pairs = {
+            tuple(c.removeprefix(prefix).split("/")): means[c] for c in columns if not np.isnan(means[c])
+        }
         tasks = list(dict.fromkeys(t for pair in pairs for t in pair))
-        if tasks:
-            matrix = pd.DataFrame(np.nan, index=tasks, columns=tasks)
-            for (source, target), column in zip(pairs, [c for c in columns if not np.isnan(means[c])]):
-                matrix.loc[source, target] = means[column]
-            matrices[label] = matrix
+        matrix = pd.DataFrame(np.nan, index=tasks, columns=tasks)
+        for (source, target), value in pairs.items():
+            matrix.loc[source, target] = value
+        matrices[label] = matrix
     return matrices
 
 
 def plot_affinity(comparison: Comparison, path: Path) -> str:
-    """One heat map per configuration of the lookahead inter-task affinity (mean over the run and seeds):
-    row s, column t is how a step on task s alone changes task t's loss (> 0: s helps t)."""
-    matrices = affinity_matrices(comparison)
-    if not matrices:
+    """Heat maps of inter-task affinity, one column per configuration: the lookahead affinity of every run
+    with diagnostics (top) and the running affinity of grouping=affinity runs (bottom). Row s, column t:
+    how a step on s changes t's loss (> 0: s helps t). Each map has its own colour scale, set by the
+    off-diagonal entries (a task's effect on itself, far larger, saturates)."""
+    kinds = {prefix: affinity_matrices(comparison, prefix) for prefix in AFFINITY_KINDS}
+    kinds = {prefix: matrices for prefix, matrices in kinds.items() if matrices}
+    if not kinds:
         return (f"{path.name} not written: no run has affinity columns in its {DIAGNOSTICS_CSV} "
                 f"(train with diagnostics=true)")
-    fig = Figure(figsize=(4.6 * len(matrices), 4.4), layout="constrained")
-    axes = fig.subplots(1, len(matrices), squeeze=False)[0]
-    bound = max(float(np.nanmax(np.abs(m.to_numpy()))) for m in matrices.values()) or 1.0
-    for ax, (label, matrix) in zip(axes, matrices.items()):
-        image = ax.imshow(matrix.to_numpy(), cmap="RdBu", vmin=-bound, vmax=bound)
-        ax.set_xticks(range(len(matrix.columns)), matrix.columns, rotation=45, ha="right")
-        ax.set_yticks(range(len(matrix.index)), matrix.index)
-        for (i, j), value in np.ndenumerate(matrix.to_numpy()):
-            ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=8)
-        ax.set_title(label, fontsize=9)
-        ax.set_xlabel("task t (loss measured)")
-        ax.set_ylabel("task s (step taken)")
-    fig.colorbar(image, ax=list(axes), label="1 - L_t(after step on s) / L_t(before)")
-    fig.suptitle("Inter-task affinity (lookahead, mean over the run and seeds)")
+    labels = list(dict.fromkeys(label for matrices in kinds.values() for label in matrices))
+    size = max(len(m) for matrices in kinds.values() for m in matrices.values())
+    annotate = size <= 6
+    side = min(max(5.0, (0.9 if annotate else 0.28) * size + 2.5), 14.0)
+    fig = Figure(figsize=(side * len(labels), side * len(kinds)), layout="constrained")
+    axes = fig.subplots(len(kinds), len(labels), squeeze=False)
+    for row, (prefix, matrices) in enumerate(kinds.items()):
+        for col, label in enumerate(labels):
+            ax = axes[row][col]
+            if label not in matrices:
+                ax.set_axis_off()
+                continue
+            values = matrices[label].to_numpy()
+            off_diagonal = values[~np.eye(len(values), dtype=bool)]
+            finite = np.abs(off_diagonal[np.isfinite(off_diagonal)])
+            if finite.size and finite.max() > 0:
+                bound = float(finite.max())
+            else:
+                bound = float(np.nanmax(np.abs(values))) or 1.0
+            image = ax.imshow(values, cmap="RdBu", vmin=-bound, vmax=bound)
+            ticks = range(len(values))
+            font = 8 if len(values) <= 12 else 5
+            ax.set_xticks(ticks, matrices[label].columns, rotation=90, fontsize=font)
+            ax.set_yticks(ticks, matrices[label].index, fontsize=font)
+            if annotate:
+                for (i, j), value in np.ndenumerate(values):
+                    ink = "white" if abs(value) > 0.6 * bound else "black"
+                    ax.text(j, i, f"{value:.1e}", ha="center", va="center", fontsize=6, color=ink)
+            ax.set_title(f"{label}\n{AFFINITY_KINDS[prefix]}", fontsize=9)
+            ax.set_xlabel("task t (loss measured)")
+            ax.set_ylabel("task s (step taken)")
+            fig.colorbar(image, ax=ax, shrink=0.8, label="affinity (> 0: s helps t)")
+    fig.suptitle("Inter-task affinity 1 - L_t(after a step on s) / L_t(before), mean over seeds")
     fig.savefig(path, dpi=120)
     return f"wrote {path}"
