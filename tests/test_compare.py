@@ -409,3 +409,23 @@ def test_affinity_heat_map_averages_each_configuration(tmp_path):
     (matrix,) = affinity_matrices(build([tmp_path], None, "test")).values()
     assert matrix.loc["seg", "seg"] == pytest.approx(0.6) and matrix.loc["seg", "depth"] == pytest.approx(0.2)
     assert matrix.loc["depth", "seg"] == pytest.approx(-0.2) and matrix.loc["depth", "depth"] == pytest.approx(0.5)
+
+
+def test_running_affinity_heat_map_takes_each_runs_last_row(tmp_path):
+    from mtlrun.plots import affinity_matrices, plot_affinity
+
+    for seed, last in ((0, 0.2), (1, 0.4)):
+        run = tmp_path / f"g{seed}"
+        write_run(run, seed, {"seg/miou": 50, "depth/abs_err": 0.5}, "grouped", 1)
+        pd.DataFrame([
+            {"epoch": 1, "iteration": i, "affinity/seg/depth": 0.1, "running_affinity/seg/depth": value,
+             "running_affinity/depth/seg": -value, "running_affinity/seg/seg": 1.0,
+             "running_affinity/depth/depth": 1.0}
+            for i, value in ((1, 9.0), (2, last))
+        ]).to_csv(run / "diagnostics.csv", index=False)
+    comparison = build([tmp_path], None, "test")
+    (matrix,) = affinity_matrices(comparison, "running_affinity/").values()
+    assert matrix.loc["seg", "depth"] == pytest.approx(0.3)  # (0.2 + 0.4) / 2: each run's last row
+    assert matrix.loc["depth", "seg"] == pytest.approx(-0.3)
+    assert plot_affinity(comparison, tmp_path / "affinity.png") == f"wrote {tmp_path / 'affinity.png'}"
+    assert_png(tmp_path / "affinity.png")

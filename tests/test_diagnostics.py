@@ -103,3 +103,17 @@ def test_lookahead_affinity_by_hand():
         for t in TASKS:
             assert row[f"affinity/{s}/{t}"] == pytest.approx(1 - loss(ahead, t) / loss(W, t), rel=1e-4, abs=1e-6)
     assert row["affinity/a/a"] > 0 and row["affinity/b/b"] > 0  # a small step on a task lowers its own loss
+
+
+def test_running_affinity_of_affinity_grouping_is_recorded():
+    from mtlrun.strategies.grouped import Grouped
+
+    strategy = Grouped(TASKS, seed=0, group_size=1, grouping="affinity", decay=0.5, warmup=1)
+    _, _, _, diagnostics, _, _ = _run(True, strategy=strategy)
+    last = diagnostics.rows[-1]
+    for i, s in enumerate(TASKS):
+        for j, t in enumerate(TASKS):
+            assert last[f"running_affinity/{s}/{t}"] == strategy.affinity.matrix[i, j].item()
+    assert last["running_affinity/a/a"] > 0 and last["running_affinity/b/b"] > 0  # own steps lower own loss
+    plain = _run(True)[3].rows[-1]
+    assert not any(k.startswith("running_affinity/") for k in plain)  # only strategies that keep one
