@@ -46,10 +46,18 @@ def _run_epochs(strategy, epochs: int, per_epoch: int) -> list[list[list[str]]]:
     return used
 
 
-def test_regroup_once_keeps_one_partition_for_the_whole_run():
-    strategy = Grouped(TASKS, seed=3, group_size=2, regroup="once")
+@pytest.mark.parametrize("combine", [False, True])
+def test_regroup_once_keeps_one_partition_for_the_whole_run(combine):
+    combiner = PCGrad(TASKS, seed=0) if combine else None
+    strategy = Grouped(TASKS, seed=3, group_size=2, regroup="once", combiner=combiner)
+    if combiner is not None:  # every group's step is the method's, on the same groups throughout
+        stepped = []
+        original = combiner.combine
+        combiner.combine = lambda ctx, losses: (stepped.append(sorted(losses)), original(ctx, losses))
     used = _run_epochs(strategy, epochs=3, per_epoch=4)
     assert all(p == used[0] for p in used)
+    if combiner is not None:
+        assert stepped == [sorted(g) for g in used[0]] * 12
     assert strategy.records() == [{"epoch": 1, "iteration": 1, "groups": " | ".join(",".join(g) for g in used[0])}]
 
 
