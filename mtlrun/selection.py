@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from mtlrun.errors import MtlrunError
+from mtlrun.outputs import METRICS_CSV
 
 FORMS = "last, best:<split>/<task>/<metric>, best:<split>/mean/<metric>, best:<split>/loss or mean_last:<k>"
 MEAN = "mean"  # best:<split>/mean/<metric>: the metric's mean over every task that has it
@@ -79,7 +80,7 @@ def select(runs: pd.DataFrame, selection: Selection, read_csv) -> tuple[pd.DataF
     runs["selected_epochs"] = ""
     missing, notes = [], []
     for index, run_dir in runs["run_dir"].items():
-        path = Path(run_dir) / "metrics.csv" if isinstance(run_dir, str) else None
+        path = Path(run_dir) / METRICS_CSV if isinstance(run_dir, str) else None
         if path is None or not path.is_file():
             missing.append(str(run_dir))
             continue

@@ -231,7 +231,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
         history.epoch = epoch + 1
         diagnostic_rows = diagnostics.rows if diagnostics is not None else []
         logger.log_epoch(epoch + 1, row, new_metrics, [r for r in diagnostic_rows if r["epoch"] == epoch + 1])
-        run.save(train_log, metrics, diagnostic_rows, {"resume_id": resume_id, **state.state_dict()}, strategy.records())
+        snapshot = {"resume_id": resume_id, **state.state_dict()}
+        run.save(train_log, metrics, diagnostic_rows, snapshot, strategy.records())
     logger.close()
 
     results = results_row(cfg, run_dir, config_id, strategy, data.tasks, train_log, metrics, ctx.counts, device)
@@ -288,6 +289,9 @@ def _check_finite(mean_losses: dict[str, float], epoch: int, iteration: int) -> 
         )
 
 
+LOSS = "loss"  # the metric name of a task's evaluated loss: never in Δm%, lower is better
+
+
 @torch.no_grad()
 def evaluate(model: MultiTaskModel, tasks: list[Task], split: SplitSource, to_device: ToDevice, batch_size: int) -> dict:
     """Every task's metrics over the whole split, and its training loss (the mean of the per-batch losses,
@@ -295,7 +299,7 @@ def evaluate(model: MultiTaskModel, tasks: list[Task], split: SplitSource, to_de
     model.eval()
     names = [t.name for t in tasks]
     meters = {t.name: t.meter() for t in tasks}
-    loss_sums: dict[str, Tensor] = {}
+    loss_sums: dict[str, Tensor | float] = dict.fromkeys(names, 0.0)  # summed on the device, read once
     samples = 0
     for raw in eval_batches(split, batch_size):
         batch = to_device(raw)
@@ -304,13 +308,10 @@ def evaluate(model: MultiTaskModel, tasks: list[Task], split: SplitSource, to_de
         samples += count
         for task in tasks:
             meters[task.name].update(outputs[task.name], batch[task.name])
-            loss = task.loss(outputs[task.name], batch[task.name]).double() * count  # stays on the device
-            loss_sums[task.name] = loss_sums[task.name] + loss if task.name in loss_sums else loss
-    losses = {name: float(total) / max(samples, 1) for name, total in loss_sums.items()}
-    return {name: {**meter.compute(), LOSS: losses.get(name, float("nan"))} for name, meter in meters.items()}
-
-
-LOSS = "loss"  # the metric name of a task's evaluated loss: never in Δm%, lower is better
+            loss_sums[task.name] += task.loss(outputs[task.name], batch[task.name]).double() * count
+    return {
+        name: {**meter.compute(), LOSS: float(loss_sums[name]) / max(samples, 1)} for name, meter in meters.items()
+    }
 
 
 def metric_rows(scores: dict, tasks: list[Task], epoch: int, split: str) -> list[dict]:

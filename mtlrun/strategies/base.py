@@ -89,7 +89,6 @@ class StepContext:
         self.optimizer.step(tasks, shared_grad, head_grads)
         self.counts.optimizer_steps += 1
 
-
     def apply_each(self, shared_grads: dict[str, Tensor], head_grads: dict[str, Tensor]) -> None:
         """One optimizer step feeding each task's own shared gradient to its own state (`step_each`)."""
         self.optimizer.step_each(shared_grads, head_grads)
