@@ -477,10 +477,15 @@ def build(
         notes.append(f"skipping {len(unfinished)} unfinished run(s) without {RESULTS_CSV}: {listed}")
     if not files:
         raise MtlrunError(f"no {RESULTS_CSV} under {', '.join(map(str, paths))}: finished runs write one")
-    runs = load_runs(files)
+    # Every run, single-task baselines included, reports its selected epoch(s) before Δm% reads it.
+    runs, selected = select(load_runs(files), selection, read_csv)
+    notes += selected
     if baseline_paths:
         baseline_files = find_results(baseline_paths)[0]
-        given = load_runs(baseline_files) if baseline_files else pd.DataFrame({"strategy": []})
+        given = pd.DataFrame({"strategy": []})
+        if baseline_files:
+            given, selected = select(load_runs(baseline_files), selection, read_csv)
+            notes += selected
         baselines = given[given["strategy"] == SINGLE_TASK]
         if baselines.empty:
             raise MtlrunError(
@@ -493,8 +498,6 @@ def build(
     else:
         baselines = runs[runs["strategy"] == SINGLE_TASK]
         where = "among the inputs"
-    runs, selected = select(runs, selection, read_csv)
-    notes += selected
     if not any(c.startswith(f"{split}/") for c in metric_columns(runs)):
         raise MtlrunError(f"the runs have no '{split}' metrics; use --split test or --split val")
     definitions = metric_definitions(runs)

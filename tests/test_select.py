@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from mtlrun.compare import build
+from mtlrun.compare import DELTA_M, build
 from mtlrun.errors import MtlrunError
 from mtlrun.selection import Selection, parse_selection, selected_epochs
 
@@ -84,3 +84,20 @@ def test_a_run_without_the_selected_metric_reports_its_last_epoch_and_says_so(tm
     comparison = build([tmp_path], None, "test", selection=Selection("best", "val", "normal", "mean"))
     assert comparison.table["test/seg/miou mean"].iloc[0] == pytest.approx(49.0)
     assert any("no best:val/normal/mean" in n for n in comparison.notes)
+
+
+def test_single_task_baselines_are_read_at_their_selected_epochs_too(tmp_path):
+    """Δm% under --select compares each run with the single-task runs at *their* selected epochs."""
+    write_run(tmp_path / "mtl")
+    for task, column in (("seg", "test/seg/miou"), ("depth", "test/depth/abs_err")):
+        run = tmp_path / f"stl_{task}"
+        write_run(run)
+        results = pd.read_csv(run / "results.csv").assign(strategy="single_task", **{"strategy.task": task})
+        results.drop(columns=[c for c in ("test/seg/miou", "test/depth/abs_err") if c != column]).to_csv(
+            run / "results.csv", index=False)
+    for where in ([tmp_path], None):  # baselines among the inputs, then given with --baseline
+        paths = [tmp_path / "mtl"] if where is None else where
+        comparison = build(paths, [tmp_path] if where is None else None, "test",
+                           selection=parse_selection("best:val/seg/miou"))
+        row = comparison.table[comparison.table["strategy"] == "averaged"].iloc[0]
+        assert row[f"{DELTA_M} mean"] == pytest.approx(0.0)  # same epoch 2 on both sides: no change
