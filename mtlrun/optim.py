@@ -112,9 +112,10 @@ class MultiTaskOptimizer:
         if s.weight_decay and s.name == "adamw":
             torch._foreach_mul_([p.data for p in block.params], 1 - self.lr * s.weight_decay)
         update = torch.zeros_like(next(iter(shared_grads.values())))
+        l2 = s.weight_decay * block.flat_params() if s.weight_decay and s.name != "adamw" else None
         for task, grad in shared_grads.items():
-            if s.weight_decay and s.name != "adamw":
-                grad = grad + s.weight_decay * block.flat_params()
+            if l2 is not None:
+                grad = grad + l2
             ((slot, _),) = _states_to_step(block.slots, [task])
             slot["step"] += 1
             self._adam_direction(slot, grad, update, -self.lr)
