@@ -14,8 +14,9 @@ class AdaTask(LossCombiner):
     """AdaTask (Yang, Pan, Wang, Yu, Shen, Chen, Xiao, Jiang & Guo, "AdaTask: A Task-Aware Adaptive
     Learning Rate Approach to Multi-Task Learning", AAAI 2023, arXiv 2211.15055, Algorithm 1): from one
     forward pass, each task's gradient g_t of the shared parameters (one backward pass per task) updates
-    that task's own Adam moments m_t, v_t, and the shared parameters move by -lr * sum_t m_hat_t / (sqrt(v_hat_t) + eps); each head steps along its own
-    task's gradient with its own state, as in every strategy.
+    that task's own Adam moments m_t, v_t, and the shared parameters move by
+    -lr * sum_t m_hat_t / (sqrt(v_hat_t) + eps); each head steps along its own task's gradient with its
+    own state, as in every strategy.
     It is the per-task-moment idea of `alternating` with `optimizer.moments=per_task` at the cost of one
     forward and T backward passes per iteration, and one optimizer step.
     Needs `optimizer=adam` or `adamw` and `optimizer.moments=per_task` (its moments are per task by
