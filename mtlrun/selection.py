@@ -57,7 +57,9 @@ def selected_epochs(metrics: pd.DataFrame, selection: Selection) -> tuple[list[i
     if selection.kind == "last":
         return evaluated[-1:], None
     if selection.kind == "mean_last":
-        note = f"only {len(evaluated)} evaluated epoch(s), fewer than {selection.k}" if len(evaluated) < selection.k else None
+        note = None
+        if len(evaluated) < selection.k:
+            note = f"only {len(evaluated)} evaluated epoch(s), fewer than {selection.k}"
         return evaluated[-selection.k :], note
     rows = metrics[(metrics["split"] == selection.split) & (metrics["metric"] == selection.metric)]
     if selection.task not in (None, MEAN):

@@ -74,7 +74,8 @@ class TaskAffinity:
     """A[s, t]: how a step on a group holding task s changes task t's loss on the same batch, an
     exponential average of (1 - L_t(after) / L_t(before)) / |group| (the group's effect shared among its
     tasks), `decay` the weight of each new measurement. Groups come from affinity propagation on
-    the symmetrised, self-normalised matrix: N[s, t] = A[s, t] / A[t, t] (where A[t, t] > 0), S = (N + N^T) / 2.
+    the symmetrised, self-normalised matrix: N[s, t] = A[s, t] / A[t, t] (where A[t, t] > 0),
+    S = (N + N^T) / 2.
     """
 
     def __init__(self, tasks: Sequence[str], decay: float, preference: float | None) -> None:
@@ -111,7 +112,8 @@ class TaskAffinity:
         self.matrix = state["matrix"].detach().cpu().double().clone()
 
     def as_dict(self) -> dict[str, float]:
-        return {f"{s}/{t}": float(self.matrix[i, j]) for i, s in enumerate(self.tasks) for j, t in enumerate(self.tasks)}
+        tasks = list(enumerate(self.tasks))
+        return {f"{s}/{t}": float(self.matrix[i, j]) for i, s in tasks for j, t in tasks}
 
 
 def losses_as_floats(losses: dict[str, Tensor]) -> dict[str, float]:

@@ -91,7 +91,8 @@ class Grouped(SeededStrategy):
         if grouping == "affinity":
             if batch != "same":
                 raise MtlrunError(
-                    "strategy.grouping=affinity measures every step on the iteration's batch: use strategy.batch=same"
+                    "strategy.grouping=affinity measures every step on the iteration's batch: "
+                    "use strategy.batch=same"
                 )
             if not 0 < decay <= 1:
                 raise MtlrunError(f"strategy.decay must lie in (0, 1], got {decay!r}")
@@ -106,7 +107,9 @@ class Grouped(SeededStrategy):
                     f"re-clusters every iteration: leave strategy.regroup=iteration"
                 )
             if preference is not None and not isinstance(preference, (int, float)):
-                raise MtlrunError(f"strategy.preference must be a number or null (the median), got {preference!r}")
+                raise MtlrunError(
+                    f"strategy.preference must be a number or null (the median), got {preference!r}"
+                )
         if combiner is not None and reduction != "mean":
             raise MtlrunError(
                 f"strategy.reduction={reduction} applies to the plain group loss; with strategy.combine="
