@@ -148,7 +148,7 @@ def _fails(main, args: list[str], out: Path, pattern: str, name: str) -> str:
     message = str(exit_info.value.code)
     assert message.startswith(f"{name}: error: ") and "\n" not in message
     assert re.search(pattern, message), message
-    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+    assert not out.exists() and not list(out.parent.glob(f"{out.name}*.partial"))
     return message
 
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from mtlrun.data.hdf5 import DatasetFile, write_dataset
 from mtlrun.data.loading import LazySplit, Split, SplitSource, TargetTransform
 from mtlrun.errors import MtlrunError
+from mtlrun.locks import FileLock
 from mtlrun.tasks import Task, build_task, count_in_delta_m
 
 
@@ -47,6 +48,25 @@ def build_shapes(path: Path, image_size: int, num_train: int, num_val: int, num_
     )
 
 
+MIN_IMAGE_SIZE = 8  # the built-in convnet halves the image three times
+
+
+def check_shapes_options(image_size: object, num_train: object, num_val: object, num_test: object,
+                         generator_seed: object, prefix: str = "dataset.") -> None:
+    """The built-in benchmark's options, checked before anything is generated (an empty split would be
+    generated and cached for good)."""
+    least = {"image_size": MIN_IMAGE_SIZE, "num_train": 1, "num_val": 0, "num_test": 1, "generator_seed": 0}
+    given = {"image_size": image_size, "num_train": num_train, "num_val": num_val, "num_test": num_test,
+             "generator_seed": generator_seed}
+    for key, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < least[key]:
+            raise MtlrunError(f"{prefix}{key} must be an integer >= {least[key]}, got {value!r}")
+
+
+def _check_shapes(cfg: DictConfig) -> None:
+    check_shapes_options(cfg.image_size, cfg.num_train, cfg.num_val, cfg.num_test, cfg.generator_seed)
+
+
 def _make_shapes(cfg: DictConfig, path: Path) -> None:
     print(f"mtlrun: building the built-in benchmark at {path} (once) ...", file=sys.stderr, flush=True)
     build_shapes(path, int(cfg.image_size), int(cfg.num_train), int(cfg.num_val), int(cfg.num_test),
@@ -59,6 +79,7 @@ class Source:
 
     how_to_make: str  # completes the error shown when the file is missing or unreadable; {path} is filled in
     generate: Callable[[DictConfig, Path], None] | None = None
+    check: Callable[[DictConfig], None] | None = None  # the dataset's own options, before the file is opened
 
 
 def _converted(script: str) -> Source:
@@ -66,7 +87,7 @@ def _converted(script: str) -> Source:
 
 
 DATASETS: dict[str, Source] = {
-    "shapes": Source("delete it and mtlrun regenerates it", _make_shapes),
+    "shapes": Source("delete it and mtlrun regenerates it", _make_shapes, _check_shapes),
     "nyuv2": _converted("data_scripts/nyuv2.py"),
     "cityscapes": _converted("data_scripts/cityscapes.py"),
     "celeba": _converted("data_scripts/celeba.py"),
@@ -82,8 +103,10 @@ def open_dataset(
         raise MtlrunError(f"no dataset named {cfg.name!r}; known: {', '.join(sorted(DATASETS))}")
     path = Path(cfg.path)
     source = DATASETS[cfg.name]
+    if source.check is not None:
+        source.check(cfg)
     if not path.exists() and source.generate is not None:
-        source.generate(cfg, path)
+        _generate_once(source.generate, cfg, path)
     file = DatasetFile(path, cfg.name, source.how_to_make.format(path=path))
     try:
         return _load(cfg, file, tasks or task_names(cfg), split_names)
@@ -91,10 +114,37 @@ def open_dataset(
         file.close()
 
 
+def _generate_once(generate: Callable[[DictConfig, Path], None], cfg: DictConfig, path: Path) -> None:
+    """Generate the file at `path`, or, while another process generates it (runs sharing a data_dir), wait for
+    it and use its file: a lock beside the file (`<file>.lock`) lets one process build at a time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(path.with_name(path.name + ".lock"))
+        if not lock.acquire(wait=False):
+            print(f"mtlrun: waiting for {lock.holder()}, which is building {path} ...", file=sys.stderr, flush=True)
+            lock.acquire(wait=True)
+    except OSError as e:
+        raise MtlrunError(f"cannot write the dataset file {path} ({e.strerror}): point data_dir at a writable "
+                          f"folder") from None
+    try:
+        if not path.exists():
+            generate(cfg, path)
+    except OSError as e:
+        raise MtlrunError(f"cannot write the dataset file {path} ({e.strerror or e}): free space or point "
+                          f"data_dir at a writable folder") from None
+    finally:
+        lock.release()
+
+
 def task_specs(cfg: DictConfig) -> dict[str, dict]:
     """From the config alone, the specs of the tasks a run trains, in order: `dataset.tasks` (null = all), after
     `dataset.binary_maps` has cut the segmentation tasks into binary maps; naming one selects all its maps."""
     specs, parts = _binary_maps(cfg, OmegaConf.to_container(cfg.task_specs, resolve=True))
+    if isinstance(cfg.get("tasks"), str):
+        raise MtlrunError(
+            f"dataset.tasks={cfg.tasks} must be a list of task names, e.g. dataset.tasks=[{cfg.tasks}]; "
+            f"{cfg.name} has: {', '.join(specs)}"
+        )
     asked = list(cfg.tasks) if cfg.get("tasks") is not None else list(specs)
     names = list(dict.fromkeys(n for name in asked for n in parts.get(name, [name])))
     unknown = [n for n in names if n not in specs]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 
 import h5py
@@ -13,7 +14,8 @@ from mtlrun.errors import MtlrunError
 
 SCHEMA_VERSION = 1
 CHUNK_BYTES = 64 * 1024
-# Layout: root attrs {mtlrun_schema, dataset, source, options (JSON)}; one group per split
+# Layout: root attrs {mtlrun_schema, dataset, source, options (JSON), complete (true, set last; files written
+# before it existed lack it)}; one group per split
 # (train, val, test) holding `image` (uint8 N,H,W,3) and one array per target key: segmentation
 # (int16 N,H,W, -1 = ignore), depth (float N,H,W, 0 = invalid), normal (float N,H,W,3, 0 = invalid),
 # attributes (uint8 N,K with attr `names`). Class names: root attr `class_names` (JSON list), or, where a file
@@ -37,14 +39,16 @@ class StreamingWriter:
     """Writes a dataset file array slice by array slice, for data too large to hold in memory at once.
 
     Use it as a context manager: arrays are created empty with `create` and filled by slice assignment;
-    the file appears at `path` only when the block ends without an error (written to `<path>.partial`,
-    then renamed), so a reader never sees a half-written file. `write_dataset` is this for in-memory arrays."""
+    the file appears at `path` only when the block ends without an error (written to a temporary
+    `<path>.<pid>-<random>.partial` of its own, so writers running at once never touch each other's file,
+    then renamed), so a reader never sees a half-written file; its `complete` attribute, set last, says it
+    was written to the end. `write_dataset` is this for in-memory arrays."""
 
     def __init__(
         self, path: Path, dataset: str, source: str, options: dict, attribute_names: list[str] | None = None,
         class_names: list[str] | dict[str, list[str]] | None = None,
     ) -> None:
-        self.path, self.tmp = path, path.with_name(path.name + ".partial")
+        self.path, self.tmp = path, path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
         self.attrs = {
             "mtlrun_schema": SCHEMA_VERSION, "dataset": dataset, "source": source, "options": json.dumps(options),
         }
@@ -55,8 +59,8 @@ class StreamingWriter:
 
     def __enter__(self) -> StreamingWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = h5py.File(self.tmp, "w")
-        self.file.attrs.update(self.attrs)
+        self.file = h5py.File(self.tmp, "x")
+        self.file.attrs.update({**self.attrs, "complete": False})
         return self
 
     def create(self, split: str, key: str, shape: tuple[int, ...], dtype: np.dtype | type) -> h5py.Dataset:
@@ -74,7 +78,11 @@ class StreamingWriter:
         return ds
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        self.file.close()
+        try:
+            if exc_type is None:
+                self.file.attrs["complete"] = True
+        finally:
+            self.file.close()
         try:
             if exc_type is None:
                 os.replace(self.tmp, self.path)
@@ -87,6 +95,8 @@ class DatasetFile:
 
     def __init__(self, path: Path, dataset: str, how_to_make: str) -> None:
         self.path, self.how_to_make = path, how_to_make
+        if path.is_dir():
+            raise MtlrunError(f"dataset.path={path} is a folder: point dataset.path at the {dataset} HDF5 file in it")
         if not path.is_file():
             raise MtlrunError(f"{dataset} data file {path} not found: {how_to_make}, or point dataset.path at it")
         try:
@@ -103,6 +113,8 @@ class DatasetFile:
             raise MtlrunError(
                 f"{path} has schema version {shown!r}, this mtlrun reads version {SCHEMA_VERSION}: {how_to_make}"
             )
+        if not self.file.attrs.get("complete", True):
+            raise MtlrunError(f"{path} is incomplete (its writer stopped before the end): {how_to_make}")
         made_for = self.file.attrs.get("dataset")
         if made_for is not None and made_for != dataset:
             raise MtlrunError(
