@@ -47,17 +47,34 @@ class OptimizerSettings:
             raise MtlrunError(
                 f"optimizer.moments={cfg.moments!r} is invalid; valid: {', '.join(MOMENTS)} (optimizer.moments=per_task)"
             )
-        settings = cls(
-            name=cfg.name, lr=float(cfg.lr), weight_decay=float(cfg.get("weight_decay", 0.0)),
-            betas=tuple(float(b) for b in cfg.get("betas", (0.9, 0.999))), eps=float(cfg.get("eps", 1e-8)),
-            momentum=float(cfg.get("momentum", 0.0)), nesterov=bool(cfg.get("nesterov", False)),
+        betas = cfg.get("betas", (0.9, 0.999))
+        if isinstance(betas, (str, int, float)) or len(betas) != 2:
+            raise MtlrunError(f"optimizer.betas must be two numbers in [0, 1), e.g. [0.9,0.999], got {betas!r}")
+        nesterov = cfg.get("nesterov", False)
+        if not isinstance(nesterov, bool):
+            raise MtlrunError(f"optimizer.nesterov must be true or false, got {nesterov!r}")
+        return cls(
+            name=cfg.name, lr=_number(cfg.lr, "lr", "> 0"),
+            weight_decay=_number(cfg.get("weight_decay", 0.0), "weight_decay", ">= 0"),
+            betas=(_number(betas[0], "betas[0]", "in [0, 1)"), _number(betas[1], "betas[1]", "in [0, 1)")),
+            eps=_number(cfg.get("eps", 1e-8), "eps", "> 0"),
+            momentum=_number(cfg.get("momentum", 0.0), "momentum", "in [0, 1)"), nesterov=nesterov,
             moments=cfg.get("moments", "per_task"),
         )
-        if not settings.lr > 0:
-            raise MtlrunError(f"optimizer.lr must be > 0, got {settings.lr}")
-        if not (0 <= settings.betas[0] < 1 and 0 <= settings.betas[1] < 1):
-            raise MtlrunError(f"optimizer.betas must lie in [0, 1), got {list(settings.betas)}")
-        return settings
+
+
+_RANGES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1}
+
+
+def _number(value: object, key: str, allowed: str) -> float:
+    """`optimizer.<key>` as a finite float within `allowed` (a key of _RANGES), or a one-line error."""
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or not _RANGES[allowed](number):
+        raise MtlrunError(f"optimizer.{key} must be a finite number {allowed}, got {value!r}")
+    return number
 
 
 class ParameterBlock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from omegaconf import DictConfig
@@ -24,7 +25,27 @@ MODELS: dict[str, Callable[..., MultiTaskModel]] = {
 
 def build_model(cfg: DictConfig, tasks: list[Task]) -> MultiTaskModel:
     """Build `cfg.name` with the remaining keys of its config as keyword arguments."""
-    if cfg.name not in MODELS:
-        raise MtlrunError(f"no model named {cfg.name!r}; known: {', '.join(sorted(MODELS))}")
+    check_model(cfg)
     kwargs = {k: v for k, v in cfg.items() if k != "name"}
     return MODELS[cfg.name](tasks, **kwargs)
+
+
+def check_model(cfg: DictConfig) -> None:
+    """The model's settings, checked before any data is read: a known model, keys its builder takes, and
+    channel counts (width, filters) and pooled sizes that are positive integers."""
+    if cfg.name not in MODELS:
+        raise MtlrunError(f"no model named {cfg.name!r}; known: {', '.join(sorted(MODELS))}")
+    parameters = inspect.signature(MODELS[cfg.name]).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    settings = [k for k in parameters if k != "tasks"]
+    for key, value in cfg.items():
+        if key != "name" and key not in parameters and not takes_any:
+            raise MtlrunError(f"model.{key} is not a setting of model {cfg.name}; its settings: {', '.join(settings)}")
+        counts = list(value) if key == "filters" and not isinstance(value, (str, int, float)) else [value]
+        if key in ("width", "filters", "pooled_size") and not all(_positive_int(v) for v in counts):
+            raise MtlrunError(f"model.{key} must be {'positive integers' if key == 'filters' else 'an integer >= 1'}, "
+                              f"got {value!r}")
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
