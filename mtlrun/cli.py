@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -16,42 +19,89 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mtlrun import CONF_DIR
 from mtlrun.errors import MtlrunError
+from mtlrun.rundirs import cannot_create, forget_new_directories, new_directory, resume_hint
+
+if TYPE_CHECKING:
+    from mtlrun.outputs import RunDir
+
+DIRNAME_LENGTH = 120
 
 
 def _dirname(overrides: str) -> str:
-    """A run directory name from the job's overrides: readable, with no path separators."""
-    name = re.sub(r"[/\\:]", "_", overrides) or "defaults"
-    return name[:120]
+    """A run directory name from the job's overrides: readable, with no path separators or quotes; a long one
+    is cut and ends with a hash of all of it, so overrides that differ only past the cut get different names."""
+    name = re.sub(r"[/\\:\s'\"]", "_", overrides) or "defaults"
+    if len(name) <= DIRNAME_LENGTH:
+        return name
+    return f"{name[:DIRNAME_LENGTH - 9]}_{hashlib.sha1(overrides.encode()).hexdigest()[:8]}"
 
 
 OmegaConf.register_new_resolver("mtlrun_dirname", _dirname, replace=True)
+# The default run and sweep directories are made here, each for one invocation only; cached so that every
+# job of a sweep (and every resolution of one run's directory) gets the same one.
+OmegaConf.register_new_resolver("mtlrun_new_dir", new_directory, replace=True, use_cache=True)
 
 
 _failed_jobs: list[str] = []
+_interrupted: list[str] = []  # what to re-run after Ctrl-C: the job's run directory, or the sweep directory
+
+
+def _record(cfg: DictConfig) -> dict[str, str]:
+    """The `.hydra/` files Hydra would write (hydra.output_subdir is null: mtlrun writes them once the run
+    is accepted, so a refused command leaves an existing run's record as it was)."""
+    hydra_cfg = HydraConfig.instance().cfg
+    return {
+        "config.yaml": OmegaConf.to_yaml(cfg),
+        "hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
+        "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task),
+    }
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _run(cfg: DictConfig) -> None:
+    from mtlrun.outputs import check_run_flags, hold
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    _interrupted[:] = [f"resume=true {resume_hint('hydra.sweep.dir', run_dir.parent)}" if sweep
+                       else f"resume=true {resume_hint('hydra.run.dir', run_dir)}"]
+    try:
+        try:
+            with hold(run_dir, _record(cfg)) as run:
+                check_run_flags(cfg.get("resume"), cfg.get("overwrite"))
+                _train(cfg, run)
+        except OSError as e:  # a full disk, a folder made read-only: the files of finished epochs stay
+            raise MtlrunError(f"cannot use {e.filename or 'a file'} ({e.strerror or e}); files of finished "
+                              f"epochs are kept") from None
+    except MtlrunError as e:
+        if not sweep:
+            raise SystemExit(f"mtlrun: error: {e}") from None
+        # In a sweep, one failed job must not stop the others: report it and go on.
+        print(f"mtlrun: error in job {hydra_cfg.job.num} ({run_dir}): {e}", file=sys.stderr)
+        _failed_jobs.append(f"job {hydra_cfg.job.num}")
+    except Exception as e:
+        if not sweep:
+            raise
+        # A bug, not bad input: its traceback is printed, and the sweep still goes on and ends with its summary.
+        traceback.print_exc()
+        print(f"mtlrun: error in job {hydra_cfg.job.num} ({run_dir}): unexpected {type(e).__name__}: {e}",
+              file=sys.stderr)
+        _failed_jobs.append(f"job {hydra_cfg.job.num}")
+
+
+def _train(cfg: DictConfig, run: RunDir) -> None:
     import torch
 
     from mtlrun.train import train  # torch loads only once the config is known to be good
 
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        try:
-            train(cfg, run_dir)
-        except torch.cuda.OutOfMemoryError as e:
-            raise MtlrunError(
-                f"the GPU ran out of memory ({str(e).splitlines()[0][:120]}): lower trainer.batch_size or "
-                f"trainer.eval_batch_size, or choose a smaller model; files of finished epochs are kept"
-            ) from None
-    except MtlrunError as e:
-        if hydra_cfg.mode != RunMode.MULTIRUN:
-            raise SystemExit(f"mtlrun: error: {e}") from None
-        # In a sweep, one failed job must not stop the others: report it and go on.
-        print(f"mtlrun: error in job {hydra_cfg.job.num} ({run_dir}): {e}", file=sys.stderr)
-        _failed_jobs.append(str(run_dir))
+        train(cfg, run)
+    except torch.cuda.OutOfMemoryError as e:
+        raise MtlrunError(
+            f"the GPU ran out of memory ({str(e).splitlines()[0][:120]}): lower trainer.batch_size or "
+            f"trainer.eval_batch_size, or choose a smaller model; files of finished epochs are kept"
+        ) from None
 
 
 def config_groups() -> dict[str, list[str]]:
@@ -107,6 +157,14 @@ def _one_line(error: BaseException) -> str:
     return " ".join(lines) or type(error).__name__
 
 
+def _our_error(error: BaseException) -> MtlrunError | None:
+    """The MtlrunError that `error` wraps, if any (OmegaConf wraps a resolver's error, sometimes twice)."""
+    seen = error.__cause__ or error.__context__
+    while seen is not None and not isinstance(seen, MtlrunError):
+        seen = seen.__cause__ or seen.__context__
+    return seen
+
+
 def main() -> None:
     if not CONF_DIR.is_dir():
         sys.exit(
@@ -115,6 +173,9 @@ def main() -> None:
         )
     # We print errors ourselves, as one line; Hydra must let them through.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    forget_new_directories()
+    _failed_jobs.clear()
+    _interrupted.clear()
     try:
         check_group_choices(sys.argv[1:])
         _run()
@@ -123,11 +184,16 @@ def main() -> None:
     except MtlrunError as e:
         sys.exit(f"mtlrun: error: {e}")
     except (HydraException, OmegaConfBaseException) as e:
-        sys.exit(f"mtlrun: error: {_one_line(e)}")
+        ours = _our_error(e)  # raised while Hydra resolved the config (making the run directory): said as is
+        sys.exit(f"mtlrun: error: {ours if ours is not None else _one_line(e)}")
+    except OSError as e:  # Hydra making the run directory given as hydra.run.dir or hydra.sweep.dir
+        sys.exit(f"mtlrun: error: {cannot_create(e)}")
     except KeyboardInterrupt:
+        if not _interrupted:
+            sys.exit("mtlrun: interrupted before any run started")
         sys.exit(
             "mtlrun: interrupted; the last finished epoch's checkpoint and CSVs are kept: "
-            "re-run the same command with resume=true hydra.run.dir=<the run directory> to continue"
+            f"re-run the same command with {_interrupted[0]} to continue"
         )
 
 

@@ -26,22 +26,26 @@ from mtlrun.data.augment import Augment
 from mtlrun.data.loading import BatchStream, SplitSource, ToDevice, eval_batches
 from mtlrun.diagnostics import Diagnostics
 from mtlrun.errors import MtlrunError
+from mtlrun.identity import different_configuration
 from mtlrun.loggers import build_logger
-from mtlrun.models import build_model
+from mtlrun.models import build_model, check_model
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.optim import MultiTaskOptimizer, OptimizerSettings, lr_factor
 from mtlrun.outputs import RunDir
+from mtlrun.rundirs import resume_hint
 from mtlrun.strategies import StepContext, Strategy, build_strategy
 from mtlrun.strategies.base import Counts
 from mtlrun.tasks import Task
 
 log = logging.getLogger("mtlrun")
 
-# Keys that change how a run is executed or reported but not what it computes.
+# Keys that change how a run is executed or reported, or where it writes, but not what it computes.
 RUN_CONTROL_KEYS = (
     "resume", "overwrite", "trainer.progress", "trainer.stop_after_epochs", "trainer.device", "trainer.workers",
-    "dataset.in_memory",
+    "dataset.in_memory", "output_root", "logger",
 )
+# A task's mean training loss this many times its first loss stops the run, as a non-finite one does.
+LOSS_EXPLOSION_FACTOR = 1e6
 
 
 @dataclass
@@ -144,6 +148,7 @@ def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: in
     names = strategy.trains(task_names(cfg.dataset))
     optimizer_settings = OptimizerSettings.from_config(cfg.optimizer)
     lr_factor(cfg.scheduler, 0, epochs)
+    check_model(cfg.model)
     data = open_dataset(cfg.dataset, names)
     model = build_model(cfg.model, data.tasks).to(device)
     optimizer = MultiTaskOptimizer(
@@ -167,8 +172,9 @@ def _augment(cfg: DictConfig, data: MultiTaskData, seed: int) -> Augment | None:
     return augment if augment.active else None
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict | None:
-    """Train as `cfg` says in `run_dir`; return the results row, or None when stopped early on purpose."""
+def train(cfg: DictConfig, run_dir: Path | RunDir) -> dict | None:
+    """Train as `cfg` says in `run_dir` (a path, or a RunDir the caller holds); return the results row, or None
+    when stopped early on purpose."""
     settings = _trainer_settings(cfg)
     seed_everything(cfg.seed, cfg.deterministic)
     device = pick_device(cfg.trainer.device)
@@ -181,10 +187,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
         train = data.splits["train"]
         probe = parts.to_device(train.batch(torch.arange(min(settings["batch_size"], len(train)))))
         diagnostics = Diagnostics(ctx, probe, settings["diagnostics_every"])
-    run = RunDir(run_dir)
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    run_dir = run.path
     config_id = config_hash(cfg, ignore=("seed", *RUN_CONTROL_KEYS))  # runs differing only by seed share it
     resume_id = config_hash(cfg, ignore=RUN_CONTROL_KEYS)
     history = History()
+    first_losses = FirstLosses()
     state = RunState()
     state.register("model", model)
     state.register("optimizer", optimizer)
@@ -195,29 +203,30 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
     state.register("rng", RandomState(device))
     state.register("diagnostics", diagnostics)
     state.register("history", history)
+    state.register("first_losses", first_losses)
 
     if cfg.resume and run.checkpoint.exists():
         checkpoint = run.load_checkpoint(device)
         if checkpoint["resume_id"] != resume_id:
-            raise MtlrunError(
-                f"{run.checkpoint} was written by a different configuration: resume with the same overrides, "
-                f"or start over with overwrite=true"
-            )
+            raise MtlrunError(different_configuration(run.checkpoint, checkpoint, cfg, RUN_CONTROL_KEYS))
         state.load_state_dict(checkpoint, run.checkpoint)
         log.info("resuming %s after epoch %d", run_dir, history.epoch)
     else:
-        run.claim(overwrite=cfg.overwrite)
+        run.claim(overwrite=cfg.overwrite, resume=cfg.resume)
+    run.accept()
 
     logger = build_logger(cfg.logger, run_dir)
     epochs, stop_after, start_epoch = settings["epochs"], settings["stop_after_epochs"], history.epoch
     train_log, metrics = history.train_log, history.metrics
     for epoch in range(start_epoch, epochs):
         if stop_after is not None and epoch - start_epoch >= stop_after:
-            log.info("stopped after %d epoch(s) as asked; continue with resume=true hydra.run.dir=%s", stop_after, run_dir)
+            log.info("stopped after %d epoch(s) as asked; continue with resume=true %s", stop_after,
+                     resume_hint("hydra.run.dir", run_dir))
             logger.close()
             return None
         optimizer.lr = optimizer.settings.lr * lr_factor(cfg.scheduler, epoch, epochs)
-        row = train_epoch(ctx, strategy, batches.batches_per_pass, epoch, epochs, settings["progress"], device, diagnostics)
+        row = train_epoch(ctx, strategy, batches.batches_per_pass, epoch, epochs, settings["progress"], device,
+                          diagnostics, first_losses)
         train_log.append(row)
         strategy.epoch_end()
         new_metrics = []
@@ -231,7 +240,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
         history.epoch = epoch + 1
         diagnostic_rows = diagnostics.rows if diagnostics is not None else []
         logger.log_epoch(epoch + 1, row, new_metrics, [r for r in diagnostic_rows if r["epoch"] == epoch + 1])
-        snapshot = {"resume_id": resume_id, **state.state_dict()}
+        snapshot = {
+            "resume_id": resume_id, "config": OmegaConf.to_container(cfg, resolve=True), **state.state_dict(),
+        }
         run.save(train_log, metrics, diagnostic_rows, snapshot, strategy.records())
     logger.close()
 
@@ -244,9 +255,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict | None:
 
 def train_epoch(
     ctx: StepContext, strategy: Strategy, iterations: int, epoch: int, epochs: int, progress: bool,
-    device: torch.device, diagnostics: Diagnostics | None = None,
+    device: torch.device, diagnostics: Diagnostics | None = None, initial_losses: dict[str, float] | None = None,
 ) -> dict:
-    """Run `iterations` strategy iterations; return the epoch's row of train_log.csv."""
+    """Run `iterations` strategy iterations; return the epoch's row of train_log.csv. `initial_losses` (the
+    run's first loss of each task, filled in by its first iteration) is what an exploding loss is judged by."""
     ctx.model.train()
     before = Counts(**asdict(ctx.counts))
     loss_sums = {t: torch.zeros((), device=device) for t in ctx.task_names}
@@ -255,14 +267,18 @@ def train_epoch(
     for i in bar:
         if diagnostics is not None:
             diagnostics.before_iteration(ctx)
-        for task, loss in strategy.iteration(ctx).items():
+        losses = strategy.iteration(ctx)
+        for task, loss in losses.items():
             loss_sums[task] += loss
+        if initial_losses is not None and not losses.keys() <= initial_losses.keys():
+            initial_losses.update({t: float(v) for t, v in losses.items() if t not in initial_losses})
         ctx.counts.iterations += 1
         if diagnostics is not None:
             diagnostics.after_iteration(ctx, strategy, epoch)
         if (i + 1) % 25 == 0 or i + 1 == iterations:  # one device sync every 25 iterations, not every step
             means = {t: v / (i + 1) for t, v in zip(loss_sums, torch.stack(list(loss_sums.values())).tolist())}
             _check_finite(means, epoch, i)
+            _check_explosion(means, initial_losses or {}, epoch, i)
             bar.set_postfix({t: f"{v:.3f}" for t, v in means.items()}, refresh=False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -290,6 +306,31 @@ def _check_finite(mean_losses: dict[str, float], epoch: int, iteration: int) -> 
 
 
 LOSS = "loss"  # the metric name of a task's evaluated loss: never in Δm%, lower is better
+
+
+class FirstLosses(dict):
+    """Each task's loss at the run's first iteration (task -> value), the yardstick of an exploding loss; kept in
+    the checkpoint, so a resumed run judges by the same values."""
+
+    def state_dict(self) -> dict:
+        return dict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clear()
+        self.update(state)
+
+
+def _check_explosion(mean_losses: dict[str, float], initial_losses: dict[str, float], epoch: int, iteration: int) -> None:
+    """Stop as for a NaN when a task's mean loss exceeds LOSS_EXPLOSION_FACTOR times its first loss: no sound run
+    grows a loss a million-fold, while a diverging one can stay finite for many epochs."""
+    for task, value in mean_losses.items():
+        first = initial_losses.get(task, 0.0)
+        if first > 0 and value > LOSS_EXPLOSION_FACTOR * first:
+            raise MtlrunError(
+                f"the loss of task '{task}' grew from {first:.4g} to {value:.4g} (over {LOSS_EXPLOSION_FACTOR:.0e} "
+                f"times) by iteration {iteration + 1} of epoch {epoch + 1}: training diverged; lower optimizer.lr "
+                f"(or change strategy); files of finished epochs are kept"
+            )
 
 
 @torch.no_grad()

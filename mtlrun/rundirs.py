@@ -1,0 +1,57 @@
+"""Where runs go: a new directory for every run and sweep, made at once so that no two invocations share one,
+and how to name a directory back to Hydra on the command line."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from mtlrun.errors import MtlrunError
+
+_made: dict[str, str] = {}  # base path -> the directory made for it, in this invocation
+
+
+def new_directory(base: str) -> str:
+    """A directory made now for this invocation alone: `base`, or `base_2`, `base_3`, ... when another run
+    made that one first (two runs started in the same second with the same overrides). The same `base`
+    gives the same directory for the rest of the invocation (Hydra resolves a directory more than once)."""
+    if base in _made:
+        return _made[base]
+    path = Path(base)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 10_000):
+            candidate = path if n == 1 else path.with_name(f"{path.name}_{n}")
+            try:
+                candidate.mkdir()  # atomic: of two processes making one name, exactly one succeeds
+            except FileExistsError:
+                if candidate.is_dir():
+                    continue
+                raise
+            _made[base] = str(candidate)
+            return str(candidate)
+    except OSError as e:
+        raise MtlrunError(cannot_create(e)) from None
+    raise MtlrunError(f"{base}: 10000 directories of that name exist; choose another output_root")
+
+
+def forget_new_directories() -> None:
+    """A new invocation in this process (tests call the CLI in-process) makes new directories again."""
+    _made.clear()
+
+
+def cannot_create(e: OSError) -> str:
+    """One line for a run or sweep directory that cannot be made."""
+    file_in_the_way = isinstance(e, (FileExistsError, NotADirectoryError))
+    why = "it, or a folder above it, is a file" if file_in_the_way else (e.strerror or str(e))
+    return (f"cannot create the run directory {e.filename} ({why}): point output_root (or hydra.run.dir, "
+            f"hydra.sweep.dir) at a writable folder")
+
+
+def resume_hint(key: str, path: object) -> str:
+    """`key=path` as it must be typed in a shell: default run names hold '=' and ',', which Hydra reads as
+    syntax unless quoted."""
+    text = str(path)
+    if re.fullmatch(r"[\w./+@-]+", text):
+        return f"{key}={text}"
+    return f"'{key}=\"{text}\"'"
