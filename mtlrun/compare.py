@@ -44,6 +44,32 @@ def find_results(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     return list(dict.fromkeys(found)), unfinished
 
 
+def failed_runs(paths: list[Path]) -> list[Path]:
+    """Run directories under `paths` with neither results nor a checkpoint: jobs that failed before finishing
+    their first epoch, or are still in it (mtlrun removes the directories of jobs that failed before starting)."""
+    failed = []
+    for path in paths:
+        if path.is_dir():
+            made = {p.parent for p in path.rglob(".hydra") if p.is_dir()} | set(
+                p.parent for p in path.rglob("mtlrun.log"))
+            failed += [d for d in made if not (d / RESULTS_CSV).exists() and not (d / CHECKPOINT).exists()]
+    return sorted(set(failed))
+
+
+def read_results(path: Path) -> pd.DataFrame:
+    """A results CSV, refused in one line when empty or cut short (a copy or a disk that stopped mid-write)."""
+    frame = read_csv(path)
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - 1))
+        ends_a_line = f.read(1) in (b"\n", b"\r")
+    if frame.empty or not ends_a_line:
+        raise MtlrunError(
+            f"{path} is {'empty' if frame.empty else 'cut short (no line break at its end)'}: remove it or re-run "
+            f"that run"
+        )
+    return frame
+
+
 def read_csv(path: Path) -> pd.DataFrame:
     try:
         return pd.read_csv(path)
@@ -65,7 +91,7 @@ def load_runs(files: list[Path]) -> pd.DataFrame:
     per iteration from its train_log.csv."""
     frames = []
     for file in files:
-        frame = read_csv(file)
+        frame = read_results(file)
         if "strategy" not in frame.columns:
             raise MtlrunError(f"{file} is not an mtlrun results CSV (no 'strategy' column)")
         if len(frame) == 1 and file.name == RESULTS_CSV:
@@ -500,7 +526,21 @@ def build(
         where = "among the inputs"
     if not any(c.startswith(f"{split}/") for c in metric_columns(runs)):
         raise MtlrunError(f"the runs have no '{split}' metrics; use --split test or --split val")
+    failed = failed_runs(paths)
+    if failed:
+        notes.append(f"skipping {len(failed)} run director(ies) without {RESULTS_CSV} or {CHECKPOINT} (a job that "
+                     f"failed before finishing an epoch, see its mtlrun.log, or one still in its first epoch): "
+                     f"{', '.join(map(str, failed))}")
     definitions = metric_definitions(runs)
+    lacking = [d if isinstance(d, str) else "(a row without run_dir)" for d in runs["run_dir"]
+               if run_file(d, METRICS_CSV) is None]
+    if lacking:
+        unknown = [c.split("/", 1)[1] for c in metric_columns(runs)
+                   if c.split("/", 1)[1] not in set(definitions["name"])]
+        effect = (f"; no {METRICS_CSV} gives the direction of {', '.join(dict.fromkeys(unknown))}: shown without "
+                  f"↑/↓ and no best marked" if unknown else "")
+        notes.append(f"{len(lacking)} run(s) have no {METRICS_CSV} beside their results: "
+                     f"{', '.join(lacking)}{effect}")
     runs[DELTA_M], said = delta_m(runs, baselines, definitions, split, where)
     if mean_over_tasks:
         runs, definitions = average_tasks(runs, definitions)
