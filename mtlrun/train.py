@@ -151,6 +151,7 @@ def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: in
     check_model(cfg.model)
     data = open_dataset(cfg.dataset, names)
     model = build_model(cfg.model, data.tasks).to(device)
+    strategy.attach(model)
     optimizer = MultiTaskOptimizer(
         model.shared_parameters(), {t: model.task_parameters(t) for t in names}, optimizer_settings
     )

@@ -52,5 +52,6 @@ def test_every_strategy_trains_two_iterations_on_the_model(workdir, model):
     tasks = int(rows.num_tasks.iloc[0])
     steps = rows.set_index("strategy").optimizer_steps
     assert steps["alternating"] == 2 * tasks and steps["grouped"] == 2 * -(-tasks // 2)  # groups of 2
-    combiners = [s for s in STRATEGIES if s not in ("alternating", "grouped")]
+    assert steps["maximum_roaming"] == 2 * tasks  # one step per task, each through its own masks
+    combiners = [s for s in STRATEGIES if s not in ("alternating", "grouped", "maximum_roaming")]
     assert (steps[combiners] == 2).all()  # averaged and every method: one step per iteration

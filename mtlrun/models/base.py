@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -12,7 +13,9 @@ class MultiTaskModel(nn.Module):
     """Shared encoder plus task heads; `forward` runs only the heads it is asked for.
 
     Dense heads may predict at a lower resolution than the image: their output is upsampled
-    bilinearly to the image size here, once for every architecture.
+    bilinearly to the image size here, once for every architecture. A strategy that gives each task its own
+    encoder function (Maximum Roaming's channel masks) sets `task_scope`; `forward` then runs the encoder and
+    each head once per task, inside `task_scope(task)`.
     """
 
     def __init__(self, encoder: nn.Module, heads: dict[str, nn.Module], align_corners: bool = False) -> None:
@@ -20,9 +23,16 @@ class MultiTaskModel(nn.Module):
         self.encoder = encoder
         self.heads = nn.ModuleDict(heads)
         self.align_corners = align_corners  # of the upsampling to the image size, as the reference code has it
+        self.task_scope: Callable[[str], AbstractContextManager[None]] | None = None
 
     def forward(self, image: Tensor, tasks: Sequence[str]) -> dict[str, Tensor]:
-        return self.heads_on(self.encoder(image), tasks, image.shape[-2:])
+        if self.task_scope is None:
+            return self.heads_on(self.encoder(image), tasks, image.shape[-2:])
+        outputs = {}
+        for task in tasks:
+            with self.task_scope(task):
+                outputs.update(self.heads_on(self.encoder(image), [task], image.shape[-2:]))
+        return outputs
 
     def heads_on(self, features: object, tasks: Sequence[str], size: Sequence[int]) -> dict[str, Tensor]:
         """The outputs of the heads of `tasks` on the encoder's `features`, dense ones at the image `size`."""

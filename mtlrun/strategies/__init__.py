@@ -25,6 +25,7 @@ from mtlrun.strategies.gradnorm import GradNorm
 from mtlrun.strategies.gradvac import GradVac
 from mtlrun.strategies.grouped import Grouped
 from mtlrun.strategies.imtl import IMTL
+from mtlrun.strategies.maximum_roaming import MaximumRoaming
 from mtlrun.strategies.mgda import MGDA
 from mtlrun.strategies.moco import MoCo
 from mtlrun.strategies.modo import MoDo
@@ -42,6 +43,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "alternating": Alternating,
     "grouped": Grouped,
     "single_task": SingleTask,
+    "maximum_roaming": MaximumRoaming,
     # loss weighting
     "uncertainty": Uncertainty,
     "dwa": DWA,

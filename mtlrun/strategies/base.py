@@ -46,13 +46,19 @@ class StepContext:
         return self._to_device(next(self._batches))
 
     def losses(self, batch: Batch, tasks: Sequence[str]) -> dict[str, Tensor]:
-        """One forward pass through the encoder and the heads of `tasks` only; the encoder's output and the
-        batch stay in `self.features` and `self.batch` until the next pass."""
-        self.counts.forward_passes += 1
+        """One forward pass through the encoder and the heads of `tasks` only (one per task where the model has
+        a `task_scope`); the encoder's output and the batch stay in `self.features` and `self.batch` until
+        the next pass."""
         self.batch = batch
         image = batch["image"]
-        self.features = self.model.encoder(image)
-        outputs = self.model.heads_on(self.features, tasks, image.shape[-2:])
+        if self.model.task_scope is None:
+            self.counts.forward_passes += 1
+            self.features = self.model.encoder(image)
+            outputs = self.model.heads_on(self.features, tasks, image.shape[-2:])
+        else:  # an encoder function per task: one pass per task, and no one representation shared by them
+            self.counts.forward_passes += len(tasks)
+            self.features = None
+            outputs = self.model(image, tasks)
         return {t: self.tasks[t].loss(outputs[t], batch[t]) for t in tasks}
 
     def step(self, tasks: Sequence[str], loss: Tensor) -> None:
@@ -104,6 +110,10 @@ class Strategy(ABC):
     @abstractmethod
     def iteration(self, ctx: StepContext) -> dict[str, Tensor]:
         """Run one iteration; return each task's (detached) loss for logging."""
+
+    def attach(self, model: MultiTaskModel) -> None:
+        """Called once the run's model is built, before a resume loads this strategy's state: a strategy that
+        changes the model's forward pass (Maximum Roaming's channel masks) installs itself here."""
 
     def trains(self, tasks: Sequence[str]) -> list[str]:
         """The tasks this strategy trains, of the dataset's `tasks`; the run builds and evaluates only these."""
