@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from mtlrun.errors import MtlrunError
-from mtlrun.models import convnet, resnet, segnet
+from mtlrun.models import celeba_cnn, convnet, resnet, segnet, unet
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.strategies import build_strategy
 from mtlrun.strategies.maximum_roaming import MaximumRoaming, active_units
@@ -70,6 +70,8 @@ def real_model(name: str) -> MultiTaskModel:
         "segnet_split": lambda: segnet.build_split(tasks, filters=[4, 4, 8, 8, 8]),
         "segnet_mtan": lambda: segnet.build_mtan(tasks, filters=[4, 4, 8, 8, 8]),
         "resnet18_multihead": lambda: resnet.build_resnet18_multihead(tasks),
+        "unet": lambda: unet.build(tasks, width=2),
+        "celeba_cnn": lambda: celeba_cnn.build(tasks, width=2, running_stats=False),
     }
     return build[name]()
 
@@ -116,7 +118,7 @@ def test_update_ratio_stops_roaming_early():
         assert (tried.sum(dim=1) - active_units(0.5, layer.units) == math.ceil(0.5 * masked)).all()
 
 
-@pytest.mark.parametrize("name", ["convnet", "segnet_split", "segnet_mtan", "resnet18_multihead"])
+@pytest.mark.parametrize("name", ["convnet", "segnet_split", "segnet_mtan", "resnet18_multihead", "unet", "celeba_cnn"])
 def test_a_task_gradient_is_zero_on_its_masked_units(name):
     model = real_model(name)
     tasks = list(model.heads)

@@ -98,7 +98,8 @@ class MaximumRoaming(SeededStrategy):
       tried every unit of every masked layer by iteration updates_end;
     - the masks, each task's tried units, the iteration count and the random state are in `state_dict`, so a
       resumed run continues exactly.
-    The authors' models keep no batch-norm running statistics; mtlrun's models do, and the tasks share them.
+    The authors' models keep no batch-norm running statistics (`model.running_stats=false` of unet and
+    celeba_cnn); where a model keeps them, the tasks share them.
     """
 
     name = "maximum_roaming"
