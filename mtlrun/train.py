@@ -226,6 +226,7 @@ def train(cfg: DictConfig, run_dir: Path | RunDir) -> dict | None:
             logger.close()
             return None
         optimizer.lr = optimizer.settings.lr * lr_factor(cfg.scheduler, epoch, epochs)
+        model.schedule(epoch, epochs)  # an architecture's own schedule (LTB's temperature)
         row = train_epoch(ctx, strategy, batches.batches_per_pass, epoch, epochs, settings["progress"], device,
                           diagnostics, first_losses)
         train_log.append(row)
@@ -238,6 +239,8 @@ def train(cfg: DictConfig, run_dir: Path | RunDir) -> dict | None:
                     new_metrics += metric_rows(scores, data.tasks, epoch + 1, split)
             metrics += new_metrics
             log.info("epoch %d/%d: %s", epoch + 1, epochs, _brief(metrics, epoch + 1))
+        if model.describe():
+            log.info("epoch %d/%d: %s", epoch + 1, epochs, model.describe())
         history.epoch = epoch + 1
         diagnostic_rows = diagnostics.rows if diagnostics is not None else []
         logger.log_epoch(epoch + 1, row, new_metrics, [r for r in diagnostic_rows if r["epoch"] == epoch + 1])
@@ -379,6 +382,8 @@ def results_row(
         "moments": cfg.optimizer.moments, "lr": cfg.optimizer.lr, "scheduler": cfg.scheduler.name,
         "epochs": cfg.trainer.epochs, "batch_size": cfg.trainer.batch_size, "seed": cfg.seed,
     }
+    if "backbone" in cfg.model:  # an architecture over a chosen backbone
+        row["backbone"] = cfg.model.backbone.name
     for key, value in OmegaConf.to_container(cfg.strategy, resolve=True).items():
         if key != "name":
             row[f"strategy.{key}"] = json.dumps(value) if isinstance(value, (dict, list)) else value

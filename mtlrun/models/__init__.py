@@ -8,7 +8,9 @@ from collections.abc import Callable
 from omegaconf import DictConfig
 
 from mtlrun.errors import MtlrunError
-from mtlrun.models import celeba_cnn, convnet, resnet, segnet, unet
+from mtlrun.models import (
+    celeba_cnn, cgc, convnet, cross_stitch, dselect_k, hps, ltb, mmoe, mtan, ple, resnet, segnet, unet,
+)
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.tasks import Task
 
@@ -21,6 +23,18 @@ MODELS: dict[str, Callable[..., MultiTaskModel]] = {
     "unet": unet.build,
     "celeba_cnn": celeba_cnn.build,
 }
+# Architectures over a chosen backbone (`model/backbone=`): how the network is shared between tasks.
+ARCHITECTURES: dict[str, Callable[..., MultiTaskModel]] = {
+    "hps": hps.build,
+    "cross_stitch": cross_stitch.build,
+    "mtan": mtan.build,
+    "mmoe": mmoe.build,
+    "cgc": cgc.build,
+    "ple": ple.build,
+    "dselect_k": dselect_k.build,
+    "ltb": ltb.build,
+}
+MODELS.update(ARCHITECTURES)
 
 
 def build_model(cfg: DictConfig, tasks: list[Task]) -> MultiTaskModel:

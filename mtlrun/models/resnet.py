@@ -130,10 +130,23 @@ class BatchCheckedDeepLabHead(DeepLabHead):
     def forward(self, x: Tensor) -> Tensor:
         if self.training and x.shape[0] == 1:
             raise MtlrunError(
-                "model=resnet50_dilated trains on batches of at least 2 images (the batch norm of its ASPP "
-                "pooling branch needs them): set trainer.batch_size >= 2"
+                "the dilated ResNet-50's ASPP heads train on batches of at least 2 images (the batch norm of "
+                "their pooling branch needs them): set trainer.batch_size >= 2"
             )
         return super().forward(x)
+
+
+def resnet50_dilated_trunk(pretrained: bool = False, weights_path: str | None = None) -> ResNetTrunk:
+    """ResNet-50 with layer3 and layer4 dilated instead of strided (output stride 8), as LibMTL's
+    `resnet_dilated('resnet50')`, from ImageNet weights when `pretrained`."""
+    trunk = ResNetTrunk(resnet50(replace_stride_with_dilation=[False, True, True]))
+    _pretrain(trunk, "resnet50", pretrained, weights_path)
+    return trunk
+
+
+def resnet50_dilated_head(cin: int, task: Task) -> nn.Module:
+    """DeepLab-v3's ASPP head for a dense task, global average pooling and a linear layer for a per-image one."""
+    return BatchCheckedDeepLabHead(cin, task.out_channels) if task.dense else pooled_linear(cin, task.out_channels)
 
 
 def build_resnet50_dilated(
@@ -145,13 +158,42 @@ def build_resnet50_dilated(
     `_nostride_dilate`) shared; per dense task DeepLab-v3's head (ASPP with rates 12, 24, 36, conv3x3-BN-ReLU,
     conv1x1: torchvision's `DeepLabHead`, of which LibMTL's `aspp.py` is a copy); per-image tasks global
     average pooling and a linear layer. LibMTL starts from ImageNet weights (`pretrained=true` here)."""
-    trunk = ResNetTrunk(resnet50(replace_stride_with_dilation=[False, True, True]))
-    _pretrain(trunk, "resnet50", pretrained, weights_path)
-    c = trunk.out_channels
-    heads = {
-        t.name: BatchCheckedDeepLabHead(c, t.out_channels) if t.dense else pooled_linear(c, t.out_channels) for t in tasks
-    }
+    trunk = resnet50_dilated_trunk(pretrained, weights_path)
+    heads = {t.name: resnet50_dilated_head(trunk.out_channels, t) for t in tasks}
     return MultiTaskModel(trunk, heads, align_corners=True)  # LibMTL's `process_preds` upsamples so
+
+
+def check_resnet18_settings(pretrained: bool, stem: str, pooled_size: int) -> int:
+    """The pooled size, once the ResNet-18 settings are known to fit together."""
+    if stem not in STEMS:
+        raise MtlrunError(f"model.stem={stem!r} is invalid; valid: {', '.join(STEMS)}")
+    if pretrained and stem != "imagenet":
+        raise MtlrunError(
+            "model.pretrained=true loads ImageNet weights made for torchvision's stem: "
+            "set model.stem=imagenet too"
+        )
+    size = int(pooled_size)
+    if size < 1:
+        raise MtlrunError(f"model.pooled_size must be >= 1, got {pooled_size}")
+    return size
+
+
+def resnet18_trunk(pretrained: bool = False, weights_path: str | None = None, stem: str = "cifar") -> ResNetTrunk:
+    """A ResNet-18 trunk with the `cifar` stem (3x3 stride-1 conv, no max-pooling) or torchvision's."""
+    resnet = resnet18()
+    if stem == "cifar":
+        resnet.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
+        # initialised as torchvision initialises its own convs
+        nn.init.kaiming_normal_(resnet.conv1.weight, mode="fan_out", nonlinearity="relu")
+        resnet.maxpool = nn.Identity()
+    trunk = ResNetTrunk(resnet)
+    _pretrain(trunk, "resnet18", pretrained, weights_path)
+    return trunk
+
+
+def resnet18_head(cin: int, task: Task, pooled_size: int) -> nn.Module:
+    """`upsampling_head` for a dense task, `pooled_linear` on pooled_size x pooled_size cells for a per-image one."""
+    return upsampling_head(cin, task.out_channels) if task.dense else pooled_linear(cin, task.out_channels, pooled_size)
 
 
 def build_resnet18_multihead(
@@ -168,27 +210,7 @@ def build_resnet18_multihead(
     representation (`FaceAttributeDecoder` is Linear(2048, 2) + log-softmax per attribute; one logit per
     attribute with BCE here). `stem=imagenet` is torchvision's 7x7 stride-2 conv and max-pooling, needed
     for `pretrained=true`. Dense tasks (not in MGDA-UB) get `upsampling_head` on the layer4 map."""
-    if stem not in STEMS:
-        raise MtlrunError(f"model.stem={stem!r} is invalid; valid: {', '.join(STEMS)}")
-    if pretrained and stem != "imagenet":
-        raise MtlrunError(
-            "model.pretrained=true loads ImageNet weights made for torchvision's stem: "
-            "set model.stem=imagenet too"
-        )
-    size = int(pooled_size)
-    if size < 1:
-        raise MtlrunError(f"model.pooled_size must be >= 1, got {pooled_size}")
-    resnet = resnet18()
-    if stem == "cifar":
-        resnet.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
-        # initialised as torchvision initialises its own convs
-        nn.init.kaiming_normal_(resnet.conv1.weight, mode="fan_out", nonlinearity="relu")
-        resnet.maxpool = nn.Identity()
-    trunk = ResNetTrunk(resnet)
-    _pretrain(trunk, "resnet18", pretrained, weights_path)
-    c = trunk.out_channels
-    heads = {
-        t.name: upsampling_head(c, t.out_channels) if t.dense else pooled_linear(c, t.out_channels, size)
-        for t in tasks
-    }
+    size = check_resnet18_settings(pretrained, stem, pooled_size)
+    trunk = resnet18_trunk(pretrained, weights_path, stem)
+    heads = {t.name: resnet18_head(trunk.out_channels, t, size) for t in tasks}
     return MultiTaskModel(trunk, heads)

@@ -46,9 +46,9 @@ class StepContext:
         return self._to_device(next(self._batches))
 
     def losses(self, batch: Batch, tasks: Sequence[str]) -> dict[str, Tensor]:
-        """One forward pass through the encoder and the heads of `tasks` only (one per task where the model has
-        a `task_scope`); the encoder's output and the batch stay in `self.features` and `self.batch` until
-        the next pass."""
+        """One forward pass through the encoder and the parts and heads of `tasks` only (one per task where the
+        model has a `task_scope`); the encoder's output and the batch stay in `self.features` and `self.batch`
+        until the next pass."""
         self.batch = batch
         image = batch["image"]
         if self.model.task_scope is None:
@@ -59,7 +59,11 @@ class StepContext:
             self.counts.forward_passes += len(tasks)
             self.features = None
             outputs = self.model(image, tasks)
-        return {t: self.tasks[t].loss(outputs[t], batch[t]) for t in tasks}
+        losses = {t: self.tasks[t].loss(outputs[t], batch[t]) for t in tasks}
+        for t, penalty in self.model.penalties().items():  # a task part's regulariser is part of its task's loss
+            if t in losses:
+                losses[t] = losses[t] + penalty
+        return losses
 
     def step(self, tasks: Sequence[str], loss: Tensor) -> None:
         """Backpropagate `loss` to the shared parameters and the heads of `tasks`, then take one optimizer step."""

@@ -72,7 +72,13 @@ class GradNorm(LossCombiner):
         for t in names:
             self.initial_losses.setdefault(t, losses[t].detach().clone())
         layer = last_shared_layer(ctx.model)
-        grad_norms = torch.stack([torch.autograd.grad(losses[t], layer, retain_graph=True)[0].norm() for t in names])
+        grads = [torch.autograd.grad(losses[t], layer, retain_graph=True, allow_unused=True)[0] for t in names]
+        if any(g is None for g in grads):
+            raise MtlrunError(
+                "strategy=gradnorm weighs the tasks' gradients at the last shared layer, which some of these tasks "
+                "do not reach (a model.tree whose tasks share no node all together): choose another strategy"
+            )
+        grad_norms = torch.stack([g.norm() for g in grads])
         ctx.counts.backward_passes += len(names)
         weights = self.weights.get(names)
         current = torch.stack([losses[t] for t in names])

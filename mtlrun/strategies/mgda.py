@@ -42,7 +42,8 @@ class MGDA(GramWeighting):
     with respect to the shared representation z (the encoder's output, batch and all), and the shared
     parameters get the gradient of sum_t w_t L_t through the encoder: one pass per task through its head
     for dL_t/dz (and its head gradient), then one pass through the encoder with sum_t w_t dL_t/dz.
-    It reads the representation of the forward pass that made `losses` (`ctx.features`).
+    It reads the representation of the forward pass that made `losses` (`ctx.features`), as the model
+    defines it (`MultiTaskModel.representation`: architectures without one refuse in one line).
     `normalization` divides each task's gradient by 1 (none, the paper), its norm (l2), its loss (loss) or
     both (loss+) before solving, as the authors' `gradient_normalizers` (their sample config uses loss+
     with MGDA-UB); as in their code the weights then multiply the unnormalised gradients. A non-positive
@@ -76,7 +77,7 @@ class MGDA(GramWeighting):
             super().combine(ctx, losses)
             return
         tasks = list(losses)
-        features = _tensors(ctx.features)
+        features = ctx.model.representation(ctx.features)
         rows, head_grads = [], {}
         for t in tasks:
             head = ctx.model.task_parameters(t)
@@ -92,25 +93,3 @@ class MGDA(GramWeighting):
         ctx.counts.backward_passes += 1
         ctx.apply(tasks, flatten(shared_grad, shared), head_grads)
 
-
-def _tensors(features: object) -> list[Tensor]:
-    """The encoder's output as the one representation MGDA-UB differentiates: a tensor, or a tuple, list or
-    dict holding exactly one tensor that needs a gradient.
-
-    An encoder handing its heads several features computed from one another (segnet_mtan's 20 maps) has
-    no single representation: the gradient with respect to each would count the paths through the later
-    ones again, so that case is refused rather than computed wrongly.
-    """
-    if isinstance(features, Tensor):
-        return [features]
-    values = features.values() if isinstance(features, dict) else features
-    found = [f for f in values if isinstance(f, Tensor) and f.requires_grad] if values is not None else []
-    if not found:
-        raise MtlrunError("strategy.rep_grad=true needs the encoder's output of the step's forward pass")
-    if len(found) > 1:
-        raise MtlrunError(
-            f"strategy.rep_grad=true (MGDA-UB) needs a model whose encoder gives its heads one representation; "
-            f"this one gives {len(found)} feature maps (e.g. segnet_mtan): use strategy.rep_grad=false or "
-            f"another model (segnet_split, resnet50_dilated, resnet18_multihead, convnet)"
-        )
-    return found
