@@ -239,8 +239,8 @@ def train(cfg: DictConfig, run_dir: Path | RunDir) -> dict | None:
                     new_metrics += metric_rows(scores, data.tasks, epoch + 1, split)
             metrics += new_metrics
             log.info("epoch %d/%d: %s", epoch + 1, epochs, _brief(metrics, epoch + 1))
-        if model.describe():
-            log.info("epoch %d/%d: %s", epoch + 1, epochs, model.describe())
+        if note := model.describe():
+            log.info("epoch %d/%d: %s", epoch + 1, epochs, note)
         history.epoch = epoch + 1
         diagnostic_rows = diagnostics.rows if diagnostics is not None else []
         logger.log_epoch(epoch + 1, row, new_metrics, [r for r in diagnostic_rows if r["epoch"] == epoch + 1])

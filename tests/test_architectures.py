@@ -5,7 +5,10 @@ and each architecture's defining property."""
 
 import ast
 import math
+import os
 import re
+import subprocess
+import sys
 from copy import deepcopy
 
 import pandas as pd
@@ -470,3 +473,20 @@ def test_every_architecture_trains_from_the_cli(workdir, monkeypatch):
         return
     assert result.returncode == 0, result.stderr[-3000:]
     assert pd.read_csv(fixed / "results.csv").iterations.item() == 2
+
+
+@pytest.mark.slow
+def test_bench_compares_architectures_with_hps(workdir):
+    """`make bench ARGS=--architectures ...`: a row per architecture, parameters as built, ratios to hps."""
+    result = subprocess.run(
+        [sys.executable, "-m", "mtlrun.bench", "--architectures", "hps,mmoe", "--iterations", "1", "--device", "cpu",
+         *SIZES[:3], "++model.backbone.width=4", "trainer.batch_size=4"],
+        cwd=workdir, capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:]}
+    assert list(rows) == ["hps", "mmoe"] and rows["hps"][1] == rows["hps"][3] == rows["hps"][5] == "1.00"
+    hps, mmoe = (int(rows[name][0].replace(",", "")) for name in rows)
+    assert float(rows["mmoe"][1]) == round(mmoe / hps, 2) and mmoe / hps > 3  # four experts and their gates
+    assert all(float(value) > 0 for value in rows["mmoe"][2:])

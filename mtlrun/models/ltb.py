@@ -34,6 +34,7 @@ the node where every task branches off, where there is one such node (otherwise 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -89,7 +90,7 @@ class SearchLevels(nn.Module):
         super().__init__()
         # Logits registered before the nodes, so the last shared weight matrix is a conv (gradnorm).
         self.logits = nn.ParameterList(
-            nn.Parameter(torch.zeros(len(below), len(above))) for above, below in zip(levels, levels[1:])
+            nn.Parameter(torch.zeros(len(below), len(above))) for above, below in itertools.pairwise(levels)
         )
         self.levels = nn.ModuleList(nn.ModuleList(nodes) for nodes in levels)
         self.skips, self.branching = skips, branching  # which earlier output each stage reads

@@ -20,6 +20,7 @@ LibMTL's (intermediate width out/4 on the bottleneck ResNet-50, out elsewhere).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -61,7 +62,7 @@ class AttendedTrunk(nn.Module):
         outs = [out for _, out in channels]
         self.attention_convs = nn.ModuleList(
             nn.Sequential(nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True))
-            for a, b in zip(outs, outs[1:])
+            for a, b in itertools.pairwise(outs)
         )
         self.stages = nn.ModuleList(stages)  # registered last: the trunk's last conv is the last shared layer
 

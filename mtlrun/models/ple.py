@@ -10,8 +10,8 @@ last level a shared gate mixes all experts of the level (shared and every task's
 whose history the next level's shared experts read. Task t's head reads its path's last mixture.
 
 Shared and task parameters, by which tasks' losses reach them: through the shared gates every task's loss
-reaches every expert below the last level and every gate below the last two, so those are shared, task
-experts included (the paper's design; LibMTL drops the shared gates and runs the shared experts on every
+reaches every expert below the last level, every shared gate and every task gate below the last two
+levels, so those are shared, task experts included (the paper's design; LibMTL drops the shared gates and runs the shared experts on every
 task's path instead). Task t owns its experts at the last level, its gates at the last two levels and its
 head; the last level's shared experts are shared and run once, on the shared path. A step on some
 tasks runs every path below the last two levels (the shared gates need them all) and only their own
