@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 from copy import deepcopy
 
 import pandas as pd
@@ -450,6 +451,7 @@ def test_every_strategy_trains_two_iterations_on_the_architecture(workdir, case,
         assert row["iterations"] == 2 and all(math.isfinite(v) for v in losses), strategy
         steps[strategy] = row["optimizer_steps"]
     assert steps.pop("alternating") == 8 and steps.pop("grouped") == 4  # 4 tasks: one step each, groups of 2
+    assert steps.pop("maximum_roaming") == 8  # one step per task, each through its own masks
     assert set(steps.values()) == {2}
 
 
@@ -465,7 +467,7 @@ def test_every_architecture_trains_from_the_cli(workdir, monkeypatch):
     rows = pd.concat([pd.read_csv(f) for f in sweep.glob("*/results.csv")])
     assert sorted(rows.model) == sorted(ARCHITECTURES) and (rows.backbone == "convnet").all()
     assert (rows.iterations == 2).all()
-    log = next(sweep.glob("*model=ltb*/mtlrun.log")).read_text()
+    log = (Path(rows.set_index("model").run_dir["ltb"]) / "mtlrun.log").read_text()
     tree = re.findall(r"most probable tree model\.tree=(\S+)", log)[-1]
     fixed = workdir / "fixed"
     result = mtlrun("model=ltb", f"model.tree={tree}", *SIZES, f"hydra.run.dir={fixed}", cwd=workdir)
