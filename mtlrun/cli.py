@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mtlrun import CONF_DIR
-from mtlrun.errors import MtlrunError
+from mtlrun.errors import MtlrunError, StoppedBySignal
 from mtlrun.rundirs import cannot_create, forget_new_directories, new_directory, resume_hint
 
 if TYPE_CHECKING:
@@ -74,6 +74,9 @@ def _run(cfg: DictConfig) -> None:
         except OSError as e:  # a full disk, a folder made read-only: the files of finished epochs stay
             raise MtlrunError(f"cannot use {e.filename or 'a file'} ({e.strerror or e}); files of finished "
                               f"epochs are kept") from None
+    except StoppedBySignal as e:  # the whole process was asked to stop: a sweep's later jobs do not start
+        print(f"mtlrun: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + e.signum) from None
     except MtlrunError as e:
         if not sweep:
             raise SystemExit(f"mtlrun: error: {e}") from None

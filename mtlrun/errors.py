@@ -1,4 +1,6 @@
-"""The one exception type whose message is shown to the user as a single line."""
+"""The exceptions whose message is shown to the user as a single line."""
+
+import signal
 
 
 class MtlrunError(Exception):
@@ -12,3 +14,20 @@ class MtlrunError(Exception):
         if text.startswith("Caught MtlrunError") and prefix in text:
             return text.rsplit(prefix, 1)[1].strip()
         return text
+
+
+class StoppedBySignal(Exception):
+    """The run stopped on SIGTERM or SIGUSR1 after writing a checkpoint at an iteration boundary."""
+
+    def __init__(
+        self, signum: int, run_dir: object, epochs_done: int, iteration: int, iterations: int
+    ) -> None:
+        from mtlrun.rundirs import resume_hint  # rundirs raises MtlrunError: imported here, not at the top
+
+        self.signum = signum
+        where = f"in epoch {epochs_done + 1} after iteration {iteration} of {iterations}" if iteration else \
+            f"after epoch {epochs_done}"
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} {where}; checkpoint written: continue with "
+            f"resume=true {resume_hint('hydra.run.dir', run_dir)} (a sweep: resume=true hydra.sweep.dir=<the sweep>)"
+        )

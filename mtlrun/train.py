@@ -8,8 +8,11 @@ import logging
 import os
 import random
 import resource
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -25,7 +28,7 @@ from mtlrun.data import MultiTaskData, open_dataset, task_names
 from mtlrun.data.augment import Augment
 from mtlrun.data.loading import BatchStream, SplitSource, ToDevice, eval_batches
 from mtlrun.diagnostics import Diagnostics
-from mtlrun.errors import MtlrunError
+from mtlrun.errors import MtlrunError, StoppedBySignal
 from mtlrun.identity import different_configuration
 from mtlrun.loggers import build_logger
 from mtlrun.models import build_model, check_model
@@ -42,7 +45,7 @@ log = logging.getLogger("mtlrun")
 # Keys that change how a run is executed or reported, or where it writes, but not what it computes.
 RUN_CONTROL_KEYS = (
     "resume", "overwrite", "trainer.progress", "trainer.stop_after_epochs", "trainer.device", "trainer.workers",
-    "dataset.in_memory", "output_root", "logger",
+    "dataset.in_memory", "output_root", "logger", "trainer.checkpoint_every",
 )
 # A task's mean training loss this many times its first loss stops the run, as a non-finite one does.
 LOSS_EXPLOSION_FACTOR = 1e6
@@ -142,6 +145,56 @@ class RandomState:
             torch.cuda.set_rng_state(state["cuda"].cpu(), self.device)
 
 
+class EpochProgress:
+    """How far the current epoch has got: iterations done, the losses summed so far, the work counts and
+    seconds at its start. Saved with the run state, so an epoch stopped at an iteration boundary resumes
+    where it stopped and its train_log row is the one an uninterrupted epoch writes."""
+
+    def __init__(self) -> None:
+        self.iteration = 0
+        self.loss_sums: dict[str, Tensor] = {}
+        self.counts_at_start: dict[str, int] = {}
+        self.seconds = 0.0
+
+    def begin(self, counts: Counts, tasks: tuple[str, ...], device: torch.device) -> None:
+        self.iteration, self.seconds = 0, 0.0
+        self.loss_sums = {t: torch.zeros((), device=device) for t in tasks}
+        self.counts_at_start = asdict(counts)
+
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration, "loss_sums": self.loss_sums, "counts_at_start": self.counts_at_start,
+                "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration, self.loss_sums = state["iteration"], state["loss_sums"]
+        self.counts_at_start, self.seconds = state["counts_at_start"], state["seconds"]
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 (what SLURM and most schedulers send before they stop or preempt a job) ask the run
+    to stop: the handler only records the signal; the loop writes a checkpoint at the next iteration
+    boundary and ends. Handlers are installed for the duration of the `with` block, from the main thread
+    only (Python allows no other), and the previous ones are put back after it."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
 def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: int) -> Run:
     """Dataset, model, optimizer, strategy and batch stream; settings are checked before the data is opened."""
     strategy = build_strategy(cfg.strategy, task_names(cfg.dataset), cfg.seed)
@@ -175,7 +228,14 @@ def _augment(cfg: DictConfig, data: MultiTaskData, seed: int) -> Augment | None:
 
 def train(cfg: DictConfig, run_dir: Path | RunDir) -> dict | None:
     """Train as `cfg` says in `run_dir` (a path, or a RunDir the caller holds); return the results row, or None
-    when stopped early on purpose."""
+    when stopped early on purpose.
+
+    SIGTERM or SIGUSR1 ends the run at the next iteration boundary with a checkpoint (StoppedBySignal)."""
+    with StopSignals() as stop:
+        return _train(cfg, run_dir, stop)
+
+
+def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals) -> dict | None:
     settings = _trainer_settings(cfg)
     seed_everything(cfg.seed, cfg.deterministic)
     device = pick_device(cfg.trainer.device)
@@ -192,8 +252,7 @@ def train(cfg: DictConfig, run_dir: Path | RunDir) -> dict | None:
     run_dir = run.path
     config_id = config_hash(cfg, ignore=("seed", *RUN_CONTROL_KEYS))  # runs differing only by seed share it
     resume_id = config_hash(cfg, ignore=RUN_CONTROL_KEYS)
-    history = History()
-    first_losses = FirstLosses()
+    history, progress, first_losses = History(), EpochProgress(), FirstLosses()
     state = RunState()
     state.register("model", model)
     state.register("optimizer", optimizer)
@@ -205,13 +264,32 @@ def train(cfg: DictConfig, run_dir: Path | RunDir) -> dict | None:
     state.register("diagnostics", diagnostics)
     state.register("history", history)
     state.register("first_losses", first_losses)
+    state.register("epoch_progress", progress)
+
+    def save() -> None:
+        diagnostic_rows = diagnostics.rows if diagnostics is not None else []
+        snapshot = {
+            "resume_id": resume_id, "config": OmegaConf.to_container(cfg, resolve=True), **state.state_dict(),
+        }
+        run.save(history.train_log, history.metrics, diagnostic_rows, snapshot, strategy.records())
+
+    def at_iteration_boundary() -> None:
+        every = settings["checkpoint_every"]
+        last = progress.iteration == batches.batches_per_pass
+        due = every is not None and ctx.counts.iterations % every == 0 and not last
+        if stop.received is not None or due:  # an epoch's last iteration is saved with the epoch
+            save()
+        if stop.received is not None:
+            iterations = batches.batches_per_pass
+            raise StoppedBySignal(stop.received, run_dir, history.epoch, progress.iteration, iterations)
 
     if cfg.resume and run.checkpoint.exists():
         checkpoint = run.load_checkpoint(device)
         if checkpoint["resume_id"] != resume_id:
             raise MtlrunError(different_configuration(run.checkpoint, checkpoint, cfg, RUN_CONTROL_KEYS))
         state.load_state_dict(checkpoint, run.checkpoint)
-        log.info("resuming %s after epoch %d", run_dir, history.epoch)
+        where = f" at iteration {progress.iteration}" if progress.iteration else ""
+        log.info("resuming %s after epoch %d%s", run_dir, history.epoch, where)
     else:
         run.claim(overwrite=cfg.overwrite, resume=cfg.resume)
     run.accept()
@@ -219,6 +297,7 @@ def train(cfg: DictConfig, run_dir: Path | RunDir) -> dict | None:
     logger = build_logger(cfg.logger, run_dir)
     epochs, stop_after, start_epoch = settings["epochs"], settings["stop_after_epochs"], history.epoch
     train_log, metrics = history.train_log, history.metrics
+    log.info("training %d epoch(s) of %d iterations in %s", epochs, batches.batches_per_pass, run_dir)
     for epoch in range(start_epoch, epochs):
         if stop_after is not None and epoch - start_epoch >= stop_after:
             log.info("stopped after %d epoch(s) as asked; continue with resume=true %s", stop_after,
@@ -227,8 +306,11 @@ def train(cfg: DictConfig, run_dir: Path | RunDir) -> dict | None:
             return None
         optimizer.lr = optimizer.settings.lr * lr_factor(cfg.scheduler, epoch, epochs)
         model.schedule(epoch, epochs)  # an architecture's own schedule (LTB's temperature)
-        row = train_epoch(ctx, strategy, batches.batches_per_pass, epoch, epochs, settings["progress"], device,
-                          diagnostics, first_losses)
+        row = train_epoch(
+            ctx, strategy, progress, batches.batches_per_pass, epoch, epochs, settings["progress"], device,
+            diagnostics, at_iteration_boundary, first_losses,
+        )
+        progress.iteration = 0
         train_log.append(row)
         strategy.epoch_end()
         new_metrics = []
@@ -244,10 +326,9 @@ def train(cfg: DictConfig, run_dir: Path | RunDir) -> dict | None:
         history.epoch = epoch + 1
         diagnostic_rows = diagnostics.rows if diagnostics is not None else []
         logger.log_epoch(epoch + 1, row, new_metrics, [r for r in diagnostic_rows if r["epoch"] == epoch + 1])
-        snapshot = {
-            "resume_id": resume_id, "config": OmegaConf.to_container(cfg, resolve=True), **state.state_dict(),
-        }
-        run.save(train_log, metrics, diagnostic_rows, snapshot, strategy.records())
+        save()
+        if stop.received is not None and epoch + 1 < epochs:
+            raise StoppedBySignal(stop.received, run_dir, history.epoch, 0, batches.batches_per_pass)
     logger.close()
 
     results = results_row(cfg, run_dir, config_id, strategy, data.tasks, train_log, metrics, ctx.counts, device)
@@ -258,16 +339,21 @@ def train(cfg: DictConfig, run_dir: Path | RunDir) -> dict | None:
 
 
 def train_epoch(
-    ctx: StepContext, strategy: Strategy, iterations: int, epoch: int, epochs: int, progress: bool,
-    device: torch.device, diagnostics: Diagnostics | None = None, initial_losses: dict[str, float] | None = None,
+    ctx: StepContext, strategy: Strategy, progress: EpochProgress, iterations: int, epoch: int, epochs: int,
+    show_bar: bool, device: torch.device, diagnostics: Diagnostics | None = None,
+    at_iteration_boundary: Callable[[], None] | None = None, initial_losses: dict[str, float] | None = None,
 ) -> dict:
-    """Run `iterations` strategy iterations; return the epoch's row of train_log.csv. `initial_losses` (the
-    run's first loss of each task, filled in by its first iteration) is what an exploding loss is judged by."""
+    """Run the epoch's `iterations` strategy iterations from where `progress` stands; return its row of
+    train_log.csv. `at_iteration_boundary` is called after every iteration (checkpoints, stop signals);
+    `initial_losses` (the run's first loss of each task, filled in by its first iteration) is what an
+    exploding loss is judged by."""
     ctx.model.train()
-    before = Counts(**asdict(ctx.counts))
-    loss_sums = {t: torch.zeros((), device=device) for t in ctx.task_names}
+    if progress.iteration == 0:
+        progress.begin(ctx.counts, ctx.task_names, device)
+    loss_sums = progress.loss_sums
     start = time.perf_counter()
-    bar = tqdm(range(iterations), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False, file=sys.stderr)
+    bar = tqdm(range(progress.iteration, iterations), initial=progress.iteration, total=iterations,
+               desc=f"epoch {epoch + 1}/{epochs}", disable=not show_bar, leave=False, file=sys.stderr)
     for i in bar:
         if diagnostics is not None:
             diagnostics.before_iteration(ctx)
@@ -279,22 +365,30 @@ def train_epoch(
         ctx.counts.iterations += 1
         if diagnostics is not None:
             diagnostics.after_iteration(ctx, strategy, epoch)
-        if (i + 1) % 25 == 0 or i + 1 == iterations:  # one device sync every 25 iterations, not every step
+        if (i + 1) % 25 == 0:  # one device sync every 25 iterations, not every step
             means = {t: v / (i + 1) for t, v in zip(loss_sums, torch.stack(list(loss_sums.values())).tolist())}
             _check_finite(means, epoch, i)
             _check_explosion(means, initial_losses or {}, epoch, i)
             bar.set_postfix({t: f"{v:.3f}" for t, v in means.items()}, refresh=False)
+        progress.iteration = i + 1
+        now = time.perf_counter()
+        progress.seconds, start = progress.seconds + now - start, now
+        if at_iteration_boundary is not None:
+            at_iteration_boundary()
+    means = {t: v / iterations for t, v in zip(loss_sums, torch.stack(list(loss_sums.values())).tolist())}
+    _check_finite(means, epoch, iterations - 1)
+    _check_explosion(means, initial_losses or {}, epoch, iterations - 1)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+    before = progress.counts_at_start
     row = {"epoch": epoch + 1, "lr": ctx.optimizer.lr}
     row.update({f"loss/{t}": v for t, v in means.items()})
     row.update({
-        "seconds": seconds,
-        "iterations": ctx.counts.iterations - before.iterations,
-        "optimizer_steps": ctx.counts.optimizer_steps - before.optimizer_steps,
-        "forward_passes": ctx.counts.forward_passes - before.forward_passes,
-        "backward_passes": ctx.counts.backward_passes - before.backward_passes,
+        "seconds": progress.seconds + time.perf_counter() - start,
+        "iterations": ctx.counts.iterations - before["iterations"],
+        "optimizer_steps": ctx.counts.optimizer_steps - before["optimizer_steps"],
+        "forward_passes": ctx.counts.forward_passes - before["forward_passes"],
+        "backward_passes": ctx.counts.backward_passes - before["backward_passes"],
     })
     return row
 
@@ -447,6 +541,10 @@ def _trainer_settings(cfg: DictConfig) -> dict:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise MtlrunError(f"trainer.{key} must be an integer >= 1, got {value!r}")
+    every = t.get("checkpoint_every")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise MtlrunError(f"trainer.checkpoint_every must be null or an integer >= 1 (iterations), got {every!r}")
+    settings["checkpoint_every"] = every
     if t.progress not in ("auto", True, False):
         raise MtlrunError(f"trainer.progress must be auto, true or false, got {t.progress!r}")
     settings["progress"] = sys.stderr.isatty() if t.progress == "auto" else bool(t.progress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,13 @@ class _ByIndex(torch.utils.data.Dataset):
         return self.split.batch(index)
 
 
+def _leave_stop_signals_to_the_run(worker_id: int) -> None:
+    """A scheduler signals every process of the job: workers ignore SIGTERM/SIGUSR1 so that the training
+    process can finish its iteration and checkpoint (it ends the workers itself)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class BatchStream:
     """Endless shuffled mini-batches of a split.
 
@@ -140,6 +148,7 @@ class BatchStream:
         loader = DataLoader(
             _ByIndex(self.split), sampler=indices, batch_size=None, num_workers=self.workers,
             pin_memory=torch.cuda.is_available(), prefetch_factor=4,
+            worker_init_fn=_leave_stop_signals_to_the_run,
         )
         return iter(loader)
 
