@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="HDF5 file to write")
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--num-train", type=int, default=2400)
+    parser.add_argument("--num-train", type=int, default=1600)
     parser.add_argument("--num-val", type=int, default=400)
     parser.add_argument("--num-test", type=int, default=800)
     parser.add_argument("--seed", type=int, default=0, help="generator seed")

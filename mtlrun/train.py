@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from mtlrun.data import MultiTaskData, open_dataset, task_names
 from mtlrun.data.augment import Augment
-from mtlrun.data.loading import BatchStream, SplitSource, ToDevice, eval_batches
+from mtlrun.data.loading import BatchStream, Split, SplitSource, ToDevice, eval_batches, on_device
 from mtlrun.diagnostics import Diagnostics
 from mtlrun.errors import MtlrunError, StoppedBySignal
 from mtlrun.identity import different_configuration
@@ -35,6 +35,7 @@ from mtlrun.models import build_model, check_model
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.optim import MultiTaskOptimizer, OptimizerSettings, lr_factor
 from mtlrun.outputs import RunDir
+from mtlrun.precision import Precision, SkippedStep
 from mtlrun.rundirs import resume_hint
 from mtlrun.strategies import StepContext, Strategy, build_strategy
 from mtlrun.strategies.base import Counts
@@ -63,6 +64,7 @@ class Run:
     to_device: ToDevice  # for evaluation and diagnostics: no augmentation
     augment: Augment | None
     ctx: StepContext
+    precision: Precision
 
 
 class Stateful(Protocol):
@@ -202,21 +204,63 @@ def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: in
     optimizer_settings = OptimizerSettings.from_config(cfg.optimizer)
     lr_factor(cfg.scheduler, 0, epochs)
     check_model(cfg.model)
+    precision = Precision(cfg.trainer.get("precision", "fp32"), device.type)
+    channels_last, compile_ = (_flag(cfg.trainer, key) for key in ("channels_last", "compile"))
     data = open_dataset(cfg.dataset, names)
+    data.splits = on_device(data.splits, device, cfg.dataset.get("in_memory", True))
     model = build_model(cfg.model, data.tasks).to(device)
-    strategy.attach(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    strategy.attach(model)  # before compiling: the strategy's hooks are part of the graphs
+    if compile_:
+        compile_model(model, _compile_backend(cfg.trainer))
     optimizer = MultiTaskOptimizer(
         model.shared_parameters(), {t: model.task_parameters(t) for t in names}, optimizer_settings
     )
     workers = cfg.trainer.get("workers", 0)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise MtlrunError(f"trainer.workers must be an integer >= 0, got {workers!r}")
+    train_split = data.splits["train"]
+    if isinstance(train_split, Split) and train_split.images.device.type != "cpu":
+        workers = 0  # already on the GPU: nothing to read ahead
     batches = BatchStream(data.splits["train"], batch_size, cfg.seed, workers)
     if batches.batches_per_pass == 0:
         raise MtlrunError(f"trainer.batch_size={batch_size} exceeds the {len(data.splits['train'])} training samples")
     augment = _augment(cfg.dataset, data, cfg.seed)
-    ctx = StepContext(model, data.tasks, optimizer, batches, ToDevice(device, data.mean, data.std, augment))
-    return Run(data, model, optimizer, strategy, batches, ToDevice(device, data.mean, data.std), augment, ctx)
+    to_device = ToDevice(device, data.mean, data.std, augment, channels_last)
+    ctx = StepContext(model, data.tasks, optimizer, batches, to_device, precision)
+    evaluation_to_device = ToDevice(device, data.mean, data.std, channels_last=channels_last)
+    return Run(data, model, optimizer, strategy, batches, evaluation_to_device, augment, ctx, precision)
+
+
+def _flag(trainer: DictConfig, key: str) -> bool:
+    value = trainer.get(key, False)
+    if not isinstance(value, bool):
+        raise MtlrunError(f"trainer.{key} must be true or false, got {value!r}")
+    return value
+
+
+def _compile_backend(trainer: DictConfig) -> str:
+    backend = trainer.get("compile_backend", "inductor")
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise MtlrunError(f"trainer.compile_backend={backend!r} is not a torch.compile backend; known: {', '.join(known)}")
+    return backend
+
+
+def compile_model(model: MultiTaskModel, backend: str = "inductor") -> None:
+    """torch.compile the encoder and every head apart, in place (parameter names unchanged): a step on any
+    subset of the heads runs graphs compiled once, never a new graph per subset."""
+    model.encoder.compile(backend=backend)
+    for head in model.heads.values():
+        head.compile(backend=backend)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (recompilations included)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _augment(cfg: DictConfig, data: MultiTaskData, seed: int) -> Augment | None:
@@ -265,6 +309,7 @@ def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals) -> dict |
     state.register("history", history)
     state.register("first_losses", first_losses)
     state.register("epoch_progress", progress)
+    state.register("loss_scaler", parts.precision.scaler)
 
     def save() -> None:
         diagnostic_rows = diagnostics.rows if diagnostics is not None else []
@@ -317,7 +362,10 @@ def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals) -> dict |
         if (epoch + 1) % settings["eval_every"] == 0 or epoch + 1 == epochs:
             for split in ("val", "test"):
                 if split in data.splits:
-                    scores = evaluate(model, data.tasks, data.splits[split], parts.to_device, settings["eval_batch_size"])
+                    scores = evaluate(
+                        model, data.tasks, data.splits[split], parts.to_device, settings["eval_batch_size"],
+                        parts.precision,
+                    )
                     new_metrics += metric_rows(scores, data.tasks, epoch + 1, split)
             metrics += new_metrics
             log.info("epoch %d/%d: %s", epoch + 1, epochs, _brief(metrics, epoch + 1))
@@ -357,7 +405,10 @@ def train_epoch(
     for i in bar:
         if diagnostics is not None:
             diagnostics.before_iteration(ctx)
-        losses = strategy.iteration(ctx)
+        try:
+            losses = strategy.iteration(ctx)
+        except SkippedStep:  # a strategy whose one step was skipped under fp16: nothing to log
+            losses = {}
         for task, loss in losses.items():
             loss_sums[task] += loss
         if initial_losses is not None and not losses.keys() <= initial_losses.keys():
@@ -389,6 +440,7 @@ def train_epoch(
         "optimizer_steps": ctx.counts.optimizer_steps - before["optimizer_steps"],
         "forward_passes": ctx.counts.forward_passes - before["forward_passes"],
         "backward_passes": ctx.counts.backward_passes - before["backward_passes"],
+        "skipped_steps": ctx.counts.skipped_steps - before.get("skipped_steps", 0),
     })
     return row
 
@@ -432,7 +484,10 @@ def _check_explosion(mean_losses: dict[str, float], initial_losses: dict[str, fl
 
 
 @torch.no_grad()
-def evaluate(model: MultiTaskModel, tasks: list[Task], split: SplitSource, to_device: ToDevice, batch_size: int) -> dict:
+def evaluate(
+    model: MultiTaskModel, tasks: list[Task], split: SplitSource, to_device: ToDevice, batch_size: int,
+    precision: Precision | None = None,
+) -> dict:
     """Every task's metrics over the whole split, and its training loss (the mean of the per-batch losses,
     weighted by batch size; model selection reads it): {task: {metric: value, "loss": value}}."""
     model.eval()
@@ -442,7 +497,9 @@ def evaluate(model: MultiTaskModel, tasks: list[Task], split: SplitSource, to_de
     samples = 0
     for raw in eval_batches(split, batch_size):
         batch = to_device(raw)
-        outputs = model(batch["image"], names)
+        with (precision or Precision()).autocast():
+            outputs = model(batch["image"], names)
+        outputs = {name: out.float() for name, out in outputs.items()}
         count = len(batch["image"])
         samples += count
         for task in tasks:
@@ -493,6 +550,9 @@ def results_row(
         "backward_passes_per_iteration": counts.backward_passes / max(counts.iterations, 1),
         "seconds_per_epoch": float(np.mean([r["seconds"] for r in train_log])),
         "peak_memory_mb": peak_memory_mb(device),
+        "precision": cfg.trainer.get("precision", "fp32"),
+        "skipped_steps": counts.skipped_steps,
+        "compiled_graphs": compiled_graphs() if cfg.trainer.get("compile", False) else 0,
         "device": str(device),
         "config_id": config_id,
         "run_dir": str(run_dir),

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtlrun.data.hdf5 import DatasetFile, write_dataset
-from mtlrun.data.loading import LazySplit, Split, SplitSource, TargetTransform
+from mtlrun.data.loading import IN_MEMORY, LazySplit, Split, SplitSource, TargetTransform
 from mtlrun.errors import MtlrunError
 from mtlrun.locks import FileLock
 from mtlrun.tasks import Task, build_task, count_in_delta_m
@@ -294,12 +294,13 @@ def _read_split(file: DatasetFile, split: str, targets: dict[str, tuple[str, Tar
 
 
 def _in_memory(cfg: DictConfig, file: DatasetFile, splits: list[str], keys: set[str]) -> bool:
-    """`dataset.in_memory`: true, false, or auto = when the arrays take under half the available memory."""
+    """`dataset.in_memory`: true or host, false, or auto = when the arrays take under half the available
+    memory (true and auto also put them on the GPU when they fit there: `loading.on_device`)."""
     setting = cfg.get("in_memory", True)
-    if setting not in ("auto", True, False):
-        raise MtlrunError(f"dataset.in_memory must be auto, true or false, got {setting!r}")
+    if setting not in IN_MEMORY:
+        raise MtlrunError(f"dataset.in_memory must be one of auto, true, host, false; got {setting!r}")
     if setting != "auto":
-        return bool(setting)
+        return setting is True or setting == "host"
     needed = sum(file.nbytes(split, key) for split in splits for key in keys)
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -42,6 +42,13 @@ class Split:
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.images, *self.targets.values()))
+
+    def to(self, device: torch.device) -> Split:
+        return Split(self.name, self.images.to(device), {t: v.to(device) for t, v in self.targets.items()})
+
     def batch(self, index: Tensor) -> Batch:
         out = {"image": self.images[index]}
         out.update({task: target[index] for task, target in self.targets.items()})
@@ -90,6 +97,27 @@ class LazySplit:
         for task, (key, transform) in self.targets.items():
             out[task] = torch.from_numpy(np.ascontiguousarray(transform(arrays[key])))
         return out
+
+
+IN_MEMORY = ("auto", True, "host", False)  # dataset.in_memory: host also keeps in-memory splits off the GPU
+
+
+def fits_on_device(needed: int, free: int) -> bool:
+    """In-memory splits go to the GPU when they take under half its free memory: the rest is for training."""
+    return needed < free / 2
+
+
+def on_device(splits: dict[str, SplitSource], device: torch.device, setting: object) -> dict[str, SplitSource]:
+    """The splits, with the in-memory ones moved to a CUDA `device` when `dataset.in_memory` is true or auto and
+    they fit there (`fits_on_device`): batches are then indexed where the model runs, with no copy per step.
+    CPU runs, lazy splits and `in_memory=host` stay as they are."""
+    held = [s for s in splits.values() if isinstance(s, Split)]
+    if device.type != "cuda" or setting not in (True, "auto") or not held:
+        return splits
+    free, _ = torch.cuda.mem_get_info(device)
+    if not fits_on_device(sum(s.nbytes for s in held), free):
+        return splits
+    return {name: s.to(device) if isinstance(s, Split) else s for name, s in splits.items()}
 
 
 def eval_batches(split: SplitSource, batch_size: int) -> Iterator[Batch]:
@@ -172,13 +200,14 @@ class BatchStream:
 
 class ToDevice:
     """Moves a batch to the device, turns uint8 images into normalized float tensors there, and applies
-    the training augmentation when given one."""
+    the training augmentation when given one; images leave in channels-last layout when asked."""
 
     def __init__(
         self, device: torch.device, mean: Sequence[float], std: Sequence[float],
-        augment: Callable[[Batch], Batch] | None = None,
+        augment: Callable[[Batch], Batch] | None = None, channels_last: bool = False,
     ) -> None:
         self.device, self.augment = device, augment
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
 
@@ -190,4 +219,8 @@ class ToDevice:
         for key, value in out.items():
             if value.is_floating_point() and key != "image":
                 out[key] = value.float()
-        return self.augment(out) if self.augment is not None else out
+        if self.augment is not None:
+            out = self.augment(out)
+        if self.memory_format is torch.channels_last:
+            out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
+        return out

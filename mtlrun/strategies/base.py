@@ -13,6 +13,7 @@ from mtlrun.data.loading import Batch
 from mtlrun.errors import MtlrunError
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.optim import MultiTaskOptimizer, flatten
+from mtlrun.precision import Precision, SkippedStep
 from mtlrun.tasks import Task
 
 
@@ -24,6 +25,7 @@ class Counts:
     optimizer_steps: int = 0
     forward_passes: int = 0
     backward_passes: int = 0
+    skipped_steps: int = 0  # fp16 steps skipped for non-finite gradients (not in optimizer_steps)
 
 
 class StepContext:
@@ -31,9 +33,10 @@ class StepContext:
 
     def __init__(
         self, model: MultiTaskModel, tasks: Sequence[Task], optimizer: MultiTaskOptimizer,
-        batches: Iterator[Batch], to_device: Callable[[Batch], Batch],
+        batches: Iterator[Batch], to_device: Callable[[Batch], Batch], precision: Precision | None = None,
     ) -> None:
         self.model, self.optimizer = model, optimizer
+        self.precision = precision if precision is not None else Precision()
         self.tasks = {t.name: t for t in tasks}
         self.task_names = tuple(self.tasks)  # the dataset's order: losses are always summed in it
         self._batches, self._to_device = batches, to_device
@@ -51,25 +54,33 @@ class StepContext:
         until the next pass."""
         self.batch = batch
         image = batch["image"]
-        if self.model.task_scope is None:
-            self.counts.forward_passes += 1
-            self.features = self.model.encoder(image)
-            outputs = self.model.heads_on(self.features, tasks, image.shape[-2:])
-        else:  # an encoder function per task: one pass per task, and no one representation shared by them
-            self.counts.forward_passes += len(tasks)
-            self.features = None
-            outputs = self.model(image, tasks)
-        losses = {t: self.tasks[t].loss(outputs[t], batch[t]) for t in tasks}
-        for t, penalty in self.model.penalties().items():  # a task part's regulariser is part of its task's loss
+        with self.precision.autocast():
+            if self.model.task_scope is None:
+                self.counts.forward_passes += 1
+                self.features = self.model.encoder(image)
+                outputs = self.model.heads_on(self.features, tasks, image.shape[-2:])
+            else:  # an encoder function per task: one pass per task, and no one representation shared by them
+                self.counts.forward_passes += len(tasks)
+                self.features = None
+                outputs = self.model(image, tasks)
+            penalties = self.model.penalties()
+        losses = {t: self.tasks[t].loss(outputs[t].float(), batch[t]) for t in tasks}
+        for t, penalty in penalties.items():  # a task part's regulariser is part of its task's loss
             if t in losses:
-                losses[t] = losses[t] + penalty
+                losses[t] = losses[t] + penalty.float()
         return losses
+
+    def grad(
+        self, output: Tensor, inputs: Sequence[Tensor], retain_graph: bool = False
+    ) -> tuple[Tensor | None, ...]:
+        """d output / d inputs (None where unreached), loss-scaled under fp16: every backward pass uses it."""
+        return self.precision.grad(output, inputs, retain_graph)
 
     def step(self, tasks: Sequence[str], loss: Tensor) -> None:
         """Backpropagate `loss` to the shared parameters and the heads of `tasks`, then take one optimizer step."""
         heads = {t: self.model.task_parameters(t) for t in tasks}
         params = self._shared + [p for t in tasks for p in heads[t]]
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = self.grad(loss, params)
         self.counts.backward_passes += 1
         n = len(self._shared)
         shared_grad = flatten(grads[:n], self._shared)
@@ -88,21 +99,37 @@ class StepContext:
         for i, task in enumerate(names):
             head = self.model.task_parameters(task)
             last = i == len(names) - 1
-            grads = torch.autograd.grad(losses[task], self._shared + head, retain_graph=not last, allow_unused=True)
+            grads = self.grad(losses[task], self._shared + head, retain_graph=not last)
             self.counts.backward_passes += 1
             rows.append(flatten(grads[:n], self._shared))
             head_grads[task] = flatten(grads[n:], head)
-        return torch.stack(rows), head_grads
+        jacobian = torch.stack(rows)
+        self._check([jacobian, *head_grads.values()])  # before a method's state sees the rows
+        return jacobian, head_grads
 
     def apply(self, tasks: Sequence[str], shared_grad: Tensor, head_grads: dict[str, Tensor]) -> None:
         """One optimizer step on `tasks` with gradients a strategy computed itself."""
+        self._check([shared_grad, *head_grads.values()])
         self.optimizer.step(tasks, shared_grad, head_grads)
-        self.counts.optimizer_steps += 1
+        self._stepped()
 
     def apply_each(self, shared_grads: dict[str, Tensor], head_grads: dict[str, Tensor]) -> None:
         """One optimizer step feeding each task's own shared gradient to its own state (`step_each`)."""
+        self._check([*shared_grads.values(), *head_grads.values()])
         self.optimizer.step_each(shared_grads, head_grads)
+        self._stepped()
+
+    def _check(self, grads: Sequence[Tensor]) -> None:
+        """Under fp16, a step with a non-finite gradient ends here (SkippedStep) before anything is updated."""
+        try:
+            self.precision.check(grads)
+        except SkippedStep:
+            self.counts.skipped_steps += 1
+            raise
+
+    def _stepped(self) -> None:
         self.counts.optimizer_steps += 1
+        self.precision.stepped()
 
 
 class Strategy(ABC):
@@ -155,7 +182,10 @@ class LossCombiner(Strategy):
 
     def iteration(self, ctx: StepContext) -> dict[str, Tensor]:
         losses = ctx.losses(ctx.next_batch(), ctx.task_names)
-        self.combine(ctx, losses)
+        try:
+            self.combine(ctx, losses)
+        except SkippedStep:  # fp16: the step was skipped whole; the losses are still logged
+            pass
         return {t: loss.detach() for t, loss in losses.items()}
 
     @abstractmethod
@@ -204,7 +234,10 @@ def step_on_groups(
             batch = ctx.next_batch()
         ordered = [t for t in ctx.task_names if t in group]
         losses = ctx.losses(batch, ordered)
-        combine(ctx, losses)
+        try:
+            combine(ctx, losses)
+        except SkippedStep:  # this group's step only: the iteration's other steps go on
+            pass
         logged.update({t: loss.detach() for t, loss in losses.items()})
     return logged
 

@@ -47,11 +47,11 @@ class DWA(LossCombiner):
 
     def combine(self, ctx: StepContext, losses: dict[str, Tensor]) -> None:
         names = list(losses)
-        for t in names:
-            self._sums[t] = self._sums[t] + losses[t].detach()
-            self._counts[t] += 1
         weights = self.weights(names)
         ctx.step(names, sum(weights[t] * losses[t] for t in names))
+        for t in names:  # recorded once the step is taken (an fp16 step skipped for overflow is not)
+            self._sums[t] = self._sums[t] + losses[t].detach()
+            self._counts[t] += 1
 
     def epoch_end(self) -> None:
         for t in self.tasks:

@@ -82,9 +82,9 @@ def weighted_gradients(
     shared = ctx.model.shared_parameters()
     heads = {t: ctx.model.task_parameters(t) for t in tasks}
     total = sum(w * losses[t] for w, t in zip(weights.tolist(), tasks))
-    shared_grad = flatten(torch.autograd.grad(total, shared, retain_graph=True, allow_unused=True), shared)
+    shared_grad = flatten(ctx.grad(total, shared, retain_graph=True), shared)
     head_params = [p for t in tasks for p in heads[t]]
-    grads = torch.autograd.grad(sum(losses.values()), head_params, allow_unused=True)
+    grads = ctx.grad(sum(losses.values()), head_params)
     ctx.counts.backward_passes += 2
     head_grads, n = {}, 0
     for t in tasks:

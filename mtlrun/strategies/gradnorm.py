@@ -72,7 +72,7 @@ class GradNorm(LossCombiner):
         for t in names:
             self.initial_losses.setdefault(t, losses[t].detach().clone())
         layer = last_shared_layer(ctx.model)
-        grads = [torch.autograd.grad(losses[t], layer, retain_graph=True, allow_unused=True)[0] for t in names]
+        grads = [ctx.grad(losses[t], layer, retain_graph=True)[0] for t in names]
         if any(g is None for g in grads):
             raise MtlrunError(
                 "strategy=gradnorm weighs the tasks' gradients at the last shared layer, which some of these tasks "

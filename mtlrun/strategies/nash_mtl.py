@@ -59,13 +59,16 @@ class NashMTL(GradientMethod):
 
     def combine(self, ctx: StepContext, losses: dict[str, Tensor]) -> None:
         tasks = tuple(losses)
-        call = self.calls.pop(tasks, 0)
-        self.calls[tasks] = call + 1  # re-inserted: the dict's order is the order of last use
+        call = self.calls.get(tasks, 0)
         if call % self.update_weights_every == 0 or tasks not in self.alphas:
             super().combine(ctx, losses)
         else:
             shared_grad, head_grads = weighted_gradients(ctx, losses, self.alphas[tasks])
             ctx.apply(list(tasks), self._clipped(shared_grad), head_grads)
+        # Counted once the step is taken (an fp16 step skipped for overflow is not); re-inserted, so the
+        # dict's order is the order of last use.
+        self.calls.pop(tasks, None)
+        self.calls[tasks] = call + 1
         self._forget_old_sets()
 
     def aggregate(self, jacobian: Tensor, losses: dict[str, Tensor]) -> Tensor:
