@@ -169,3 +169,69 @@ def test_nash_mtl_strategy_weights_give_each_task_the_reciprocal_improvement():
     alpha = torch.tensor([method.weights[t] for t in TASKS[:3]], dtype=torch.float64)
     improvements = J.float().double() @ d.double()
     torch.testing.assert_close(improvements, 1 / alpha, rtol=1e-5, atol=0)
+
+
+# --- near-opposite gradients, and CAGrad / Nash-MTL on pairs of every kind -----------------------------------
+
+
+def _pair(cosine: float, norms: tuple[float, float], seed: int, dtype=torch.float64) -> torch.Tensor:
+    """Two gradients in R^16 with exactly the given cosine and norms (in float64), then rounded to `dtype`."""
+    g = torch.Generator().manual_seed(seed)
+    u, v = torch.randn(2, 16, generator=g, dtype=torch.float64)
+    u = u / u.norm()
+    v = v - (v @ u) * u
+    v = v / v.norm()
+    return torch.stack([norms[0] * u, norms[1] * (cosine * u + math.sqrt(1 - cosine**2) * v)]).to(dtype)
+
+
+def _relative_error(d: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((d.double() - expected).norm() / expected.norm())
+
+
+NEAR_OPPOSITE = -(1 - 1e-6)
+
+
+def test_upgrad_on_near_opposite_gradients_is_its_float64_definition():
+    """A conflicting pair: each g_i loses its component along the other, g_i - (g_i . g_j / ||g_j||^2) g_j
+    being g_i's projection onto the dual cone. torchjd's regularised QP was 51% off here."""
+    J = _pair(NEAR_OPPOSITE, (1.0, 3.0), seed=7, dtype=torch.float32)
+    g1, g2 = J.double()
+    expected = (g1 - (g1 @ g2) / (g2 @ g2) * g2 + g2 - (g1 @ g2) / (g1 @ g1) * g1) / 2
+    d = UPGrad(TASKS[:2]).aggregate(J, _losses(2))
+    assert _relative_error(d, expected) < 1e-6
+    assert float((J.double() @ d.double()).min()) >= -1e-6 * float(d.double().norm())  # non-conflicting
+
+
+def test_aligned_mtl_and_imtl_g_on_near_opposite_gradients_match_their_float64_definitions():
+    J = _pair(NEAR_OPPOSITE, (1.0, 3.0), seed=7, dtype=torch.float32)
+    exact = J.double()
+    U, S, Vh = torch.linalg.svd(exact, full_matrices=False)
+    aligned = S[-1] * Vh.T @ U.T @ torch.full((2,), 0.5, dtype=torch.float64)
+    assert _relative_error(AlignedMTL(TASKS[:2]).aggregate(J, _losses(2)), aligned) < 1e-6
+    units = exact / exact.norm(dim=1, keepdim=True)
+    system = torch.stack([(units[0] - units[1]) @ exact.T, torch.ones(2, dtype=torch.float64)])
+    w = torch.linalg.solve(system, torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert _relative_error(IMTL(TASKS[:2]).aggregate(J, _losses(2)), w @ exact) < 1e-6
+
+
+@pytest.mark.parametrize("cosine", [0.3, -0.4, 0.8])
+@pytest.mark.parametrize("norms", [(1.0, 1e4), (1e5, 1.0)])
+def test_cagrad_reaches_the_optimum_for_either_order_and_any_angle(cosine, norms):
+    c = 0.4
+    J = _pair(cosine, norms, seed=1)
+    d = CAGrad(TASKS[:2], c=c, rescale=False).aggregate(J, _losses(2))
+    g0 = J.mean(0)
+    assert float((d - g0).norm()) <= c * float(g0.norm()) * (1 + 1e-9)
+    optimum = _cagrad_two_task_optimum(J, c)
+    assert abs(float((J @ d).min()) - optimum) <= 1e-4 * abs(optimum)
+
+
+@pytest.mark.parametrize(
+    ("cosine", "apart"), [(1 - 1e-6, 1.0), (NEAR_OPPOSITE, 1.0), (0.3, 1e5), (-0.6, 1e5)]
+)
+def test_nash_mtl_two_task_bargaining_solution_in_closed_form(cosine, apart):
+    """For two tasks G alpha = 1 / alpha gives alpha_t = 1 / (||g_t|| sqrt(1 + cos)): near-parallel,
+    near-opposite and far-apart gradients."""
+    J = _pair(cosine, (1.0, apart), seed=3)
+    alpha = NashMTLSolver(2)(J @ J.T)
+    torch.testing.assert_close(alpha, 1 / (J.norm(dim=1) * math.sqrt(1 + cosine)), rtol=1e-9, atol=0)

@@ -1,5 +1,5 @@
-"""The solvers the gradient methods use (torchjd's aggregators, CAGrad's dual), behind small functions: the one
-module importing torchjd.
+"""The solvers the gradient methods use (torchjd's aggregators, CAGrad's dual, UPGrad's projections), behind
+small functions: the one module importing torchjd.
 
 torchjd is pinned (pyproject.toml) because its API changes between minor releases. The weightings read
 the T x T Gram matrix J J^T of the task gradients (float64, on any device) and return one weight per
@@ -18,6 +18,7 @@ import cvxpy as cp
 import numpy as np
 import torch
 import torchjd.aggregation as tjd
+from scipy.optimize import nnls
 from torch import Tensor
 
 # CLARABEL's tolerances for CAGrad's dual: its optimum is needed to the last digits when the worst task's
@@ -52,9 +53,33 @@ def pcgrad_weights(gram: Tensor) -> Tensor:
 
 
 def upgrad_weights(gram: Tensor) -> Tensor:
-    """UPGrad's weights: the mean of each g_i projected onto the dual cone of the rows (torchjd's
-    UPGradWeighting, quadprog on the Gram normalised by its trace, plus 1e-4 on its diagonal)."""
-    return tjd.UPGradWeighting()(gram)
+    """UPGrad's weights (float64): (1/T) sum_i (e_i + lambda_i), where g_i + J^T lambda_i is g_i projected
+    onto the dual cone {x : J x >= 0}.
+
+    The projection's dual, lambda_i = argmin_{lambda >= 0} ||g_i + J^T lambda||, is a non-negative least
+    squares problem in the T-dimensional basis of `_gram_root`, solved exactly (Lawson-Hanson) with each
+    column scaled to unit norm. torchjd's UPGradWeighting solves a QP on the Gram matrix with 1e-4 added to
+    its (trace-normalised) diagonal, which moves the update by half its norm on near-opposite gradients.
+    """
+    rows = _gram_root(gram.detach().double().cpu().numpy())
+    norms = np.linalg.norm(rows, axis=1)
+    norms = np.where(norms > 0, norms, 1.0)
+    columns = rows.T / norms  # column j is g_j / ||g_j||: lambda_j = solution_j / ||g_j||
+    weights = np.eye(len(rows))
+    for i, row in enumerate(rows):
+        solution, _ = nnls(columns, -row)
+        weights[i] += solution / norms
+    return torch.from_numpy(weights.mean(axis=0)).to(gram.device)
+
+
+def _gram_root(gram: np.ndarray) -> np.ndarray:
+    """Rows x_t with x_i . x_j = G_ij (the gradients in a T-dimensional basis of their span), each accurate
+    relative to its own norm however far apart the norms are: the eigendecomposition is taken of the
+    correlation matrix D^-1 G D^-1 (D the norms), whose entries lie in [-1, 1]."""
+    norms = np.sqrt(np.clip(np.diag(gram), 0, None))
+    norms = np.where(norms > 0, norms, 1.0)
+    eigenvalues, vectors = np.linalg.eigh(gram / norms[:, None] / norms[None, :])
+    return norms[:, None] * vectors * np.sqrt(np.clip(eigenvalues, 0, None))
 
 
 def imtl_g_weights(gram: Tensor) -> Tensor:
