@@ -21,7 +21,7 @@ def test_bench_prints_a_row_per_case(tmp_path):
     labels = [(row[0], row[-5]) for row in rows]  # name, moments, then four numbers
     assert labels == [("averaged", "per_task"), ("averaged", "shared"), ("alternating", "per_task"),
                       ("alternating", "shared"), ("grouped", "per_task"), ("grouped", "shared"),
-                      ("pcgrad", "shared")]
+                      ("pcgrad", "per_task")]
     steps = {row[0]: float(row[-3]) for row in rows}
     assert steps["alternating"] == 4 and steps["averaged"] == 1 and steps["pcgrad"] == 1
 
