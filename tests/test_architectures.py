@@ -30,7 +30,7 @@ from mtlrun.optim import MultiTaskOptimizer, OptimizerSettings
 from mtlrun.strategies.base import StepContext
 from mtlrun.strategies.mgda import MGDA
 from mtlrun.tasks import BinaryAttributes, Depth, Normal, Segmentation
-from mtlrun.train import build_run, seed_everything, train_epoch
+from mtlrun.train import EpochProgress, build_run, seed_everything, train_epoch
 from tests.test_cli import mtlrun
 
 TASKS = [Segmentation("segmentation", 5), Depth("depth"), Normal("normal"), BinaryAttributes("attributes", ["a", "b", "c"])]
@@ -446,7 +446,8 @@ def test_every_strategy_trains_two_iterations_on_the_architecture(workdir, case,
             cfg.model.update(CASES[case])
         seed_everything(0, deterministic=False)
         run = build_run(cfg, torch.device("cpu"), epochs=1, batch_size=4)
-        row = train_epoch(run.ctx, run.strategy, run.batches.batches_per_pass, 0, 1, False, torch.device("cpu"))
+        row = train_epoch(run.ctx, run.strategy, EpochProgress(), run.batches.batches_per_pass, 0, 1, False,
+                          torch.device("cpu"))
         losses = [row[f"loss/{t}"] for t in NAMES]
         assert row["iterations"] == 2 and all(math.isfinite(v) for v in losses), strategy
         steps[strategy] = row["optimizer_steps"]
