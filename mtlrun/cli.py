@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from mtlrun import CONF_DIR
 from mtlrun.errors import MtlrunError, StoppedBySignal
 from mtlrun.rundirs import cannot_create, forget_new_directories, new_directory, resume_hint
+from mtlrun.sweeps import check_objective, failed_jobs, forget_failure, objective_value, record_failure
 
 if TYPE_CHECKING:
     from mtlrun.outputs import RunDir
@@ -42,7 +43,6 @@ OmegaConf.register_new_resolver("mtlrun_dirname", _dirname, replace=True)
 OmegaConf.register_new_resolver("mtlrun_new_dir", new_directory, replace=True, use_cache=True)
 
 
-_failed_jobs: list[str] = []
 _interrupted: list[str] = []  # what to re-run after Ctrl-C: the job's run directory, or the sweep directory
 
 
@@ -58,7 +58,8 @@ def _record(cfg: DictConfig) -> dict[str, str]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def _run(cfg: DictConfig) -> None:
+def _run(cfg: DictConfig) -> float | None:
+    """Run one job; return its objective value (what an optimizing sweeper reads), None if it did not finish."""
     from mtlrun.outputs import check_run_flags, hold
 
     hydra_cfg = HydraConfig.get()
@@ -66,11 +67,15 @@ def _run(cfg: DictConfig) -> None:
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
     _interrupted[:] = [f"resume=true {resume_hint('hydra.sweep.dir', run_dir.parent)}" if sweep
                        else f"resume=true {resume_hint('hydra.run.dir', run_dir)}"]
+    if sweep:
+        forget_failure(Path(hydra_cfg.sweep.dir), hydra_cfg.job.num)
     try:
         try:
             with hold(run_dir, _record(cfg)) as run:
                 check_run_flags(cfg.get("resume"), cfg.get("overwrite"))
-                _train(cfg, run)
+                objective = check_objective(cfg.get("objective", "val/loss_sum"))
+                results = _train(cfg, run)
+                return None if results is None else objective_value(objective, results)
         except OSError as e:  # a full disk, a folder made read-only: the files of finished epochs stay
             raise MtlrunError(f"cannot use {e.filename or 'a file'} ({e.strerror or e}); files of finished "
                               f"epochs are kept") from None
@@ -81,25 +86,30 @@ def _run(cfg: DictConfig) -> None:
         if not sweep:
             raise SystemExit(f"mtlrun: error: {e}") from None
         # In a sweep, one failed job must not stop the others: report it and go on.
-        print(f"mtlrun: error in job {hydra_cfg.job.num} ({run_dir}): {e}", file=sys.stderr)
-        _failed_jobs.append(f"job {hydra_cfg.job.num}")
+        _job_failed(hydra_cfg, f"mtlrun: error in job {hydra_cfg.job.num} ({run_dir}): {e}")
     except Exception as e:
         if not sweep:
             raise
         # A bug, not bad input: its traceback is printed, and the sweep still goes on and ends with its summary.
         traceback.print_exc()
-        print(f"mtlrun: error in job {hydra_cfg.job.num} ({run_dir}): unexpected {type(e).__name__}: {e}",
-              file=sys.stderr)
-        _failed_jobs.append(f"job {hydra_cfg.job.num}")
+        _job_failed(hydra_cfg, f"mtlrun: error in job {hydra_cfg.job.num} ({run_dir}): unexpected "
+                               f"{type(e).__name__}: {e}")
+    return None
 
 
-def _train(cfg: DictConfig, run: RunDir) -> None:
+def _job_failed(hydra_cfg: DictConfig, line: str) -> None:
+    """Say why the job failed, and leave it for the launching command (maybe another process) to name."""
+    print(line, file=sys.stderr, flush=True)
+    record_failure(Path(hydra_cfg.sweep.dir), hydra_cfg.job.num, line)
+
+
+def _train(cfg: DictConfig, run: RunDir) -> dict | None:
     import torch
 
     from mtlrun.train import train  # torch loads only once the config is known to be good
 
     try:
-        train(cfg, run)
+        return train(cfg, run)
     except torch.cuda.OutOfMemoryError as e:
         raise MtlrunError(
             f"the GPU ran out of memory ({str(e).splitlines()[0][:120]}): lower trainer.batch_size or "
@@ -112,7 +122,7 @@ def config_groups() -> dict[str, list[str]]:
     return {
         group.name: sorted(p.stem for p in group.glob("*.yaml"))
         for group in sorted(CONF_DIR.iterdir())
-        if group.is_dir()
+        if group.is_dir() and group.name != "hydra"  # Hydra's own groups (launchers, sweepers): see README
     }
 
 
@@ -177,13 +187,13 @@ def main() -> None:
     # We print errors ourselves, as one line; Hydra must let them through.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     forget_new_directories()
-    _failed_jobs.clear()
+    failed_jobs.clear()
     _interrupted.clear()
     try:
         check_group_choices(sys.argv[1:])
         _run()
-        if _failed_jobs:
-            sys.exit(f"mtlrun: {len(_failed_jobs)} job(s) of the sweep failed (see above): {', '.join(_failed_jobs)}")
+        if failed_jobs:
+            sys.exit(f"mtlrun: {len(failed_jobs)} job(s) of the sweep failed (see above): {', '.join(failed_jobs)}")
     except MtlrunError as e:
         sys.exit(f"mtlrun: error: {e}")
     except (HydraException, OmegaConfBaseException) as e:
@@ -191,6 +201,14 @@ def main() -> None:
         sys.exit(f"mtlrun: error: {ours if ours is not None else _one_line(e)}")
     except OSError as e:  # Hydra making the run directory given as hydra.run.dir or hydra.sweep.dir
         sys.exit(f"mtlrun: error: {cannot_create(e)}")
+    except Exception as e:
+        if not type(e).__module__.startswith("submitit"):
+            raise
+        # A submitit job that never returned (killed, out of memory, timed out more often than allowed): its
+        # own log says why.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sys.exit(f"mtlrun: error: a job of the sweep did not finish: {first} (its log is in the sweep "
+                 f"directory's .submitit/)")
     except KeyboardInterrupt:
         if not _interrupted:
             sys.exit("mtlrun: interrupted before any run started")

@@ -17,7 +17,7 @@ class MtlrunError(Exception):
 
 
 class StoppedBySignal(Exception):
-    """The run stopped on SIGTERM or SIGUSR1 after writing a checkpoint at an iteration boundary."""
+    """The run stopped on SIGTERM, SIGUSR1 or SIGUSR2 after writing a checkpoint at an iteration boundary."""
 
     def __init__(
         self, signum: int, run_dir: object, epochs_done: int, iteration: int, iterations: int

@@ -46,7 +46,7 @@ log = logging.getLogger("mtlrun")
 # Keys that change how a run is executed or reported, or where it writes, but not what it computes.
 RUN_CONTROL_KEYS = (
     "resume", "overwrite", "trainer.progress", "trainer.stop_after_epochs", "trainer.device", "trainer.workers",
-    "dataset.in_memory", "output_root", "logger", "trainer.checkpoint_every",
+    "dataset.in_memory", "output_root", "logger", "trainer.checkpoint_every", "objective",
 )
 # A task's mean training loss this many times its first loss stops the run, as a non-finite one does.
 LOSS_EXPLOSION_FACTOR = 1e6
@@ -173,12 +173,13 @@ class EpochProgress:
 
 
 class StopSignals:
-    """SIGTERM and SIGUSR1 (what SLURM and most schedulers send before they stop or preempt a job) ask the run
-    to stop: the handler only records the signal; the loop writes a checkpoint at the next iteration
-    boundary and ends. Handlers are installed for the duration of the `with` block, from the main thread
-    only (Python allows no other), and the previous ones are put back after it."""
+    """SIGTERM and SIGUSR1 (what SLURM and most schedulers send before they stop or preempt a job) and SIGUSR2
+    (submitit's signal before a timeout or preemption) ask the run to stop: the handler only records the
+    signal; the loop writes a checkpoint at the next iteration boundary and ends. Handlers are installed for
+    the duration of the `with` block, from the main thread only (Python allows no other), and the previous
+    ones are put back after it (submitit's, which then requeues the job: hydra_plugins/mtlrun_launchers)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -274,7 +275,7 @@ def train(cfg: DictConfig, run_dir: Path | RunDir) -> dict | None:
     """Train as `cfg` says in `run_dir` (a path, or a RunDir the caller holds); return the results row, or None
     when stopped early on purpose.
 
-    SIGTERM or SIGUSR1 ends the run at the next iteration boundary with a checkpoint (StoppedBySignal)."""
+    SIGTERM, SIGUSR1 or SIGUSR2 ends the run at the next iteration boundary with a checkpoint (StoppedBySignal)."""
     with StopSignals() as stop:
         return _train(cfg, run_dir, stop)
 

@@ -140,10 +140,11 @@ class _ByIndex(torch.utils.data.Dataset):
 
 
 def _leave_stop_signals_to_the_run(worker_id: int) -> None:
-    """A scheduler signals every process of the job: workers ignore SIGTERM/SIGUSR1 so that the training
-    process can finish its iteration and checkpoint (it ends the workers itself)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    """A scheduler signals every process of the job: workers ignore SIGTERM/SIGUSR1/SIGUSR2 so that the training
+    process can finish its iteration and checkpoint (it ends the workers itself); a worker forked inside a
+    submitit job must not run submitit's requeue handler either."""
+    for stop in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(stop, signal.SIG_IGN)
 
 
 class BatchStream:
