@@ -40,7 +40,8 @@ def record_failure(sweep_dir: Path, job_num: int, line: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{job_num}.json"
     tmp = folder / f".{job_num}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"job": job_num, "line": line, "stderr": _stderr_id()}), encoding="utf-8")
+    record = {"job": job_num, "line": line, "pid": os.getpid(), "stderr": _stderr_id()}
+    tmp.write_text(json.dumps(record), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -66,7 +67,8 @@ def collect_failures(sweep_dir: Path, report: bool = True) -> list[str]:
     records.sort(key=lambda r: r["job"])
     here = _stderr_id()
     for record in records if report else ():
-        if record["stderr"] is None or tuple(record["stderr"]) != here:
+        shown = record["pid"] == os.getpid() or here is not None and record["stderr"] == list(here)
+        if not shown:
             print(record["line"], file=sys.stderr)
     return [f"job {r['job']}" for r in records]
 

@@ -164,3 +164,21 @@ def test_the_objective_is_not_part_of_a_runs_identity():
         other = compose(config_name="config", overrides=["objective=val/depth/abs_err"])
     assert default.objective == "val/loss_sum"
     assert config_hash(default, RUN_CONTROL_KEYS) == config_hash(other, RUN_CONTROL_KEYS)
+
+
+def test_a_submitit_job_that_never_returned_is_one_line(monkeypatch):
+    import mtlrun.cli
+
+    utils = pytest.importorskip("submitit.core.utils")
+
+    def killed() -> None:
+        raise utils.UncompletedJobError("Job 42 (task: 0) with path /s/.submitit/42 has not produced any output\n"
+                                        "Error stream produced:\n...")
+
+    monkeypatch.setattr(mtlrun.cli, "_run", killed)
+    monkeypatch.setattr(sys, "argv", ["mtlrun", "-m", "hydra/launcher=local", "seed=0,1"])
+    with pytest.raises(SystemExit) as info:
+        mtlrun.cli.main()
+    assert info.value.code == ("mtlrun: error: a job of the sweep did not finish: Job 42 (task: 0) with path "
+                               "/s/.submitit/42 has not produced any output (its log is in the sweep directory's "
+                               ".submitit/)")
