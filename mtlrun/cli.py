@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import sys
@@ -17,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mtlrun import CONF_DIR
+from mtlrun import CONF_DIR, distributed
 from mtlrun.errors import MtlrunError, StoppedBySignal
 from mtlrun.rundirs import cannot_create, forget_new_directories, new_directory, resume_hint
 from mtlrun.sweeps import check_objective, failed_jobs, forget_failure, objective_value, record_failure
@@ -187,6 +188,27 @@ def main() -> None:
         )
     # We print errors ourselves, as one line; Hydra must let them through.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        if distributed.launched():
+            _join_processes()
+        _main()
+    finally:
+        distributed.close()
+
+
+def _join_processes() -> None:
+    """One of torchrun's processes: join the group before Hydra names the run directory (rank 0 does); the other
+    ranks keep no log file (rank 0's is the run's) and log warnings only."""
+    try:
+        distributed.init()
+    except MtlrunError as e:
+        sys.exit(f"mtlrun: error: {e}")
+    if not distributed.is_main():
+        sys.argv.append("hydra/job_logging=stdout")
+        logging.getLogger("mtlrun").setLevel(logging.WARNING)
+
+
+def _main() -> None:
     forget_new_directories()
     failed_jobs.clear()
     _interrupted.clear()

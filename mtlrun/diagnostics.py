@@ -7,6 +7,7 @@ import itertools
 import torch
 from torch import Tensor
 
+from mtlrun import distributed
 from mtlrun.data.loading import Batch
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.strategies import StepContext, Strategy
@@ -57,7 +58,8 @@ class Diagnostics:
             "distance_from_init": (theta - self.initial).norm().item(),
             "displacement": displacement, "displacement_per_step": displacement / steps,
         }
-        row.update(self._gradient_stats(ctx))
+        with distributed.local():  # the same probe on every torchrun rank: nothing to reduce
+            row.update(self._gradient_stats(ctx))
         weights = strategy.task_weights()
         if weights:
             row.update({f"weight/{t}": float(w) for t, w in weights.items()})

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mtlrun import distributed
 from mtlrun.errors import MtlrunError
 from mtlrun.locks import FileLock
 
@@ -145,21 +146,29 @@ def _is_new(path: Path) -> bool:
 def hold(path: Path, record: dict[str, str]) -> Iterator[RunDir]:
     """The run directory `path`, locked for this process while the block runs; refused in one line, naming
     the holder, while another run holds it. A directory made for this run and left without an accepted run
-    (the command was refused or failed before it started) is removed, so failed jobs leave no empty folders."""
+    (the command was refused or failed before it started) is removed, so failed jobs leave no empty folders.
+    Under torchrun rank 0 alone locks, makes and removes it; the others wait for it (or its refusal) and write nothing."""
     new = not path.exists() or _is_new(path)
     lock = FileLock(path / LOCK)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        held = lock.acquire(wait=False)
-    except OSError as e:
-        raise MtlrunError(f"cannot write in the run directory {path} ({e.strerror}): choose a writable one") from None
-    if not held:
-        raise MtlrunError(
-            f"{path} is in use by another mtlrun run ({lock.holder()}): wait for it to end, or choose another "
-            f"hydra.run.dir (a resume=true of that run must wait too)"
-        )
-    if not lock.supported:
-        log.warning("%s: this filesystem keeps no file locks; nothing stops a second run from using it", path)
+
+    def take() -> None:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            held = lock.acquire(wait=False)
+        except OSError as e:
+            raise MtlrunError(f"cannot write in the run directory {path} ({e.strerror}): choose a writable one") from None
+        if not held:
+            raise MtlrunError(
+                f"{path} is in use by another mtlrun run ({lock.holder()}): wait for it to end, or choose another "
+                f"hydra.run.dir (a resume=true of that run must wait too)"
+            )
+        if not lock.supported:
+            log.warning("%s: this filesystem keeps no file locks; nothing stops a second run from using it", path)
+
+    distributed.from_rank0(take)
+    if not distributed.is_main():
+        yield RunDir(path, record)
+        return
     run = RunDir(path, record)
     try:
         yield run

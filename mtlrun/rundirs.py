@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from mtlrun import distributed
 from mtlrun.errors import MtlrunError
 
 _made: dict[str, str] = {}  # base path -> the directory made for it, in this invocation
@@ -14,9 +15,14 @@ _made: dict[str, str] = {}  # base path -> the directory made for it, in this in
 def new_directory(base: str) -> str:
     """A directory made now for this invocation alone: `base`, or `base_2`, `base_3`, ... when another run
     made that one first (two runs started in the same second with the same overrides). The same `base`
-    gives the same directory for the rest of the invocation (Hydra resolves a directory more than once)."""
-    if base in _made:
-        return _made[base]
+    gives the same directory for the rest of the invocation (Hydra resolves a directory more than once). Under
+    torchrun rank 0 makes it and every rank takes its name (their clocks may name `base` differently)."""
+    if base not in _made:
+        _made[base] = distributed.from_rank0(lambda: _make(base))
+    return _made[base]
+
+
+def _make(base: str) -> str:
     path = Path(base)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,7 +34,6 @@ def new_directory(base: str) -> str:
                 if candidate.is_dir():
                     continue
                 raise
-            _made[base] = str(candidate)
             return str(candidate)
     except OSError as e:
         raise MtlrunError(cannot_create(e)) from None

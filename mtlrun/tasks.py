@@ -47,6 +47,12 @@ class Task(ABC):
     @abstractmethod
     def loss(self, pred: Tensor, target: Tensor) -> Tensor: ...
 
+    def loss_count(self, target: Tensor) -> Tensor:
+        """How many values `loss` averages over for `target` (a float tensor): the valid pixels of a masked mean,
+        the samples of a mean over the batch. Data parallelism weighs each process's loss by it, so the losses
+        and gradients are those of the whole batch."""
+        return torch.tensor(float(len(target)), device=target.device)
+
     @abstractmethod
     def meter(self) -> Meter: ...
 
@@ -74,6 +80,9 @@ class Segmentation(Task):
         target = target.long()
         per_pixel = F.cross_entropy(pred, target, ignore_index=self.ignore_index, reduction="none")
         return _masked_mean(per_pixel, target != self.ignore_index)
+
+    def loss_count(self, target: Tensor) -> Tensor:
+        return (target.long() != self.ignore_index).sum().float()
 
     def meter(self) -> Meter:
         return ConfusionMeter(self.num_classes, self.ignore_index)
@@ -122,6 +131,9 @@ class Depth(Task):
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
         return _masked_mean((pred.squeeze(1) - target).abs(), target > 0)
 
+    def loss_count(self, target: Tensor) -> Tensor:
+        return (target > 0).sum().float()
+
     def meter(self) -> Meter:
         return DepthMeter()
 
@@ -166,6 +178,9 @@ class Normal(Task):
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
         cosine = (F.normalize(pred, dim=1) * target).sum(dim=1)
         return _masked_mean(1 - cosine, target.abs().sum(dim=1) > 0)
+
+    def loss_count(self, target: Tensor) -> Tensor:
+        return (target.abs().sum(dim=1) > 0).sum().float()
 
     def meter(self) -> Meter:
         return AngleMeter()
@@ -246,6 +261,9 @@ class BinaryMaps(Task):
             pred, positive.to(pred.dtype), weight=labelled.to(pred.dtype), reduction="sum"
         )
         return total / (labelled.sum() * self.out_channels).clamp(min=1)
+
+    def loss_count(self, target: Tensor) -> Tensor:
+        return (self.binary_targets(target)[1].sum() * self.out_channels).float()
 
     def meter(self) -> Meter:
         return BinaryMapMeter(self)

@@ -24,13 +24,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm import tqdm
 
+from mtlrun import distributed
 from mtlrun.data import MultiTaskData, open_dataset, task_names
 from mtlrun.data.augment import Augment
 from mtlrun.data.loading import BatchStream, Split, SplitSource, ToDevice, eval_batches, on_device
 from mtlrun.diagnostics import Diagnostics
 from mtlrun.errors import MtlrunError, StoppedBySignal
 from mtlrun.identity import different_configuration
-from mtlrun.loggers import build_logger
+from mtlrun.loggers import CsvOnly, build_logger
 from mtlrun.models import build_model, check_model
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.optim import MultiTaskOptimizer, OptimizerSettings, lr_factor
@@ -210,6 +211,7 @@ def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: in
     data = open_dataset(cfg.dataset, names)
     data.splits = on_device(data.splits, device, cfg.dataset.get("in_memory", True))
     model = build_model(cfg.model, data.tasks).to(device)
+    distributed.synchronise_batch_norm(model)  # under torchrun: statistics of the global batch, as one process
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     strategy.attach(model)  # before compiling: the strategy's hooks are part of the graphs
@@ -224,10 +226,13 @@ def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: in
     train_split = data.splits["train"]
     if isinstance(train_split, Split) and train_split.images.device.type != "cpu":
         workers = 0  # already on the GPU: nothing to read ahead
-    batches = BatchStream(data.splits["train"], batch_size, cfg.seed, workers)
+    shard = distributed.shard(batch_size) if distributed.size() > 1 else None
+    batches = BatchStream(data.splits["train"], batch_size, cfg.seed, workers, shard)
     if batches.batches_per_pass == 0:
         raise MtlrunError(f"trainer.batch_size={batch_size} exceeds the {len(data.splits['train'])} training samples")
     augment = _augment(cfg.dataset, data, cfg.seed)
+    if augment is not None and shard is not None:
+        augment.shard = (shard, distributed.size())
     to_device = ToDevice(device, data.mean, data.std, augment, channels_last)
     ctx = StepContext(model, data.tasks, optimizer, batches, to_device, precision)
     evaluation_to_device = ToDevice(device, data.mean, data.std, channels_last=channels_last)
@@ -273,7 +278,7 @@ def _augment(cfg: DictConfig, data: MultiTaskData, seed: int) -> Augment | None:
 
 def train(cfg: DictConfig, run_dir: Path | RunDir) -> dict | None:
     """Train as `cfg` says in `run_dir` (a path, or a RunDir the caller holds); return the results row, or None
-    when stopped early on purpose.
+    when stopped early on purpose (and on every torchrun rank but 0: rank 0 alone evaluates and writes).
 
     SIGTERM, SIGUSR1 or SIGUSR2 ends the run at the next iteration boundary with a checkpoint (StoppedBySignal)."""
     with StopSignals() as stop:
@@ -283,7 +288,7 @@ def train(cfg: DictConfig, run_dir: Path | RunDir) -> dict | None:
 def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals) -> dict | None:
     settings = _trainer_settings(cfg)
     seed_everything(cfg.seed, cfg.deterministic)
-    device = pick_device(cfg.trainer.device)
+    device = distributed.device(pick_device(cfg.trainer.device))
     parts = build_run(cfg, device, settings["epochs"], settings["batch_size"])
     data, model, optimizer, strategy, batches, ctx = (
         parts.data, parts.model, parts.optimizer, parts.strategy, parts.batches, parts.ctx
@@ -313,6 +318,8 @@ def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals) -> dict |
     state.register("loss_scaler", parts.precision.scaler)
 
     def save() -> None:
+        if not distributed.is_main():  # every rank holds the same state: rank 0 writes it
+            return
         diagnostic_rows = diagnostics.rows if diagnostics is not None else []
         snapshot = {
             "resume_id": resume_id, "config": OmegaConf.to_container(cfg, resolve=True), **state.state_dict(),
@@ -323,24 +330,35 @@ def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals) -> dict |
         every = settings["checkpoint_every"]
         last = progress.iteration == batches.batches_per_pass
         due = every is not None and ctx.counts.iterations % every == 0 and not last
+        stop.received = distributed.agreed_signal(stop.received)  # every rank stops at the same iteration
         if stop.received is not None or due:  # an epoch's last iteration is saved with the epoch
             save()
         if stop.received is not None:
             iterations = batches.batches_per_pass
             raise StoppedBySignal(stop.received, run_dir, history.epoch, progress.iteration, iterations)
 
-    if cfg.resume and run.checkpoint.exists():
-        checkpoint = run.load_checkpoint(device)
-        if checkpoint["resume_id"] != resume_id:
-            raise MtlrunError(different_configuration(run.checkpoint, checkpoint, cfg, RUN_CONTROL_KEYS))
-        state.load_state_dict(checkpoint, run.checkpoint)
-        where = f" at iteration {progress.iteration}" if progress.iteration else ""
-        log.info("resuming %s after epoch %d%s", run_dir, history.epoch, where)
-    else:
-        run.claim(overwrite=cfg.overwrite, resume=cfg.resume)
-    run.accept()
+    def open_run() -> bool:
+        """Resume from the checkpoint, or claim the directory for a new run; True when resumed."""
+        if cfg.resume and run.checkpoint.exists():
+            checkpoint = run.load_checkpoint(device)
+            if checkpoint["resume_id"] != resume_id:
+                raise MtlrunError(different_configuration(run.checkpoint, checkpoint, cfg, RUN_CONTROL_KEYS))
+            state.load_state_dict(checkpoint, run.checkpoint)
+            where = f" at iteration {progress.iteration}" if progress.iteration else ""
+            log.info("resuming %s after epoch %d%s", run_dir, history.epoch, where)
+            resumed = True
+        else:
+            run.claim(overwrite=cfg.overwrite, resume=cfg.resume)
+            resumed = False
+        run.accept()
+        return resumed
 
-    logger = build_logger(cfg.logger, run_dir)
+    # Under torchrun rank 0 decides and writes; the others load the checkpoint it resumed from (it writes the next
+    # one only after an iteration, which waits for them).
+    if distributed.from_rank0(open_run) and not distributed.is_main():
+        state.load_state_dict(run.load_checkpoint(device), run.checkpoint)
+
+    logger = build_logger(cfg.logger, run_dir) if distributed.is_main() else CsvOnly()
     epochs, stop_after, start_epoch = settings["epochs"], settings["stop_after_epochs"], history.epoch
     train_log, metrics = history.train_log, history.metrics
     log.info("training %d epoch(s) of %d iterations in %s", epochs, batches.batches_per_pass, run_dir)
@@ -360,7 +378,8 @@ def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals) -> dict |
         train_log.append(row)
         strategy.epoch_end()
         new_metrics = []
-        if (epoch + 1) % settings["eval_every"] == 0 or epoch + 1 == epochs:
+        evaluated = (epoch + 1) % settings["eval_every"] == 0 or epoch + 1 == epochs
+        if evaluated and distributed.is_main():  # rank 0 evaluates the whole splits, exactly as one process
             for split in ("val", "test"):
                 if split in data.splits:
                     scores = evaluate(
@@ -376,9 +395,12 @@ def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals) -> dict |
         diagnostic_rows = diagnostics.rows if diagnostics is not None else []
         logger.log_epoch(epoch + 1, row, new_metrics, [r for r in diagnostic_rows if r["epoch"] == epoch + 1])
         save()
+        stop.received = distributed.agreed_signal(stop.received)
         if stop.received is not None and epoch + 1 < epochs:
             raise StoppedBySignal(stop.received, run_dir, history.epoch, 0, batches.batches_per_pass)
     logger.close()
+    if not distributed.is_main():
+        return None
 
     results = results_row(cfg, run_dir, config_id, strategy, data.tasks, train_log, metrics, ctx.counts, device)
     run.write_results(results)
@@ -606,6 +628,7 @@ def _trainer_settings(cfg: DictConfig) -> dict:
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise MtlrunError(f"trainer.checkpoint_every must be null or an integer >= 1 (iterations), got {every!r}")
     settings["checkpoint_every"] = every
+    distributed.check_batch_size(t.batch_size)
     if t.progress not in ("auto", True, False):
         raise MtlrunError(f"trainer.progress must be auto, true or false, got {t.progress!r}")
     settings["progress"] = sys.stderr.isatty() if t.progress == "auto" else bool(t.progress)

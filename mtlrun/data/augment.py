@@ -23,7 +23,9 @@ class Augment:
     probability 1/2 per sample, left-right, negating the normals' x component (channel 0), as mtan's loader.
     Per-image targets are left as they are.
     The random draws come from the augmentation's own generator (on the CPU, checkpointed with the run), so
-    a resumed run crops exactly as an uninterrupted one, whatever the device.
+    a resumed run crops exactly as an uninterrupted one, whatever the device. With `shard` (torchrun's
+    processes, each holding its slice of the global batch) the draws are made for the global batch and each
+    process uses its slice of them: the crops are a single process's.
     """
 
     def __init__(self, tasks: Sequence[Task], scales: Sequence[float], flip: bool, seed: int) -> None:
@@ -33,6 +35,7 @@ class Augment:
         self.flip = bool(flip)
         self.kinds = {t.name: _kind(t) for t in tasks}
         self.generator = torch.Generator().manual_seed(seed)
+        self.shard: tuple[slice, int] | None = None  # (this process's slice, the number of processes)
 
     @property
     def active(self) -> bool:
@@ -40,9 +43,10 @@ class Augment:
 
     def __call__(self, batch: Batch) -> Batch:
         n, _, height, width = batch["image"].shape
-        scale_index = torch.randint(len(self.scales), (n,), generator=self.generator)
-        corners = torch.rand(n, 2, generator=self.generator)
-        flips = torch.rand(n, generator=self.generator) < 0.5
+        part, processes = self.shard if self.shard is not None else (slice(0, n), 1)
+        scale_index = torch.randint(len(self.scales), (n * processes,), generator=self.generator)[part]
+        corners = torch.rand(n * processes, 2, generator=self.generator)[part]
+        flips = (torch.rand(n * processes, generator=self.generator) < 0.5)[part]
         out = dict(batch)
         if any(self.scales[i] != 1 for i in scale_index.tolist()):
             samples = [

@@ -156,10 +156,15 @@ class BatchStream:
     drops them too; mtan, Nash-MTL and CAGrad keep them: 1 of NYUv2's 795 images a pass at batch 2).
     With `workers > 0`, a DataLoader of that many processes reads the batches of the current pass ahead
     (each with its own file handle for a lazy split); the order is the same as without.
+    `shard` (torchrun's processes): every process draws the same batches of `batch_size` and reads only its
+    slice of each.
     """
 
-    def __init__(self, split: SplitSource, batch_size: int, seed: int, workers: int = 0) -> None:
+    def __init__(
+        self, split: SplitSource, batch_size: int, seed: int, workers: int = 0, shard: slice | None = None
+    ) -> None:
         self.split, self.batch_size, self.seed, self.workers = split, batch_size, seed, workers
+        self.shard = shard
         self.batches_per_pass = len(split) // batch_size
         self.pass_index, self.position = 0, 0
         self._reader: Iterator[Batch] | None = None
@@ -168,7 +173,8 @@ class BatchStream:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + pass_index)
         order = torch.randperm(len(self.split), generator=generator)
         b = self.batch_size
-        return [order[i * b : (i + 1) * b] for i in range(start, self.batches_per_pass)]
+        batches = [order[i * b : (i + 1) * b] for i in range(start, self.batches_per_pass)]
+        return batches if self.shard is None else [batch[self.shard] for batch in batches]
 
     def _open_pass(self) -> Iterator[Batch]:
         indices = self._pass_batches(self.pass_index, self.position)

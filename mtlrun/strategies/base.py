@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mtlrun import distributed
 from mtlrun.data.loading import Batch
 from mtlrun.errors import MtlrunError
 from mtlrun.models.base import MultiTaskModel
@@ -51,7 +52,8 @@ class StepContext:
     def losses(self, batch: Batch, tasks: Sequence[str]) -> dict[str, Tensor]:
         """One forward pass through the encoder and the parts and heads of `tasks` only (one per task where the
         model has a `task_scope`); the encoder's output and the batch stay in `self.features` and `self.batch`
-        until the next pass."""
+        until the next pass. Under torchrun each loss has the value of the global batch's and the gradient of this
+        rank's part (`distributed.global_losses`)."""
         self.batch = batch
         image = batch["image"]
         with self.precision.autocast():
@@ -68,13 +70,19 @@ class StepContext:
         for t, penalty in penalties.items():  # a task part's regulariser is part of its task's loss
             if t in losses:
                 losses[t] = losses[t] + penalty.float()
+        if distributed.active():
+            counts = {t: self.tasks[t].loss_count(batch[t]) for t in tasks}
+            return distributed.global_losses(losses, counts)
         return losses
 
     def grad(
         self, output: Tensor, inputs: Sequence[Tensor], retain_graph: bool = False
     ) -> tuple[Tensor | None, ...]:
-        """d output / d inputs (None where unreached), loss-scaled under fp16: every backward pass uses it."""
-        return self.precision.grad(output, inputs, retain_graph)
+        """d output / d inputs (None where unreached), loss-scaled under fp16: every backward pass uses it. Under
+        torchrun the gradients are averaged over the ranks here, in one all-reduce per backward pass (per
+        optimizer step, or per task row of a Jacobian), so every method sees the global batch's gradients."""
+        grads = self.precision.grad(output, inputs, retain_graph)
+        return distributed.average(grads) if distributed.active() else grads
 
     def step(self, tasks: Sequence[str], loss: Tensor) -> None:
         """Backpropagate `loss` to the shared parameters and the heads of `tasks`, then take one optimizer step."""

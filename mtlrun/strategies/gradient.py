@@ -58,9 +58,11 @@ class GramWeighting(GradientMethod):
     keeps solver tolerances meaningful however small the gradients get. The all-zero Jacobian gives the zero update without calling the method.
     """
 
-    def aggregate(self, jacobian: Tensor, losses: dict[str, Tensor]) -> Tensor:
+    def aggregate(self, jacobian: Tensor, losses: dict[str, Tensor], gram: Tensor | None = None) -> Tensor:
+        """`gram`: the rows' Gram matrix when the rows are only a part of the gradients (MGDA-UB's representation
+        gradients under torchrun: each rank holds its share of the batch, so the Gram sums the ranks' ones)."""
         exact = jacobian.double()
-        gram = exact @ exact.T
+        gram = exact @ exact.T if gram is None else gram
         trace = gram.trace()
         if not trace > 0:
             return torch.zeros_like(jacobian[0])

@@ -9,6 +9,7 @@ import torch
 from scipy.optimize import nnls
 from torch import Tensor
 
+from mtlrun import distributed
 from mtlrun.errors import MtlrunError
 from mtlrun.optim import flatten
 from mtlrun.strategies.base import StepContext
@@ -44,6 +45,7 @@ class MGDA(GramWeighting):
     for dL_t/dz (and its head gradient), then one pass through the encoder with sum_t w_t dL_t/dz.
     It reads the representation of the forward pass that made `losses` (`ctx.features`), as the model
     defines it (`MultiTaskModel.representation`: architectures without one refuse in one line).
+    Under torchrun each rank holds its share of z: the Gram matrix sums the ranks' ones, the update averages them.
     `normalization` divides each task's gradient by 1 (none, the paper), its norm (l2), its loss (loss) or
     both (loss+) before solving, as the authors' `gradient_normalizers` (their sample config uses loss+
     with MGDA-UB); as in their code the weights then multiply the unnormalised gradients. A non-positive
@@ -85,11 +87,16 @@ class MGDA(GramWeighting):
             ctx.counts.backward_passes += 1
             rows.append(flatten(grads[: len(features)], features))
             head_grads[t] = flatten(grads[len(features) :], head)
-        feature_direction = self.aggregate(torch.stack(rows), losses)
+        jacobian = torch.stack(rows)
+        gram = distributed.summed(jacobian.double() @ jacobian.double().T) if distributed.active() else None
+        feature_direction = self.aggregate(jacobian, losses, gram)
         sizes = [f.numel() for f in features]
         grad_outputs = [g.view_as(f) for g, f in zip(feature_direction.split(sizes), features)]
         shared = ctx.model.shared_parameters()
-        shared_grad = torch.autograd.grad(features, shared, grad_outputs=grad_outputs, allow_unused=True)
+        shared_grad = flatten(torch.autograd.grad(features, shared, grad_outputs=grad_outputs, allow_unused=True), shared)
         ctx.counts.backward_passes += 1
-        ctx.apply(tasks, flatten(shared_grad, shared), head_grads)
+        if distributed.active():  # taken with torch.autograd.grad on this rank's share of the batch
+            shared_grad, *heads = distributed.average([shared_grad, *head_grads.values()])
+            head_grads = dict(zip(head_grads, heads))
+        ctx.apply(tasks, shared_grad, head_grads)
 

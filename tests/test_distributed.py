@@ -1,0 +1,141 @@
+"""Data parallelism under torchrun, on the CPU with gloo: 2 processes train to the numbers of 1 process with the same
+global batch, every strategy family included; rank 0 alone writes; a resume under 2 ranks continues exactly."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from mtlrun import CONF_DIR, distributed
+from mtlrun.data import build_shapes
+from mtlrun.errors import MtlrunError
+from mtlrun.train import _trainer_settings
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+# 2 epochs of 4 iterations; augmentation on, so each rank must crop its part of the global batch as one process.
+# Adam's eps at 1e-6: with 1e-8 its update is sign-like on gradient entries near 0, where float rounding (a sum
+# over the batch in another order) then moves a weight by up to the learning rate (SGD and eps=1e-6: 2e-7).
+RUN = ["dataset.num_train=32", "dataset.num_val=8", "dataset.num_test=8", "trainer.batch_size=8", "model.width=4",
+       "trainer.epochs=2", "trainer.eval_batch_size=8", "dataset.augment.scales=[1.0,1.5]", "dataset.augment.flip=true",
+       "optimizer.eps=1e-6"]
+# One sweep per launch: plain mean, per-task steps (per-task Adam moments), groups, a gradient method and a loss
+# weighting that re-evaluates its losses after the step.
+STRATEGIES = "averaged,alternating,grouped,pcgrad,famo"
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check(process: subprocess.CompletedProcess) -> None:
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+
+
+def _torchrun(*args: str, cwd: Path) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={_free_port()}", "-m", "mtlrun.cli", *args, *RUN]
+    _check(subprocess.run(command, cwd=cwd, env=ENV, text=True, capture_output=True, timeout=300))
+
+
+def _one_process(*args: str, cwd: Path) -> None:
+    _check(subprocess.run([str(BIN / "mtlrun"), *args, *RUN], cwd=cwd, env=ENV, text=True, capture_output=True,
+                          timeout=300))
+
+
+def _ranks(*args: str, cwd: Path) -> None:
+    """Two processes started by hand with the environment torchrun gives (the documented equivalent); rank 1 under
+    umask 077, so any file or folder it made would stand out by its mode."""
+    port = _free_port()
+    processes = []
+    for rank in (0, 1):
+        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        umask = 0o077 if rank else 0o022
+        processes.append(subprocess.Popen(
+            [str(BIN / "mtlrun"), *args, *RUN], cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, preexec_fn=lambda umask=umask: os.umask(umask),
+        ))
+    for p in processes:
+        out, err = p.communicate(timeout=300)
+        _check(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    build_shapes(root / "data/shapes-64px-32-8-8-seed0.h5", 64, 32, 8, 8, generator_seed=0)
+    return root
+
+
+def _numbers(run: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    metrics = pd.read_csv(run / "metrics.csv")
+    train_log = pd.read_csv(run / "train_log.csv").drop(columns="seconds")
+    model = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    return metrics, train_log, model
+
+
+# Metrics continuous in the parameters; the others count values past a threshold (pixels within 11.25 degrees, a
+# class's argmax), where a value within float error of the threshold may count on one side or the other.
+CONTINUOUS = ["loss", "abs_err", "rel_err", "mean_angle"]
+
+
+def _close(a: Path, b: Path) -> None:
+    (ma, ta, pa), (mb, tb, pb) = _numbers(a), _numbers(b)
+    pd.testing.assert_frame_equal(ma.drop(columns="value"), mb.drop(columns="value"))
+    continuous = ma["metric"].isin(CONTINUOUS)
+    assert continuous.sum() == 7 * 2 * 2  # 4 losses, 2 depth errors, 1 mean angle; 2 splits, 2 epochs
+    pd.testing.assert_series_equal(ma["value"][continuous], mb["value"][continuous], rtol=1e-4, atol=1e-6)
+    pd.testing.assert_frame_equal(ta, tb, rtol=1e-4, atol=1e-6)
+    assert pa.keys() == pb.keys()
+    for name in pa:
+        torch.testing.assert_close(pa[name], pb[name], rtol=1e-4, atol=1e-5, msg=f"{a.name}: {name}")
+
+
+@pytest.fixture(scope="module")
+def sweeps(workdir):
+    """Every strategy of STRATEGIES trained by one process and by 2 ranks under torchrun (a sweep each)."""
+    for launch, name in ((_one_process, "one"), (_torchrun, "two")):
+        launch("-m", f"strategy={STRATEGIES}", f"hydra.sweep.dir={name}", "hydra.sweep.subdir=${hydra.job.num}",
+               cwd=workdir)
+    return {strategy: (workdir / f"one/{job}", workdir / f"two/{job}")
+            for job, strategy in enumerate(STRATEGIES.split(","))}
+
+
+def test_two_processes_train_as_one_with_the_same_global_batch(sweeps):
+    for strategy, (one, two) in sweeps.items():
+        assert pd.read_csv(two / "results.csv")["strategy"].item() == strategy
+        _close(one, two)
+
+
+def test_only_rank_0_writes_and_a_run_resumed_under_two_ranks_trains_as_one(workdir):
+    """MGDA-UB stopped after its first epoch and resumed, by 2 ranks: each rank holds its share of the
+    representation, so the Gram matrix of the representation gradients sums the ranks' ones."""
+    args = ["strategy=mgda", "strategy.rep_grad=true", "strategy.normalization=loss+"]
+    _ranks(*args, "output_root=ranks", "trainer.stop_after_epochs=1", cwd=workdir)
+    (run,) = (workdir / "ranks/runs").iterdir()  # one directory, though the ranks' clocks may name it differently
+    _ranks(*args, "resume=true", f'hydra.run.dir="{run}"', cwd=workdir)
+    for path in [run, *run.rglob("*")]:
+        assert path.stat().st_mode & 0o077, f"{path} was made by rank 1"
+    log = (run / "mtlrun.log").read_text()
+    assert log.count("resuming") == 1 and log.count("run directory:") == 1  # rank 0's lines only
+    _one_process(*args, "hydra.run.dir=mgda", cwd=workdir)
+    _close(workdir / "mgda", run)
+
+
+def test_the_global_batch_must_split_evenly(monkeypatch):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["trainer.batch_size=7"])
+    monkeypatch.setattr(distributed, "_world", distributed._World(rank=0, size=2, local_rank=0))
+    with pytest.raises(MtlrunError, match="global batch, split evenly over the 2 processes"):
+        _trainer_settings(cfg)
