@@ -21,14 +21,27 @@ pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 # 2 epochs of 4 iterations; augmentation on, so each rank must crop its part of the global batch as one process.
-# Adam's eps at 1e-6: with 1e-8 its update is sign-like on gradient entries near 0, where float rounding (a sum
-# over the batch in another order) then moves a weight by up to the learning rate (SGD and eps=1e-6: 2e-7).
+# Training amplifies rounding differences (sums over the batch in another order) like any perturbation: Adam with
+# eps=1e-8 takes sign-like steps on gradient entries near 0, where rounding moves a weight by up to the learning
+# rate; so does a larger step (SGD on the sum of the 4 losses at lr 0.01: 6e-5 apart after 8 iterations, 6e-8 at
+# 0.0025). Adam's eps at 1e-6 keeps every case here at about 1e-7.
 RUN = ["dataset.num_train=32", "dataset.num_val=8", "dataset.num_test=8", "trainer.batch_size=8", "model.width=4",
        "trainer.epochs=2", "trainer.eval_batch_size=8", "dataset.augment.scales=[1.0,1.5]", "dataset.augment.flip=true",
        "optimizer.eps=1e-6"]
-# One sweep per launch: plain mean, per-task steps (per-task Adam moments), groups, a gradient method and a loss
-# weighting that re-evaluates its losses after the step.
-STRATEGIES = "averaged,alternating,grouped,pcgrad,famo"
+# The cases, each a config file of a test-only group (`+case=<name>`), so that one sweep per launch covers them all:
+# the plain mean, per-task steps (per-task Adam moments), random groups, a gradient method, a loss weighting that
+# re-evaluates its losses after the step, groups clustered by measured affinity with GradNorm inside (gradient
+# norms at a layer), and MGDA-UB (each rank holds its share of the representation: the Gram matrix of the
+# representation gradients sums the ranks' ones).
+CASES = {  # name: (strategy, its settings)
+    "averaged": ("averaged", "{}"),
+    "alternating": ("alternating", "{}"),
+    "grouped": ("grouped", "{}"),
+    "pcgrad": ("pcgrad", "{}"),
+    "famo": ("famo", "{}"),
+    "affinity_gradnorm": ("grouped", "{grouping: affinity, warmup: 2, combine: gradnorm}"),
+    "mgda_ub": ("mgda", "{rep_grad: true, normalization: loss+}"),
+}
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 
@@ -75,7 +88,16 @@ def _ranks(*args: str, cwd: Path) -> None:
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     build_shapes(root / "data/shapes-64px-32-8-8-seed0.h5", 64, 32, 8, 8, generator_seed=0)
+    (root / "cases/case").mkdir(parents=True)
+    for name, (strategy, settings) in CASES.items():
+        (root / f"cases/case/{name}.yaml").write_text(
+            f"# @package _global_\ndefaults:\n  - override /strategy: {strategy}\nstrategy: {settings}\n"
+        )
     return root
+
+
+def _case(name: str) -> list[str]:
+    return [f"+case={name}", "hydra.searchpath=[file://cases]"]
 
 
 def _numbers(run: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
@@ -104,33 +126,33 @@ def _close(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def sweeps(workdir):
-    """Every strategy of STRATEGIES trained by one process and by 2 ranks under torchrun (a sweep each)."""
+    """Every case trained by one process and by 2 ranks under torchrun (a sweep each)."""
     for launch, name in ((_one_process, "one"), (_torchrun, "two")):
-        launch("-m", f"strategy={STRATEGIES}", f"hydra.sweep.dir={name}", "hydra.sweep.subdir=${hydra.job.num}",
-               cwd=workdir)
-    return {strategy: (workdir / f"one/{job}", workdir / f"two/{job}")
-            for job, strategy in enumerate(STRATEGIES.split(","))}
+        launch("-m", f"+case={','.join(CASES)}", "hydra.searchpath=[file://cases]", f"hydra.sweep.dir={name}",
+               "hydra.sweep.subdir=${hydra.job.num}", cwd=workdir)
+    return {case: (workdir / f"one/{job}", workdir / f"two/{job}") for job, case in enumerate(CASES)}
 
 
 def test_two_processes_train_as_one_with_the_same_global_batch(sweeps):
-    for strategy, (one, two) in sweeps.items():
-        assert pd.read_csv(two / "results.csv")["strategy"].item() == strategy
+    for case, (one, two) in sweeps.items():
+        assert pd.read_csv(two / "results.csv")["strategy"].item() == CASES[case][0]
         _close(one, two)
 
 
-def test_only_rank_0_writes_and_a_run_resumed_under_two_ranks_trains_as_one(workdir):
-    """MGDA-UB stopped after its first epoch and resumed, by 2 ranks: each rank holds its share of the
-    representation, so the Gram matrix of the representation gradients sums the ranks' ones."""
-    args = ["strategy=mgda", "strategy.rep_grad=true", "strategy.normalization=loss+"]
-    _ranks(*args, "output_root=ranks", "trainer.stop_after_epochs=1", cwd=workdir)
+def test_only_rank_0_writes_and_a_resume_under_two_ranks_continues_exactly(workdir, sweeps):
+    """MGDA-UB by 2 ranks, stopped after its first epoch and resumed: bit for bit the uninterrupted 2-rank run."""
+    _ranks(*_case("mgda_ub"), "output_root=ranks", "trainer.stop_after_epochs=1", cwd=workdir)
     (run,) = (workdir / "ranks/runs").iterdir()  # one directory, though the ranks' clocks may name it differently
-    _ranks(*args, "resume=true", f'hydra.run.dir="{run}"', cwd=workdir)
+    _ranks(*_case("mgda_ub"), "resume=true", f'hydra.run.dir="{run}"', cwd=workdir)
     for path in [run, *run.rglob("*")]:
         assert path.stat().st_mode & 0o077, f"{path} was made by rank 1"
     log = (run / "mtlrun.log").read_text()
     assert log.count("resuming") == 1 and log.count("run directory:") == 1  # rank 0's lines only
-    _one_process(*args, "hydra.run.dir=mgda", cwd=workdir)
-    _close(workdir / "mgda", run)
+    (resumed_metrics, resumed_log, resumed_model), (metrics, train_log, model) = _numbers(run), _numbers(sweeps["mgda_ub"][1])
+    pd.testing.assert_frame_equal(resumed_metrics, metrics, check_exact=True)
+    pd.testing.assert_frame_equal(resumed_log, train_log, check_exact=True)
+    assert resumed_model.keys() == model.keys()
+    assert all(torch.equal(resumed_model[name], model[name]) for name in model)
 
 
 def test_the_global_batch_must_split_evenly(monkeypatch):
