@@ -13,6 +13,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from mtlrun import distributed
 from mtlrun.errors import MtlrunError
 
 FAILED_DIR = ".mtlrun_failed_jobs"  # in the sweep directory; removed once the launching command has read it
@@ -35,7 +36,10 @@ def _stderr_id() -> tuple[int, int] | None:
 
 
 def record_failure(sweep_dir: Path, job_num: int, line: str) -> None:
-    """Leave job `job_num`'s one-line error in the sweep directory for the launching command to report."""
+    """Leave job `job_num`'s one-line error in the sweep directory for the launching command to report (under
+    torchrun rank 0's: every rank fails alike)."""
+    if not distributed.is_main():
+        return
     folder = sweep_dir / FAILED_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{job_num}.json"
@@ -47,6 +51,8 @@ def record_failure(sweep_dir: Path, job_num: int, line: str) -> None:
 
 def forget_failure(sweep_dir: Path, job_num: int) -> None:
     """A job run again (a resumed sweep, a requeued job) starts without its earlier failure."""
+    if not distributed.is_main():
+        return
     (sweep_dir / FAILED_DIR / f"{job_num}.json").unlink(missing_ok=True)
 
 
@@ -54,7 +60,7 @@ def collect_failures(sweep_dir: Path, report: bool = True) -> list[str]:
     """Read and remove the sweep's failure records; with `report`, print the lines that went to a job's own
     log and not to this stderr; return "job N" for each failed job, in job order."""
     folder = sweep_dir / FAILED_DIR
-    if not folder.is_dir():
+    if not folder.is_dir() or not distributed.is_main():
         return []
     records = []
     for path in folder.glob("*.json"):
