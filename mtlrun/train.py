@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -281,11 +282,11 @@ def train(cfg: DictConfig, run_dir: Path | RunDir) -> dict | None:
     when stopped early on purpose (and on every torchrun rank but 0: rank 0 alone evaluates and writes).
 
     SIGTERM, SIGUSR1 or SIGUSR2 ends the run at the next iteration boundary with a checkpoint (StoppedBySignal)."""
-    with StopSignals() as stop:
-        return _train(cfg, run_dir, stop)
+    with StopSignals() as stop, ExitStack() as cleanup:
+        return _train(cfg, run_dir, stop, cleanup)
 
 
-def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals) -> dict | None:
+def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals, cleanup: ExitStack) -> dict | None:
     settings = _trainer_settings(cfg)
     seed_everything(cfg.seed, cfg.deterministic)
     device = distributed.device(pick_device(cfg.trainer.device))
@@ -293,6 +294,7 @@ def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals) -> dict |
     data, model, optimizer, strategy, batches, ctx = (
         parts.data, parts.model, parts.optimizer, parts.strategy, parts.batches, parts.ctx
     )
+    cleanup.callback(batches.close)  # however the run ends: its DataLoader workers end with it
     diagnostics = None
     if cfg.diagnostics:
         train = data.splits["train"]

@@ -167,7 +167,7 @@ def test_stream_with_workers_yields_the_same_batches_and_resumes(data_file):
 
 def test_in_memory_auto_loads_a_small_file_and_bad_values_are_refused(data_file):
     assert isinstance(open_dataset(_cfg(data_file, in_memory="auto")).splits["test"], Split)
-    with pytest.raises(MtlrunError, match="dataset.in_memory must be auto, true or false"):
+    with pytest.raises(MtlrunError, match="dataset.in_memory must be one of auto, true, host, false"):
         open_dataset(_cfg(data_file, in_memory="sometimes"))
 
 
@@ -270,3 +270,17 @@ def test_an_error_from_a_dataloader_worker_shows_its_own_line():
                           "call last):\n  File \"x.py\", line 1\nmtlrun.errors.MtlrunError: d.h5 is corrupt: fix it\n")
     assert str(wrapped) == "d.h5 is corrupt: fix it"
     assert str(MtlrunError("plain")) == "plain"
+
+
+def test_closing_a_stream_ends_its_workers_which_ignore_sigterm(data_file):
+    """Workers ignore SIGTERM (a scheduler's stop is the run's to handle), which is how Python's exit ends
+    daemon processes: without `close` a finished run would wait for them forever."""
+    import multiprocessing
+
+    split = open_dataset(_cfg(data_file, in_memory=False)).splits["train"]
+    stream = BatchStream(split, batch_size=3, seed=0, workers=1)
+    next(stream)
+    workers = multiprocessing.active_children()
+    assert workers
+    stream.close()
+    assert not any(w.is_alive() for w in workers)

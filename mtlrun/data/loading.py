@@ -198,6 +198,14 @@ class BatchStream:
         self.position += 1
         return next(self._reader)
 
+    def close(self) -> None:
+        """End the reading processes now. They ignore SIGTERM (`_leave_stop_signals_to_the_run`), the signal
+        Python's exit would end them with, so a run left holding a reader would wait for them forever."""
+        reader, self._reader = self._reader, None
+        shutdown = getattr(reader, "_shutdown_workers", None)  # a DataLoader's iterator: its own clean shutdown
+        if shutdown is not None:
+            shutdown()
+
     def state_dict(self) -> dict[str, int]:
         return {"pass_index": self.pass_index, "position": self.position}
 
