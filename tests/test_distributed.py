@@ -2,6 +2,7 @@
 global batch, every strategy family included; rank 0 alone writes; a resume under 2 ranks continues exactly."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def _one_process(*args: str, cwd: Path) -> None:
                           timeout=300))
 
 
-def _ranks(*args: str, cwd: Path) -> None:
+def _start_ranks(*args: str, cwd: Path) -> list[subprocess.Popen]:
     """Two processes started by hand with the environment torchrun gives (the documented equivalent); rank 1 under
     umask 077, so any file or folder it made would stand out by its mode."""
     port = _free_port()
@@ -79,9 +80,17 @@ def _ranks(*args: str, cwd: Path) -> None:
             [str(BIN / "mtlrun"), *args, *RUN], cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, preexec_fn=lambda umask=umask: os.umask(umask),
         ))
-    for p in processes:
-        out, err = p.communicate(timeout=300)
-        _check(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return processes
+
+
+def _finish(processes: list[subprocess.Popen]) -> list[subprocess.CompletedProcess]:
+    try:
+        outputs = [p.communicate(timeout=300) for p in processes]
+        return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(processes, outputs)]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()  # a rank left waiting in a collective for one that failed
 
 
 @pytest.fixture(scope="module")
@@ -140,10 +149,19 @@ def test_two_processes_train_as_one_with_the_same_global_batch(sweeps):
 
 
 def test_only_rank_0_writes_and_a_resume_under_two_ranks_continues_exactly(workdir, sweeps):
-    """MGDA-UB by 2 ranks, stopped after its first epoch and resumed: bit for bit the uninterrupted 2-rank run."""
-    _ranks(*_case("mgda_ub"), "output_root=ranks", "trainer.stop_after_epochs=1", cwd=workdir)
+    """MGDA-UB by 2 ranks, SIGTERM to rank 1 alone: both ranks stop after the same iteration and rank 0 writes the
+    checkpoint; resumed by 2 ranks, the run ends bit for bit as the uninterrupted 2-rank run."""
+    processes = _start_ranks(*_case("mgda_ub"), "output_root=ranks", cwd=workdir)
+    for line in processes[0].stdout:
+        if "training 2 epoch(s) of 4 iterations" in line:  # rank 1 handles the signal by then
+            break
+    processes[1].send_signal(signal.SIGTERM)
+    stopped = _finish(processes)
+    assert [p.returncode for p in stopped] == [128 + signal.SIGTERM] * 2, stopped[0].stderr + stopped[1].stderr
+    assert all("stopped by SIGTERM" in p.stderr for p in stopped)
     (run,) = (workdir / "ranks/runs").iterdir()  # one directory, though the ranks' clocks may name it differently
-    _ranks(*_case("mgda_ub"), "resume=true", f'hydra.run.dir="{run}"', cwd=workdir)
+    for resumed in _finish(_start_ranks(*_case("mgda_ub"), "resume=true", f'hydra.run.dir="{run}"', cwd=workdir)):
+        _check(resumed)
     for path in [run, *run.rglob("*")]:
         assert path.stat().st_mode & 0o077, f"{path} was made by rank 1"
     log = (run / "mtlrun.log").read_text()
