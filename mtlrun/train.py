@@ -256,11 +256,12 @@ def _compile_backend(trainer: DictConfig) -> str:
 
 
 def compile_model(model: MultiTaskModel, backend: str = "inductor") -> None:
-    """torch.compile the encoder and every head apart, in place (parameter names unchanged): a step on any
-    subset of the heads runs graphs compiled once, never a new graph per subset."""
+    """torch.compile the encoder, every task part (an architecture's attention masks, gates, own experts) and
+    every head apart, in place (parameter names unchanged): a step on any subset of the tasks runs graphs
+    compiled once, never a new graph per subset."""
     model.encoder.compile(backend=backend)
-    for head in model.heads.values():
-        head.compile(backend=backend)
+    for module in [*model.task_parts.values(), *model.heads.values()]:
+        module.compile(backend=backend)
 
 
 def compiled_graphs() -> int:

@@ -138,7 +138,8 @@ def _build(tiny_data, *overrides: str):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             f"data_dir={tiny_data}", "dataset.image_size=32", "dataset.num_train=16", "dataset.num_val=8",
-            "dataset.num_test=8", "trainer.batch_size=4", "model.width=4", *overrides])
+            "dataset.num_test=8", "trainer.batch_size=4",
+            *([] if any(o.startswith("model=") for o in overrides) else ["model.width=4"]), *overrides])
     seed_everything(0, False)
     run = build_run(cfg, torch.device("cpu"), 1, cfg.trainer.batch_size)
     run.model.train()
@@ -210,3 +211,16 @@ def test_in_memory_splits_go_to_the_gpu_only_when_they_fit_and_are_allowed(monke
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * split.nbytes, 8 * split.nbytes))
     assert loading.on_device({"train": split}, cuda, True) == {"train": split}  # not under half the free memory
     assert moved == [cuda, cuda]
+
+
+def test_compiled_task_parts_are_compiled_once_too(tiny_data):
+    """An architecture's task parts (MTAN's attention masks) are graphs of their own, reused by later steps."""
+    run = _build(tiny_data, "model=mtan", "model.backbone.width=4", "trainer.compile=true",
+                 "trainer.compile_backend=aot_eager", "strategy=alternating")
+    assert all(hasattr(part, "_compiled_call_impl") and part._compiled_call_impl is not None
+               for part in run.model.task_parts.values())
+    before = compiled_graphs()
+    run.strategy.iteration(run.ctx)
+    first = compiled_graphs() - before
+    run.strategy.iteration(run.ctx)
+    assert first > 0 and compiled_graphs() - before == first
