@@ -9,6 +9,7 @@ import ctypes
 import gc
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -573,7 +574,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{option} must be >= {least}, got {value}")
     print(f"device: {device_name(device)}, torch {torch.__version__}; {args.iterations} timed iterations per case "
           f"after {args.warmup} warm-up; workloads {', '.join(workloads)}; precision {', '.join(precisions)}; "
-          f"compile {args.compile or ('both' if gpu else 'off')}; rows go to {args.csv}", flush=True)
+          f"compile {args.compile or ('both' if gpu else 'off')}; load average {os.getloadavg()[0]:.1f} (other "
+          f"processes slow the timings); rows go to {args.csv}", flush=True)
     rows: list[dict] = []
     case_list = cases(methods, args.group_size)
     try:
