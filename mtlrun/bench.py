@@ -28,7 +28,7 @@ from mtlrun.cli import CONF_DIR
 from mtlrun.data import task_names
 from mtlrun.data.hdf5 import write_dataset
 from mtlrun.errors import MtlrunError
-from mtlrun.train import Run, build_run, pick_device, seed_everything
+from mtlrun.train import Run, build_run, compiled_graphs, pick_device, seed_everything
 
 # Image sizes (H, W) of the converted real datasets: the converters' defaults (data_scripts/*.py --size).
 REAL_SIZES = {"nyuv2": (288, 384), "cityscapes": (128, 256), "celeba": (64, 64)}
@@ -258,11 +258,13 @@ def measure(run: Run, iteration: Callable[[], None], device: torch.device, itera
         iteration()
     _sync(device)
     counts_before, waited, batches = asdict(run.ctx.counts), clock.seconds, clock.batches
+    graphs = compiled_graphs()
     start = time.perf_counter()
     for _ in range(iterations):
         iteration()
     _sync(device)
     seconds = time.perf_counter() - start
+    graphs = compiled_graphs() - graphs
     growth = memory.growth()
     parameter_bytes = sum(p.numel() * p.element_size() for p in run.model.parameters())
     state, per_task_extra = optimizer_state_bytes(run, iteration)
@@ -275,6 +277,7 @@ def measure(run: Run, iteration: Callable[[], None], device: torch.device, itera
         "peak_memory_mib": None if growth is None else (parameter_bytes + growth) / 2**20,
         "optimizer_state_mib": state / 2**20,
         "per_task_moments_mib": per_task_extra / 2**20,
+        "graphs_compiled_while_timed": graphs,
         "shared_parameters": sum(p.numel() for p in run.model.shared_parameters()),
     }
 
@@ -321,6 +324,10 @@ def _release(device: torch.device) -> None:
 def build_case(case: Case, overrides: list[str], device: torch.device) -> tuple[Run, Callable[[], None]]:
     """The case's run, built from the seed as a training run is, and what one of its iterations is."""
     cfg = compose_config([*overrides, *case.overrides, f"optimizer.moments={case.moments}"])
+    if cfg.trainer.compile:
+        # Each case compiles its own graphs, as its own run would: graphs a previous case compiled (for a
+        # backward pass that frees its buffers) would otherwise serve a method that backpropagates twice.
+        torch._dynamo.reset()
     seed_everything(0, deterministic=False)
     run = build_run(cfg, device, epochs=1, batch_size=cfg.trainer.batch_size)
     run.model.train()
@@ -352,7 +359,7 @@ COLUMNS = (
     "moments", "ms_per_iteration", "images_per_second", "optimizer_steps_per_iteration", "ratio_to_averaged",
     "ideal_ratio", "ideal", "ratio_to_hand_written", "meets_target", "target", "data_wait_share",
     "data_wait_target_met", "forward_ms", "backward_ms", "peak_memory_mib", "optimizer_state_mib",
-    "per_task_moments_mib", "shared_parameters", "iterations", "warmup",
+    "per_task_moments_mib", "shared_parameters", "graphs_compiled_while_timed", "iterations", "warmup",
 )
 
 
