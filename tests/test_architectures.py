@@ -9,8 +9,8 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 from copy import deepcopy
+from pathlib import Path
 
 import pandas as pd
 import pytest

@@ -3,7 +3,6 @@ with end where mtlrun's strategies end, its random real-shaped datasets load as 
 refused in one line. Timings themselves are never asserted."""
 
 import csv
-import math
 import subprocess
 import sys
 

@@ -15,12 +15,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "data_scripts"))
-import celeba  # noqa: E402
-import cityscapes  # noqa: E402
-import nyuv2  # noqa: E402
+import celeba
+import cityscapes
+import nyuv2
 
-from mtlrun.data import open_dataset  # noqa: E402
-from mtlrun.errors import MtlrunError  # noqa: E402
+from mtlrun.data import open_dataset
+from mtlrun.errors import MtlrunError
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-import mtlrun.cli  # noqa: F401  (registers the run-directory resolvers the configs use)
+import mtlrun.cli
 from mtlrun import CONF_DIR, compare
 from mtlrun.data import build_shapes, open_dataset, shapes, task_names
 from mtlrun.errors import MtlrunError
@@ -63,7 +63,8 @@ def shapes_config(path: Path, **sizes):
 
 
 def compose(workdir: Path, *overrides: str):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=[*TINY, f"data_dir={workdir / 'data'}", *overrides])
@@ -413,7 +414,7 @@ def test_compare_says_what_it_skips_and_refuses_a_truncated_results_file(workdir
     (tmp_path / "b/metrics.csv").unlink()
     (tmp_path / "failed/.hydra").mkdir(parents=True)
     notes = compare.build([tmp_path], None, "test").notes
-    assert any(f"skipping 1 run director(ies) without results.csv or checkpoint.pt" in n and
+    assert any("skipping 1 run director(ies) without results.csv or checkpoint.pt" in n and
                str(tmp_path / "failed") in n for n in notes)
     assert any("1 run(s) have no metrics.csv beside their results" in n and str(tmp_path / "b") in n for n in notes)
     text = (tmp_path / "a/results.csv").read_bytes()

@@ -9,7 +9,19 @@ from omegaconf import DictConfig
 
 from mtlrun.errors import MtlrunError
 from mtlrun.models import (
-    celeba_cnn, cgc, convnet, cross_stitch, dselect_k, hps, ltb, mmoe, mtan, ple, resnet, segnet, unet,
+    celeba_cnn,
+    cgc,
+    convnet,
+    cross_stitch,
+    dselect_k,
+    hps,
+    ltb,
+    mmoe,
+    mtan,
+    ple,
+    resnet,
+    segnet,
+    unet,
 )
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.tasks import Task
