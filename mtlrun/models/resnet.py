@@ -73,7 +73,7 @@ def load_imagenet_weights(trunk: ResNetTrunk, arch: str, weights_path: str | Non
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
+    except Exception as error:  # damaged bytes make the unpickler raise anything (IndexError...)
         problem = f"is not a readable PyTorch weights file ({_one_line(error)})"
         raise MtlrunError(f"{path} {problem}; {fix}") from None
     if not isinstance(state, dict):
