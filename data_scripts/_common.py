@@ -52,8 +52,11 @@ def count_arg(text: str) -> int:
     return int(text)
 
 
-def converter_parser(doc: str | None, src_help: str, size_help: str, layouts: Sequence[str] = ()) -> argparse.ArgumentParser:
-    """The options every converter takes: --src, --out, --size, --limit (and --layout where it reads several)."""
+def converter_parser(
+    doc: str | None, src_help: str, size_help: str, layouts: Sequence[str] = ()
+) -> argparse.ArgumentParser:
+    """The options every converter takes: --src, --out, --size, --limit
+    (and --layout where it reads several)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", type=Path, required=True, help=src_help)
     parser.add_argument("--out", type=Path, required=True, help="HDF5 file to write")
@@ -76,7 +79,9 @@ def check_out(src: Path, out: Path, force: bool) -> None:
         raise ConversionError(f"--out {out} exists: pass --force to replace it, or choose another name")
 
 
-def stack_samples(samples: Iterable[dict[str, np.ndarray]], count: int, dtypes: dict[str, type]) -> dict[str, np.ndarray]:
+def stack_samples(
+    samples: Iterable[dict[str, np.ndarray]], count: int, dtypes: dict[str, type]
+) -> dict[str, np.ndarray]:
     """`count` decoded samples as one array per key, each of its `dtypes` entry, allocated once at the first
     sample's shapes (no list of samples held, no second copy)."""
     arrays: dict[str, np.ndarray] = {}
@@ -155,7 +160,9 @@ def npy_indices(folder: Path, subfolders: Sequence[str]) -> list[int]:
         raise ConversionError(f"{folder} holds no <i>.npy files")
     twice = [i for i, j in zip(found, found[1:]) if i == j]
     if twice:
-        raise ConversionError(f"{folder} holds two files for sample {twice[0]} (e.g. 1.npy and 01.npy): keep one")
+        raise ConversionError(
+            f"{folder} holds two files for sample {twice[0]} (e.g. 1.npy and 01.npy): keep one"
+        )
     return found
 
 

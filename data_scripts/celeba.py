@@ -73,7 +73,8 @@ def read_attributes(path: Path) -> tuple[list[str], list[str], np.ndarray]:
         raise ConversionError(f"{path}: an attribute name appears twice in its names line")
     if len(names) != 40:
         print(f"celeba: note: {path} names {len(names)} attributes, the official file 40; "
-              f"dataset=celeba's tasks are the official 40 (pick others with dataset.tasks=[...])", file=sys.stderr)
+              f"dataset=celeba's tasks are the official 40 (pick others with dataset.tasks=[...])",
+              file=sys.stderr)
     files, rows, seen = [], [], set()
     for number, row in lines:
         if len(row) != len(names) + 1 or not set(row[1:]) <= {"-1", "1"}:
@@ -144,7 +145,9 @@ def report(splits: dict[str, np.ndarray], names: list[str], attributes: np.ndarr
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = converter_parser(__doc__, "the folder holding the CelebA files", "N (for NxN) or HxW (default 64)")
+    parser = converter_parser(
+        __doc__, "the folder holding the CelebA files", "N (for NxN) or HxW (default 64)"
+    )
     parser.set_defaults(size=(64, 64))
     parser.add_argument("--workers", type=count_arg, default=1, help="processes decoding JPEGs")
     return parser

@@ -263,7 +263,9 @@ def read_mat(
     return out
 
 
-def _read_mat_sample(mat: h5py.File, path: Path, i: int, table: np.ndarray, size: Size) -> dict[str, np.ndarray]:
+def _read_mat_sample(
+    mat: h5py.File, path: Path, i: int, table: np.ndarray, size: Size
+) -> dict[str, np.ndarray]:
     try:
         return _mat_sample(mat, i, table, size)
     except OSError as e:

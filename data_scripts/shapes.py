@@ -23,13 +23,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with one_line_errors("shapes"):
         try:
-            check_shapes_options(args.image_size, args.num_train, args.num_val, args.num_test, args.seed, "--")
+            check_shapes_options(
+                args.image_size, args.num_train, args.num_val, args.num_test, args.seed, "--"
+            )
         except MtlrunError as e:
             raise ConversionError(str(e).replace("_", "-")) from None
         if args.out.is_dir():
-            raise ConversionError(f"--out {args.out} is a folder: give a file name, e.g. {args.out / 'shapes.h5'}")
+            raise ConversionError(
+                f"--out {args.out} is a folder: give a file name, e.g. {args.out / 'shapes.h5'}"
+            )
         if args.out.exists() and not args.force:
-            raise ConversionError(f"--out {args.out} exists: pass --force to replace it, or choose another name")
+            raise ConversionError(
+                f"--out {args.out} exists: pass --force to replace it, or choose another name"
+            )
         try:
             build_shapes(args.out, args.image_size, args.num_train, args.num_val, args.num_test, args.seed)
         except OSError as e:
