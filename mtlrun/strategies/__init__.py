@@ -100,11 +100,17 @@ def build_strategy(cfg: DictConfig, tasks: Sequence[str], seed: int) -> Strategy
 def _combiner(method: str, settings: dict, tasks: Sequence[str], seed: int) -> LossCombiner:
     combiners = sorted(name for name, cls in STRATEGIES.items() if issubclass(cls, LossCombiner))
     if method not in combiners:
-        raise MtlrunError(f"strategy.combine={method!r} is not a method to combine inside groups; valid: {', '.join(combiners)}")
+        raise MtlrunError(
+            f"strategy.combine={method!r} is not a method to combine inside groups; "
+            f"valid: {', '.join(combiners)}"
+        )
     defaults = OmegaConf.load(CONF_DIR / "strategy" / f"{method}.yaml")
     unknown = sorted(set(settings) - set(defaults))
     if unknown:
-        raise MtlrunError(f"strategy.combine_settings has keys {unknown} that {method} does not know; it has: {', '.join(map(str, defaults))}")
+        raise MtlrunError(
+            f"strategy.combine_settings has keys {unknown} that {method} does not know; "
+            f"it has: {', '.join(map(str, defaults))}"
+        )
     combiner = build_strategy(OmegaConf.merge(defaults, settings), tasks, seed)
     assert isinstance(combiner, LossCombiner)
     return combiner

@@ -260,4 +260,5 @@ class SeededStrategy(Strategy):
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"].cpu())  # a checkpoint loaded onto a GPU holds CUDA tensors
+        # a checkpoint loaded onto a GPU holds CUDA tensors
+        self.generator.set_state(state["generator"].cpu())

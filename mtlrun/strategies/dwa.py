@@ -1,4 +1,4 @@
-"""Dynamic Weight Average: task weights from how fast each task's epoch-mean loss fell over the last two epochs."""
+"""Dynamic Weight Average: task weights from how fast each task's epoch-mean loss fell in the last 2 epochs."""
 
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ class DWA(LossCombiner):
     def weights(self, tasks: Sequence[str]) -> dict[str, float]:
         if any(len(self.history[t]) < 2 for t in tasks):
             return {t: 1.0 for t in tasks}
-        ratios = torch.tensor([self.history[t][-1] / max(self.history[t][-2], TINY) for t in tasks], dtype=torch.float64)
+        ratios = torch.tensor(
+            [self.history[t][-1] / max(self.history[t][-2], TINY) for t in tasks], dtype=torch.float64
+        )
         weights = len(tasks) * torch.softmax(ratios / self.temperature, dim=0)
         return dict(zip(tasks, weights.tolist()))
 

@@ -1,4 +1,4 @@
-"""Maximum Roaming: per-task binary masks over the units of the shared encoder's layers, roaming on a schedule."""
+"""Maximum Roaming: per-task binary masks over the shared encoder's layers' units, roaming on a schedule."""
 
 from __future__ import annotations
 
@@ -106,7 +106,8 @@ class MaximumRoaming(SeededStrategy):
 
     def __init__(
         self, tasks: Sequence[str], seed: int, sigma: float = 0.8, updates_size: int = 1,
-        updates_end: int = 10000, update_ratio: float = 1.0, steps: str = "per_task", masked_layers: str = "conv",
+        updates_end: int = 10000, update_ratio: float = 1.0, steps: str = "per_task",
+        masked_layers: str = "conv",
     ) -> None:
         super().__init__(seed)
         self.tasks = list(tasks)
@@ -120,7 +121,10 @@ class MaximumRoaming(SeededStrategy):
         for key, value, least in (("updates_size", updates_size, 1), ("updates_end", updates_end, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise MtlrunError(f"strategy.{key} must be an integer >= {least}, got {value!r}")
-        if isinstance(update_ratio, bool) or not isinstance(update_ratio, (int, float)) or not 0 <= update_ratio <= 1:
+        if (
+            isinstance(update_ratio, bool) or not isinstance(update_ratio, (int, float))
+            or not 0 <= update_ratio <= 1
+        ):
             raise MtlrunError(f"strategy.update_ratio must be in [0, 1], got {update_ratio!r}")
         if steps not in STEPS:
             raise MtlrunError(f"strategy.steps={steps!r} is invalid; valid: {', '.join(STEPS)}")
@@ -151,7 +155,9 @@ class MaximumRoaming(SeededStrategy):
             )
         self._device = next(model.parameters()).device
         for layer in self.layers:
-            mask = initial_mask(len(self.tasks), layer.units, active_units(self.sigma, layer.units), self.generator)
+            mask = initial_mask(
+                len(self.tasks), layer.units, active_units(self.sigma, layer.units), self.generator
+            )
             self.masks.append(mask)
             self.tried.append(mask.clone())
         self._factors = [torch.empty(0)] * len(self.masks)
@@ -238,7 +244,9 @@ class MaximumRoaming(SeededStrategy):
         return changed
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "iterations": self.iterations, "masks": self.masks, "tried": self.tried}
+        return {
+            **super().state_dict(), "iterations": self.iterations, "masks": self.masks, "tried": self.tried
+        }
 
     def load_state_dict(self, state: dict) -> None:
         shapes = [tuple(m.shape) for m in state["masks"]]

@@ -93,7 +93,9 @@ class MGDA(GramWeighting):
         sizes = [f.numel() for f in features]
         grad_outputs = [g.view_as(f) for g, f in zip(feature_direction.split(sizes), features)]
         shared = ctx.model.shared_parameters()
-        shared_grad = flatten(torch.autograd.grad(features, shared, grad_outputs=grad_outputs, allow_unused=True), shared)
+        shared_grad = flatten(
+            torch.autograd.grad(features, shared, grad_outputs=grad_outputs, allow_unused=True), shared
+        )
         ctx.counts.backward_passes += 1
         if distributed.active():  # taken with torch.autograd.grad on this rank's share of the batch
             shared_grad, *heads = distributed.average([shared_grad, *head_grads.values()])

@@ -29,7 +29,9 @@ class RLW(LossCombiner, SeededStrategy):
     def __init__(self, tasks: Sequence[str], seed: int, distribution: str = "normal") -> None:
         super().__init__(seed)
         if distribution not in DISTRIBUTIONS:
-            raise MtlrunError(f"strategy.distribution={distribution!r} is invalid; valid: {', '.join(DISTRIBUTIONS)}")
+            raise MtlrunError(
+                f"strategy.distribution={distribution!r} is invalid; valid: {', '.join(DISTRIBUTIONS)}"
+            )
         self.distribution, self.group_size = distribution, len(tasks)
         self.last_weights: dict[str, float] | None = None
 

@@ -1,4 +1,4 @@
-"""Uncertainty weighting: each task's loss scaled by a learned precision exp(-s_t), plus the log-variance s_t."""
+"""Uncertainty weighting: each task's loss scaled by a learned precision exp(-s_t), plus log-variance s_t."""
 
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ class TaskScalars:
 
     def load_state_dict(self, state: dict) -> None:
         self.values, self.exp_avg, self.exp_avg_sq, self.steps = (
-            {t: x.clone() for t, x in state[name].items()} for name in ("values", "exp_avg", "exp_avg_sq", "steps")
+            {t: x.clone() for t, x in state[name].items()}
+            for name in ("values", "exp_avg", "exp_avg_sq", "steps")
         )
 
 
