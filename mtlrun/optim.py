@@ -42,14 +42,19 @@ class OptimizerSettings:
     @classmethod
     def from_config(cls, cfg: DictConfig) -> OptimizerSettings:
         if cfg.name not in OPTIMIZERS:
-            raise MtlrunError(f"optimizer {cfg.name!r} is unknown; valid: {', '.join(OPTIMIZERS)} (optimizer=adam)")
+            raise MtlrunError(
+                f"optimizer {cfg.name!r} is unknown; valid: {', '.join(OPTIMIZERS)} (optimizer=adam)"
+            )
         if cfg.get("moments", "per_task") not in MOMENTS:
             raise MtlrunError(
-                f"optimizer.moments={cfg.moments!r} is invalid; valid: {', '.join(MOMENTS)} (optimizer.moments=per_task)"
+                f"optimizer.moments={cfg.moments!r} is invalid; valid: {', '.join(MOMENTS)} "
+                f"(optimizer.moments=per_task)"
             )
         betas = cfg.get("betas", (0.9, 0.999))
         if isinstance(betas, (str, int, float)) or len(betas) != 2:
-            raise MtlrunError(f"optimizer.betas must be two numbers in [0, 1), e.g. [0.9,0.999], got {betas!r}")
+            raise MtlrunError(
+                f"optimizer.betas must be two numbers in [0, 1), e.g. [0.9,0.999], got {betas!r}"
+            )
         nesterov = cfg.get("nesterov", False)
         if not isinstance(nesterov, bool):
             raise MtlrunError(f"optimizer.nesterov must be true or false, got {nesterov!r}")
@@ -95,14 +100,17 @@ class ParameterBlock:
 
 def flatten(grads: Sequence[Tensor | None], params: Sequence[nn.Parameter]) -> Tensor:
     """One flat gradient vector; a parameter the loss does not reach gets zeros."""
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]
+    )
 
 
 class MultiTaskOptimizer:
     """Steps on groups of tasks; see the module docstring for how state is kept and combined."""
 
     def __init__(
-        self, shared: Sequence[nn.Parameter], heads: dict[str, Sequence[nn.Parameter]], settings: OptimizerSettings
+        self, shared: Sequence[nn.Parameter], heads: dict[str, Sequence[nn.Parameter]],
+        settings: OptimizerSettings,
     ) -> None:
         self.settings = settings
         self.lr = settings.lr
@@ -183,7 +191,9 @@ class MultiTaskOptimizer:
 
     def state_dict(self) -> dict:
         # One torch.save keeps states shared between tasks shared: pickling stores each object once.
-        return {"lr": self.lr, "shared": self.shared.slots, "heads": {t: b.slots for t, b in self.heads.items()}}
+        return {
+            "lr": self.lr, "shared": self.shared.slots, "heads": {t: b.slots for t, b in self.heads.items()}
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.lr = state["lr"]
