@@ -66,11 +66,15 @@ def check_model(cfg: DictConfig) -> None:
     settings = [k for k in parameters if k != "tasks"]
     for key, value in cfg.items():
         if key != "name" and key not in parameters and not takes_any:
-            raise MtlrunError(f"model.{key} is not a setting of model {cfg.name}; its settings: {', '.join(settings)}")
+            raise MtlrunError(
+                f"model.{key} is not a setting of model {cfg.name}; its settings: {', '.join(settings)}"
+            )
         counts = list(value) if key == "filters" and not isinstance(value, (str, int, float)) else [value]
         if key in ("width", "filters", "pooled_size") and not all(_positive_int(v) for v in counts):
-            raise MtlrunError(f"model.{key} must be {'positive integers' if key == 'filters' else 'an integer >= 1'}, "
-                              f"got {value!r}")
+            raise MtlrunError(
+                f"model.{key} must be {'positive integers' if key == 'filters' else 'an integer >= 1'}, "
+                f"got {value!r}"
+            )
 
 
 def _positive_int(value: object) -> bool:

@@ -94,7 +94,9 @@ def build_backbone(settings: Mapping, tasks: Sequence[Task]) -> Backbone:
     name = settings.pop("name", None)
     builders = {"convnet": _convnet, "resnet18": _resnet18, "resnet50": _resnet50, "segnet": _segnet}
     if name not in builders:
-        raise MtlrunError(f"no backbone named {name!r}; known: {', '.join(BACKBONES)} (model/backbone=convnet)")
+        raise MtlrunError(
+            f"no backbone named {name!r}; known: {', '.join(BACKBONES)} (model/backbone=convnet)"
+        )
     try:
         return builders[name](**settings)
     except TypeError as error:

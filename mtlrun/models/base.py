@@ -32,7 +32,8 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.heads = nn.ModuleDict(heads)
-        self.align_corners = align_corners  # of the upsampling to the image size, as the reference code has it
+        # of the upsampling to the image size, as the reference code has it
+        self.align_corners = align_corners
         self.task_scope: Callable[[str], AbstractContextManager[None]] | None = None
         self.task_parts = nn.ModuleDict(task_parts or {})
         self.no_representation: str | None = None  # why MGDA-UB has no representation here, where it has none
@@ -76,7 +77,9 @@ class MultiTaskModel(nn.Module):
         `no_representation` (the reason, in one line).
         """
         if self.no_representation:
-            raise MtlrunError(f"strategy.rep_grad=true (MGDA-UB) cannot run on this model: {self.no_representation}")
+            raise MtlrunError(
+                f"strategy.rep_grad=true (MGDA-UB) cannot run on this model: {self.no_representation}"
+            )
         if isinstance(features, Tensor):
             return [features]
         values = features.values() if isinstance(features, dict) else features

@@ -49,7 +49,9 @@ def build(
     spec = build_backbone(backbone or {"name": "convnet"}, tasks)
     shared = Experts([spec.trunk() for _ in range(num_shared)])
     parts = {
-        t.name: OwnExpertsAndGate([spec.trunk() for _ in range(num_specific)], Gate(3, num_shared + num_specific, gate_pool))
+        t.name: OwnExpertsAndGate(
+            [spec.trunk() for _ in range(num_specific)], Gate(3, num_shared + num_specific, gate_pool)
+        )
         for t in tasks
     }
     heads = {t.name: spec.head(t) for t in tasks}

@@ -11,7 +11,8 @@ from mtlrun.tasks import Task
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
     )
 
 
@@ -43,7 +44,9 @@ def dense_head(cin: int, cout: int) -> nn.Module:
 
 
 def image_head(cin: int, cout: int) -> nn.Module:
-    return nn.Sequential(_conv(cin, cin, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, cout))
+    return nn.Sequential(
+        _conv(cin, cin, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, cout)
+    )
 
 
 def build(tasks: list[Task], width: int = 16) -> MultiTaskModel:

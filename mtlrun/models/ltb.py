@@ -169,7 +169,8 @@ class LTB(MultiTaskModel):
     """The tree with its schedule (search) or fixed; see the module docstring."""
 
     def __init__(
-        self, encoder: nn.Module, heads: dict[str, nn.Module], align_corners: bool, task_parts: dict[str, nn.Module],
+        self, encoder: nn.Module, heads: dict[str, nn.Module], align_corners: bool,
+        task_parts: dict[str, nn.Module],
         branching: Branching, temperature: float | None, warmup_epochs: int | None,
     ) -> None:
         super().__init__(encoder, heads, align_corners, task_parts)

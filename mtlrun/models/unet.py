@@ -91,6 +91,7 @@ def build(tasks: list[Task], width: int = 64, running_stats: bool = True) -> Mul
     encoder = UNetEncoder(int(width), bool(running_stats))
     c = encoder.out_channels
     heads = {
-        t.name: nn.Conv2d(c, t.out_channels, 1) if t.dense else pooled_linear(c, t.out_channels) for t in tasks
+        t.name: nn.Conv2d(c, t.out_channels, 1) if t.dense else pooled_linear(c, t.out_channels)
+        for t in tasks
     }
     return MultiTaskModel(encoder, heads)
