@@ -76,8 +76,9 @@ def _run(cfg: DictConfig) -> float | None:
                 check_run_flags(cfg.get("resume"), cfg.get("overwrite"))
                 objective = check_objective(cfg.get("objective", "val/loss_sum"))
                 results = _train(cfg, run)
-                # Only a sweeper reads it: a single run never fails over it once trained.
-                return objective_value(objective, results) if sweep and results is not None else None
+                # Only an optimizing sweeper (optuna) reads it: no other run fails over it once trained.
+                optimizing = sweep and not str(hydra_cfg.sweeper.get("_target_", "")).endswith("BasicSweeper")
+                return objective_value(objective, results) if optimizing and results is not None else None
         except OSError as e:  # a full disk, a folder made read-only: the files of finished epochs stay
             raise MtlrunError(f"cannot use {e.filename or 'a file'} ({e.strerror or e}); files of finished "
                               f"epochs are kept") from None

@@ -107,7 +107,13 @@ def objective_value(key: str, results: dict) -> float:
     """The value `objective` names in a run's results row."""
     split, *rest = key.split("/")
     if rest == [LOSS_SUM]:
-        return float(sum(results[f"{split}/{task}/loss"] for task in results["tasks"].split()))
+        keys = [f"{split}/{task}/loss" for task in results["tasks"].split()]
+        if not all(k in results for k in keys):
+            raise MtlrunError(
+                f"objective={key} needs every task's {split} loss, and this run evaluated no {split} split "
+                f"(its dataset has none): choose another objective, e.g. test/{LOSS_SUM}"
+            )
+        return float(sum(results[k] for k in keys))
     if key not in results:
         known = sorted(k for k in results if k.startswith(f"{split}/"))
         raise MtlrunError(f"objective={key} is not a metric of this run; valid: {split}/{LOSS_SUM}, {', '.join(known)}")

@@ -279,8 +279,29 @@ def test_closing_a_stream_ends_its_workers_which_ignore_sigterm(data_file):
 
     split = open_dataset(_cfg(data_file, in_memory=False)).splits["train"]
     stream = BatchStream(split, batch_size=3, seed=0, workers=1)
+    before = set(multiprocessing.active_children())  # other tests' streams may still have workers
     next(stream)
-    workers = multiprocessing.active_children()
+    workers = set(multiprocessing.active_children()) - before
     assert workers
     stream.close()
     assert not any(w.is_alive() for w in workers)
+
+
+def test_a_process_leaving_a_stream_open_still_exits(data_file):
+    """Its workers ignore SIGTERM, the signal Python's exit ends daemon processes with: the stream module
+    closes open streams first, so a process (a test run, a script) that never closes one does not hang."""
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    script = (
+        "import sys; from omegaconf import OmegaConf\n"
+        "from mtlrun.data import open_dataset; from mtlrun.data.loading import BatchStream\n"
+        "split = open_dataset(OmegaConf.create(sys.argv[1])).splits['train']\n"
+        "stream = BatchStream(split, batch_size=3, seed=0, workers=1)\n"
+        "next(stream)\n"
+    )
+    cfg = OmegaConf.to_yaml(OmegaConf.create(_cfg(data_file, in_memory=False)))
+    result = subprocess.run([sys.executable, "-c", script, cfg], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

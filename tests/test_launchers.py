@@ -153,6 +153,8 @@ def test_the_objective_is_a_loss_sum_or_a_metric_of_the_results_row():
     with pytest.raises(MtlrunError, match=r"objective=val/a/f1 is not a metric of this run; valid: val/loss_sum, "
                                           r"val/a/loss, val/a/miou, val/b/loss"):
         objective_value("val/a/f1", row)
+    with pytest.raises(MtlrunError, match="this run evaluated no val split"):
+        objective_value("val/loss_sum", {"tasks": "a", "test/a/loss": 1.0})
     for bad in ("loss_sum", "train/loss_sum", "val/a", "val//miou", 3):
         with pytest.raises(MtlrunError, match="objective must be val/loss_sum"):
             check_objective(bad)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing.util  # noqa: F401 - its exit function must be registered before ours (it runs after)
 import os
 import signal
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +142,18 @@ class _ByIndex(torch.utils.data.Dataset):
         return self.split.batch(index)
 
 
+_OPEN_STREAMS: weakref.WeakSet[BatchStream] = weakref.WeakSet()  # streams whose workers may be running
+
+
+@atexit.register
+def _close_open_streams() -> None:
+    """End every stream's workers when the process exits. Registered after multiprocessing's own exit
+    function (imported above), so it runs before it: that one ends daemon workers with SIGTERM, which
+    they ignore, and would then wait for them forever."""
+    for stream in list(_OPEN_STREAMS):
+        stream.close()
+
+
 def _leave_stop_signals_to_the_run(worker_id: int) -> None:
     """A scheduler signals every process of the job: workers ignore SIGTERM/SIGUSR1/SIGUSR2 so that the training
     process can finish its iteration and checkpoint (it ends the workers itself); a worker forked inside a
@@ -185,6 +200,7 @@ class BatchStream:
             pin_memory=torch.cuda.is_available(), prefetch_factor=4,
             worker_init_fn=_leave_stop_signals_to_the_run,
         )
+        _OPEN_STREAMS.add(self)
         return iter(loader)
 
     def __iter__(self) -> BatchStream:
