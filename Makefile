@@ -20,11 +20,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 run: install
 	$(BIN)/mtlrun $(ARGS)
 
+# The tests run in one process per core (pytest-xdist), each test file in one process.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
 
 bench: install
 	$(BIN)/python -m mtlrun.bench $(ARGS)
