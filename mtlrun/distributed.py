@@ -166,7 +166,7 @@ def global_losses(losses: dict[str, Tensor], counts: dict[str, Tensor]) -> dict[
     if not active() or not losses:
         return losses
     names = list(losses)
-    local_counts = torch.stack([counts[t].float() for t in names])
+    local_counts = torch.stack([counts[t].to(torch.get_default_dtype()) for t in names])
     sums = torch.stack([losses[t].detach() for t in names]) * local_counts
     (total,) = average([torch.cat([sums, local_counts])])
     total_sums, total_counts = total.split(len(names))
@@ -239,7 +239,7 @@ class _GlobalBatchNorm:
         self._check_input_dim(x)
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        values = x.float()
+        values = x.to(torch.get_default_dtype())  # autocast's half-precision activations: statistics in full
         count = values.numel() // values.shape[1]  # per rank; every rank holds an equal part of the batch
         mean = values.mean(dims)
         deviations = ((values - mean.view(shape)) ** 2).sum(dims)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import Tensor
@@ -11,6 +11,28 @@ from torch import Tensor
 from mtlrun.errors import MtlrunError
 
 DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# `trainer.dtype`: what parameters, activations, optimizer state and every tensor a strategy makes are held in.
+RUN_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+
+
+@contextmanager
+def run_dtype(name: str) -> Iterator[None]:
+    """Inside the block torch's default dtype is the run's (`trainer.dtype`), so the model, the data and every
+    tensor a strategy or optimizer creates are float64 in a float64 run without a cast in each place (a
+    float32 weight vector times a float64 loss would silently compute in float32); restored after it."""
+    if name not in RUN_DTYPES:
+        raise MtlrunError(f"trainer.dtype={name!r} is invalid; valid: {', '.join(RUN_DTYPES)}")
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(RUN_DTYPES[name])
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def full(x: Tensor) -> Tensor:
+    """`x` in the run's dtype: autocast's bf16/fp16 outputs go up to it; nothing in the run's dtype changes."""
+    return x.to(torch.get_default_dtype())
 
 
 class SkippedStep(Exception):
@@ -54,8 +76,9 @@ class LossScaler:
 class Precision:
     """How forward passes run and gradients are taken: fp32; bf16 autocast; fp16 autocast with loss scaling.
 
-    Parameters, gradients and the optimizer's state (every task's moments) stay fp32 in every mode; only
-    the operations inside `autocast()` run in the lower precision.
+    Parameters, gradients and the optimizer's state (every task's moments) stay in the run's dtype (fp32, or
+    float64 where `trainer.dtype=float64`, which allows fp32 only); only the operations inside `autocast()` run
+    in the lower precision.
     """
 
     def __init__(
@@ -63,6 +86,8 @@ class Precision:
     ) -> None:
         if name not in DTYPES:
             raise MtlrunError(f"trainer.precision={name!r} is invalid; valid: {', '.join(DTYPES)}")
+        if DTYPES[name] is not None and torch.get_default_dtype() != torch.float32:
+            raise MtlrunError(f"trainer.precision={name} autocasts a float32 run: it needs trainer.dtype=float32")
         self.name, self.device_type, self.dtype = name, device_type, DTYPES[name]
         self.scaler = scaler if scaler is not None else (LossScaler() if name == "fp16" else None)
 

@@ -37,7 +37,7 @@ from mtlrun.models import build_model, check_model
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.optim import MultiTaskOptimizer, OptimizerSettings, lr_factor
 from mtlrun.outputs import RunDir
-from mtlrun.precision import Precision, SkippedStep
+from mtlrun.precision import Precision, SkippedStep, full, run_dtype
 from mtlrun.rundirs import resume_hint
 from mtlrun.strategies import StepContext, Strategy, build_strategy
 from mtlrun.strategies.base import Counts
@@ -211,7 +211,9 @@ def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: in
     channels_last, compile_ = (_flag(cfg.trainer, key) for key in ("channels_last", "compile"))
     data = open_dataset(cfg.dataset, names)
     data.splits = on_device(data.splits, device, cfg.dataset.get("in_memory", True))
-    model = build_model(cfg.model, data.tasks).to(device)
+    with run_dtype("float32"):  # a float64 run (trainer.dtype) starts from the float32 run's initial weights
+        model = build_model(cfg.model, data.tasks)
+    model = model.to(device, torch.get_default_dtype())
     distributed.synchronise_batch_norm(model)  # under torchrun: statistics of the global batch, as one process
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -289,6 +291,7 @@ def train(cfg: DictConfig, run_dir: Path | RunDir) -> dict | None:
 
 def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals, cleanup: ExitStack) -> dict | None:
     settings = _trainer_settings(cfg)
+    cleanup.enter_context(run_dtype(settings["dtype"]))
     seed_everything(cfg.seed, cfg.deterministic)
     device = distributed.device(pick_device(cfg.trainer.device))
     parts = build_run(cfg, device, settings["epochs"], settings["batch_size"])
@@ -525,7 +528,7 @@ def evaluate(
         batch = to_device(raw)
         with (precision or Precision()).autocast():
             outputs = model(batch["image"], names)
-        outputs = {name: out.float() for name, out in outputs.items()}
+        outputs = {name: full(out) for name, out in outputs.items()}
         count = len(batch["image"])
         samples += count
         for task in tasks:
@@ -577,6 +580,7 @@ def results_row(
         "seconds_per_epoch": float(np.mean([r["seconds"] for r in train_log])),
         "peak_memory_mb": peak_memory_mb(device),
         "precision": cfg.trainer.get("precision", "fp32"),
+        "dtype": cfg.trainer.get("dtype", "float32"),
         "skipped_steps": counts.skipped_steps,
         "compiled_graphs": compiled_graphs() if cfg.trainer.get("compile", False) else 0,
         "device": str(device),
@@ -631,6 +635,7 @@ def _trainer_settings(cfg: DictConfig) -> dict:
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise MtlrunError(f"trainer.checkpoint_every must be null or an integer >= 1 (iterations), got {every!r}")
     settings["checkpoint_every"] = every
+    settings["dtype"] = t.get("dtype", "float32")
     distributed.check_batch_size(t.batch_size)
     if t.progress not in ("auto", True, False):
         raise MtlrunError(f"trainer.progress must be auto, true or false, got {t.progress!r}")

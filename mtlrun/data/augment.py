@@ -45,8 +45,9 @@ class Augment:
         n, _, height, width = batch["image"].shape
         part, processes = self.shard if self.shard is not None else (slice(0, n), 1)
         scale_index = torch.randint(len(self.scales), (n * processes,), generator=self.generator)[part]
-        corners = torch.rand(n * processes, 2, generator=self.generator)[part]
-        flips = (torch.rand(n * processes, generator=self.generator) < 0.5)[part]
+        # float32 draws whatever the run's dtype: a float64 run (trainer.dtype) crops as its float32 twin
+        corners = torch.rand(n * processes, 2, generator=self.generator, dtype=torch.float32)[part]
+        flips = (torch.rand(n * processes, generator=self.generator, dtype=torch.float32) < 0.5)[part]
         out = dict(batch)
         if any(self.scales[i] != 1 for i in scale_index.tolist()):
             samples = [

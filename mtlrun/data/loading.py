@@ -245,11 +245,11 @@ class ToDevice:
     def __call__(self, batch: Batch) -> Batch:
         non_blocking = self.device.type == "cuda"
         out = {k: v.to(self.device, non_blocking=non_blocking) for k, v in batch.items()}
-        image = out["image"].permute(0, 3, 1, 2).float()
+        image = out["image"].permute(0, 3, 1, 2).to(torch.get_default_dtype())
         out["image"] = ((image - self.mean) / self.std).contiguous()
         for key, value in out.items():
             if value.is_floating_point() and key != "image":
-                out[key] = value.float()
+                out[key] = value.to(torch.get_default_dtype())  # float32, or float64 (trainer.dtype)
         if self.augment is not None:
             out = self.augment(out)
         if self.memory_format is torch.channels_last:

@@ -14,7 +14,7 @@ from mtlrun.data.loading import Batch
 from mtlrun.errors import MtlrunError
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.optim import MultiTaskOptimizer, flatten
-from mtlrun.precision import Precision, SkippedStep
+from mtlrun.precision import Precision, SkippedStep, full
 from mtlrun.tasks import Task
 
 
@@ -66,10 +66,10 @@ class StepContext:
                 self.features = None
                 outputs = self.model(image, tasks)
             penalties = self.model.penalties()
-        losses = {t: self.tasks[t].loss(outputs[t].float(), batch[t]) for t in tasks}
+        losses = {t: self.tasks[t].loss(full(outputs[t]), batch[t]) for t in tasks}
         for t, penalty in penalties.items():  # a task part's regulariser is part of its task's loss
             if t in losses:
-                losses[t] = losses[t] + penalty.float()
+                losses[t] = losses[t] + full(penalty)
         if distributed.active():
             counts = {t: self.tasks[t].loss_count(batch[t]) for t in tasks}
             return distributed.global_losses(losses, counts)

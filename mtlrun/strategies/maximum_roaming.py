@@ -192,7 +192,7 @@ class MaximumRoaming(SeededStrategy):
         """New float copies of the masks of `layers` (never changed in place: a pending backward pass may
         hold the old ones)."""
         for i in layers:
-            self._factors[i] = self.masks[i].to(self._device, torch.float32)
+            self._factors[i] = self.masks[i].to(self._device, torch.get_default_dtype())
 
     def iteration(self, ctx: StepContext) -> dict[str, Tensor]:
         if self.steps == "per_task":

@@ -37,11 +37,12 @@ class RLW(LossCombiner, SeededStrategy):
 
     def draw(self, count: int) -> Tensor:
         """`count` weights, softmax of fresh samples (on the CPU, from the strategy's generator)."""
+        # float32 draws whatever the run's dtype: a float64 run (trainer.dtype) weighs as its float32 twin
         if self.distribution == "normal":
-            z = torch.randn(count, generator=self.generator)
+            z = torch.randn(count, generator=self.generator, dtype=torch.float32)
         else:
-            z = torch.rand(count, generator=self.generator)
-        return torch.softmax(z, dim=0)
+            z = torch.rand(count, generator=self.generator, dtype=torch.float32)
+        return torch.softmax(z.to(torch.get_default_dtype()), dim=0)
 
     def task_weights(self) -> dict[str, float] | None:
         return self.last_weights
