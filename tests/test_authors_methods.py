@@ -2,15 +2,26 @@
 hand-written loop or a hand computation, in float64, on tiny models."""
 
 import copy
+import re
+from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from torch import nn
 
+from mtlrun import CONF_DIR
+from mtlrun.data import task_names, task_specs
 from mtlrun.errors import MtlrunError
+from mtlrun.models import build_model
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.models.celeba_cnn import build as build_celeba_cnn
+from mtlrun.optim import flatten
 from mtlrun.strategies.gradnorm import GradNorm, last_shared_layer, layer_weight
+from mtlrun.strategies.mgda import MGDA
+from mtlrun.strategies import build_strategy
+from mtlrun.strategies.pcgrad import PCGrad
+from mtlrun.tasks import build_task
 from tests.helpers import Regression, batches, context
 
 TASKS = ["a", "b", "c"]
@@ -152,3 +163,165 @@ def test_gradnorm_layer_of_the_celeba_cnn_is_the_authors_conv_7():
     assert len(convs) == 7
     assert layer_weight(model, "encoder.convs.21") is convs[-1].weight
     assert last_shared_layer(model) is not convs[-1].weight
+
+
+# --- heads under MGDA-UB and PCGrad -----------------------------------------------------------------------
+
+
+def _flat_grads(loss: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return flatten(grads, params)
+
+
+def _sgd(params: list[nn.Parameter], update: torch.Tensor, lr: float) -> None:
+    with torch.no_grad():
+        for p, u in zip(params, update.split([p.numel() for p in params])):
+            p -= lr * u.view_as(p)
+
+
+def authors_mgda_ub_step(model: MultiTaskModel, batch: dict, tasks: list[str], lr: float) -> None:
+    """celeba/models/MGDA_model.py:train_step with SGD, line by line: each task's gradient at the shared
+    representation (computed without the encoder's graph), the min-norm weights (two tasks: the exact
+    solution, which their MinNormSolver starts from and keeps), then one backward pass of sum_t w_t L_t."""
+    with torch.no_grad():
+        features = model.encoder(batch["image"])
+    rep = features.clone().requires_grad_()
+    rows = []
+    for t in tasks:
+        out = model.heads[t](rep)
+        loss = ((out.squeeze(-1) - batch[t]) ** 2).mean()
+        rows.append(torch.autograd.grad(loss, rep)[0].flatten())
+    g1, g2 = rows
+    w1 = float(((g2 - g1) @ g2 / ((g1 - g2) @ (g1 - g2))).clamp(0, 1))
+    scale = [w1, 1 - w1]
+    losses = _losses(model, batch, tasks)
+    params = list(model.parameters())
+    _sgd(params, _flat_grads(sum(s * loss for s, loss in zip(scale, losses)), params), lr)
+
+
+def _same(model: MultiTaskModel, theirs: MultiTaskModel) -> bool:
+    """Every parameter equal to float32 rounding: StepContext computes the losses in float32."""
+    pairs = zip(model.parameters(), theirs.parameters())
+    return all(torch.allclose(p, q, rtol=1e-6, atol=1e-9) for p, q in pairs)
+
+
+def _conflicting_batches(count: int) -> list[dict[str, torch.Tensor]]:
+    """Two tasks whose targets are opposite: their gradients conflict."""
+    data = double_batches(["a"], count=count)
+    return [{**b, "a": 5 * b["a"], "b": -5 * b["a"] + 0.1} for b in data]
+
+
+def _two_heads_alike(model: MultiTaskModel) -> MultiTaskModel:
+    with torch.no_grad():
+        model.heads["b"].weight.copy_(model.heads["a"].weight + 0.05)
+    return model
+
+
+@pytest.mark.parametrize("heads", ["weighted", "own"])
+def test_mgda_ub_with_weighted_heads_steps_as_the_authors_loop(heads):
+    """heads=weighted: every parameter, heads included, moves as in their train_step (each head by its task's
+    weight times its gradient); with heads=own the heads do not."""
+    tasks = ["a", "b"]
+    data = _conflicting_batches(2)
+    model = _two_heads_alike(two_layer_model(tasks))
+    theirs = copy.deepcopy(model)
+    ctx = context(model, tasks, data, lr=0.1)
+    method = MGDA(tasks, rep_grad=True, heads=heads)
+    for batch in data:
+        method.iteration(ctx)
+        authors_mgda_ub_step(theirs, batch, tasks, lr=0.1)
+        assert 0.01 < method.weights["a"] < 0.99  # both tasks weigh in
+    assert _same(model, theirs) == (heads == "weighted")
+
+
+def authors_pcgrad_gradient(losses: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
+    """*/models/pcgrad.py:_project_conflicting after its first step (PyTorch 1.2's zero_grad leaves zero
+    tensors, so every parameter counts as reached by every task): each task's flattened gradient of every
+    parameter, projected off every other conflicting one (two tasks: order-free), then averaged."""
+    grads = [_flat_grads(loss, params) for loss in losses]
+    projected = []
+    for g_i in grads:
+        g_i = g_i.clone()
+        for g_j in grads:
+            inner = g_i @ g_j
+            if inner < 0:
+                g_i -= inner * g_j / g_j.norm() ** 2
+        projected.append(g_i)
+    return torch.stack(projected).mean(dim=0)
+
+
+@pytest.mark.parametrize("settings,authors", [
+    ({"scope": "all", "reduction": "mean", "heads": "weighted"}, True),
+    ({"scope": "shared", "reduction": "mean", "heads": "weighted"}, False),
+    ({"scope": "all", "reduction": "sum", "heads": "weighted"}, False),
+    ({}, False),
+])
+def test_pcgrad_scope_all_mean_projects_the_whole_gradient_as_the_authors(settings, authors):
+    """scope=all, reduction=mean: each step equals projecting the full flattened gradients (heads included)
+    by hand and averaging them; dropping either option gives another step."""
+    tasks = ["a", "b"]
+    data = _conflicting_batches(2)
+    model = _two_heads_alike(two_layer_model(tasks))
+    theirs = copy.deepcopy(model)
+    ctx = context(model, tasks, data, lr=0.1)
+    method = PCGrad(tasks, seed=0, **settings)
+    for batch in data:
+        params = list(theirs.parameters())
+        losses = _losses(theirs, batch, tasks)
+        full = [_flat_grads(loss, params) for loss in losses]
+        assert float(full[0] @ full[1]) < 0  # the case projects
+        method.iteration(ctx)
+        _sgd(params, authors_pcgrad_gradient(losses, params), lr=0.1)
+    assert _same(model, theirs) == authors
+
+
+def test_pcgrad_scope_all_needs_weighted_heads_and_options_are_checked():
+    with pytest.raises(MtlrunError, match="strategy.scope=all projects the heads' gradients.*heads=weighted"):
+        PCGrad(TASKS, seed=0, scope="all")
+    with pytest.raises(MtlrunError, match="strategy.scope='heads' is invalid; valid: shared, all"):
+        PCGrad(TASKS, seed=0, scope="heads")
+    with pytest.raises(MtlrunError, match="strategy.reduction='avg' is invalid"):
+        PCGrad(TASKS, seed=0, reduction="avg")
+    with pytest.raises(MtlrunError, match="strategy.heads='all' is invalid; valid: own, weighted"):
+        PCGrad(TASKS, seed=0, heads="all")
+
+
+# --- the presets' commands --------------------------------------------------------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+AUTHORS_METHODS = {"pascal_celeba": ["GradNorm", "PCGrad", "MGDA-UB"],
+                   "pascal_cityscapes": ["GradNorm", "PCGrad"], "pascal_nyuv2": ["GradNorm", "PCGrad"]}
+
+
+def _readme_command(variant: str, preset: str) -> str:
+    """The strategy settings of `variant` in README's table of the seed paper's experiments for `preset`."""
+    section = README.read_text().split("### The seed paper's experiments")[1].split("\n### ")[0]
+    tables = section.split("| variant |")[1:]  # CelebA's, then Cityscapes' and NYUv2's
+    table = tables[0] if preset == "pascal_celeba" else tables[1]
+    (row,) = [line for line in table.splitlines() if line.startswith(f"| {variant} |")]
+    return re.search(r"`([^`]+)`", row).group(1)
+
+
+@pytest.mark.parametrize("preset,variant", [(p, v) for p, vs in AUTHORS_METHODS.items() for v in vs])
+def test_the_presets_commands_run_the_authors_gradnorm_pcgrad_and_mgda_ub(preset, variant):
+    """README's command for the variant is in the preset's comment, composes with the preset, and builds the
+    authors' method: GradNorm's W is the model's last shared conv (their `get_weights()[-1]`)."""
+    command = _readme_command(variant, preset)
+    assert f"#   {command}\n" in (CONF_DIR / "experiment" / f"{preset}.yaml").read_text()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        overrides = [f"experiment={preset}", *command.split(), "model.width=2"]
+        cfg = compose(config_name="config", overrides=overrides)
+    names = task_names(cfg.dataset)
+    specs = task_specs(cfg.dataset)
+    model = build_model(cfg.model, [build_task(n, specs[n], list(specs)) for n in names])
+    strategy = build_strategy(cfg.strategy, names, 0)
+    strategy.attach(model)
+    if variant == "GradNorm":
+        convs = [m for m in model.encoder.modules() if isinstance(m, nn.Conv2d)]
+        assert layer_weight(model, strategy.layer) is convs[-1].weight
+        assert strategy.weights_optimizer == "model"
+        assert strategy.alpha == (0.2 if preset == "pascal_celeba" else 1.5)
+    elif variant == "PCGrad":
+        assert (strategy.scope, strategy.reduction, strategy.heads) == ("all", "mean", "weighted")
+    else:
+        assert strategy.rep_grad and strategy.heads == "weighted"
