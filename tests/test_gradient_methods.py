@@ -15,6 +15,7 @@ from mtlrun.models.base import MultiTaskModel
 from mtlrun.strategies.aligned_mtl import AlignedMTL
 from mtlrun.strategies.base import SeededStrategy
 from mtlrun.strategies.cagrad import CAGrad
+from mtlrun.strategies.fairgrad import FairGrad
 from mtlrun.strategies.graddrop import GradDrop
 from mtlrun.strategies.gradvac import GradVac
 from mtlrun.strategies.grouped import Grouped
@@ -30,6 +31,7 @@ CLASSES = {
     "mgda": MGDA, "pcgrad": PCGrad, "gradvac": GradVac, "cagrad": CAGrad, "nash_mtl": NashMTL,
     "imtl": IMTL, "aligned_mtl": AlignedMTL, "graddrop": GradDrop, "upgrad": UPGrad,
 }
+BUILDABLE = {**CLASSES, "fairgrad": FairGrad}  # FairGrad's own properties: tests/test_new_methods.py
 # Every method with its conf defaults, plus the variants with a code path of their own.
 VARIANTS = [(name, {}) for name in CLASSES] + [
     ("mgda", {"rep_grad": True}),
@@ -43,7 +45,7 @@ def build(name: str, tasks=TASKS, seed: int = 0, **overrides):
     """The method from its conf file (conf keys = constructor keywords), as build_strategy does."""
     cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "strategy" / f"{name}.yaml"))
     assert cfg.pop("name") == name
-    cls = CLASSES[name]
+    cls = BUILDABLE[name]
     extra = {"seed": seed} if issubclass(cls, SeededStrategy) else {}
     return cls(list(tasks), **{**cfg, **overrides}, **extra)
 
@@ -463,8 +465,8 @@ def test_each_iteration_is_one_step_moving_shared_weights_and_each_head_by_its_o
 
 
 WEIGHTED_HEADS = [  # every method taking heads=weighted, with the variants of its own code paths; unclipped
-    (name, {**o, "heads": "weighted", **({"max_norm": 0.0} if name == "nash_mtl" else {})})
-    for name, o in VARIANTS if name != "graddrop"
+    (name, {**o, "heads": "weighted", **({"max_norm": 0.0} if name in ("nash_mtl", "fairgrad") else {})})
+    for name, o in [*VARIANTS, ("fairgrad", {})] if name != "graddrop"
 ] + [("pcgrad", {"heads": "weighted", "scope": "all", "reduction": "mean"})]
 
 
@@ -496,7 +498,7 @@ def test_weighted_heads_make_the_step_the_gradient_of_the_weighted_loss(name, ov
         assert torch.equal(model.heads["b"].weight, heads["b"])
 
 
-@pytest.mark.parametrize("name", [n for n in CLASSES if n != "graddrop"])
+@pytest.mark.parametrize("name", [n for n in BUILDABLE if n != "graddrop"])
 def test_weighted_heads_differ_from_own_heads(name):
     model = linear_model(TASKS)
     steps = {}

@@ -73,8 +73,10 @@ class GradNorm(LossCombiner):
     The weights start at 1 and live on the model's device. `weights_optimizer=own` moves them by their own
     Adam (`lr`, default betas and eps); `model` by the model's optimizer: its rule (Adam, AdamW or SGD, with
     its betas, eps, momentum and weight decay) at its current learning rate, each weight with a state of its
-    own that steps with its task, as the paper's and the authors' code, where the weights are parameters of
-    the network's optimizer (`lr` is then unused). The model's step uses the weights before their update.
+    own that steps with its task (as a head's, whatever `optimizer.moments`), as the paper's and the authors'
+    code, where the weights are parameters of the network's optimizer: with every task in every step, the
+    same as that optimizer over the vector of weights (`lr` is then unused). The model's step uses the
+    weights before their update.
     G_t needs one partial backward pass per task down to W, counted in ctx.counts.backward_passes.
     On a group of tasks (`grouped`) everything is over the group, whose weights are renormalised to
     sum to its size. A weight is kept >= 1e-6 before renormalising (the paper does not say what to do
