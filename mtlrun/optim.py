@@ -148,6 +148,14 @@ class MultiTaskOptimizer:
         for task, grad in head_grads.items():
             self._update(self.heads[task], grad, [task])
 
+    @torch.no_grad()
+    def step_owned(self, params: Sequence[Tensor], grad: Tensor, state: dict) -> None:
+        """One step of tensors a strategy owns (GradNorm's task weights) by this optimizer's rule and current
+        learning rate, as if they were parameters of the model; their state is `state`, kept by the caller."""
+        block = ParameterBlock(params)
+        block.slots = state
+        self._update(block, grad, ["owned"])
+
     def _update(self, block: ParameterBlock, grad: Tensor, slot_keys: list[str]) -> None:
         s, lr = self.settings, self.lr
         if s.weight_decay and s.name == "adamw":

@@ -15,6 +15,7 @@ from mtlrun.models.base import MultiTaskModel
 from mtlrun.strategies.aligned_mtl import AlignedMTL
 from mtlrun.strategies.base import SeededStrategy
 from mtlrun.strategies.cagrad import CAGrad
+from mtlrun.strategies.fairgrad import FairGrad
 from mtlrun.strategies.graddrop import GradDrop
 from mtlrun.strategies.gradvac import GradVac
 from mtlrun.strategies.grouped import Grouped
@@ -30,6 +31,7 @@ CLASSES = {
     "mgda": MGDA, "pcgrad": PCGrad, "gradvac": GradVac, "cagrad": CAGrad, "nash_mtl": NashMTL,
     "imtl": IMTL, "aligned_mtl": AlignedMTL, "graddrop": GradDrop, "upgrad": UPGrad,
 }
+BUILDABLE = {**CLASSES, "fairgrad": FairGrad}  # FairGrad's own properties: tests/test_new_methods.py
 # Every method with its conf defaults, plus the variants with a code path of their own.
 VARIANTS = [(name, {}) for name in CLASSES] + [
     ("mgda", {"rep_grad": True}),
@@ -43,7 +45,7 @@ def build(name: str, tasks=TASKS, seed: int = 0, **overrides):
     """The method from its conf file (conf keys = constructor keywords), as build_strategy does."""
     cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "strategy" / f"{name}.yaml"))
     assert cfg.pop("name") == name
-    cls = CLASSES[name]
+    cls = BUILDABLE[name]
     extra = {"seed": seed} if issubclass(cls, SeededStrategy) else {}
     return cls(list(tasks), **{**cfg, **overrides}, **extra)
 
@@ -82,6 +84,7 @@ def test_conf_file_cites_the_paper_and_gives_every_constructor_default(name):
         ("graddrop", {"leak": -1.0}, "strategy.leak"),
         ("nash_mtl", {"update_weights_every": 0}, "strategy.update_weights_every"),
         ("nash_mtl", {"max_norm": -1.0}, "strategy.max_norm"),
+        ("mgda", {"heads": "shared"}, "strategy.heads='shared' is invalid; valid: own, weighted"),
     ],
 )
 def test_bad_settings_are_refused(name, setting, message):
@@ -459,6 +462,51 @@ def test_each_iteration_is_one_step_moving_shared_weights_and_each_head_by_its_o
         for t in TASKS:
             _assert_stepped(model.heads[t].weight, heads[t], own[t])
     assert method.group_size == 3
+
+
+WEIGHTED_HEADS = [  # every method taking heads=weighted, with the variants of its own code paths; unclipped
+    (name, {**o, "heads": "weighted", **({"max_norm": 0.0} if name in ("nash_mtl", "fairgrad") else {})})
+    for name, o in [*VARIANTS, ("fairgrad", {})] if name != "graddrop"
+] + [("pcgrad", {"heads": "weighted", "scope": "all", "reduction": "mean"})]
+
+
+@pytest.mark.parametrize("name,overrides", WEIGHTED_HEADS)
+def test_weighted_heads_make_the_step_the_gradient_of_the_weighted_loss(name, overrides):
+    """heads=weighted: on a subset of tasks, each head moves by its task's weight in the shared update times its
+    own gradient, the shared parameters by the same weights' combination of the task gradients (the rows of
+    the representation's Jacobian for MGDA-UB, whose rows are not the shared gradients): the step is the
+    gradient of sum_t w_t L_t."""
+    tasks = ["a", "c"]
+    model = linear_model(TASKS)
+    data = batches(TASKS, count=2)
+    ctx = context(model, TASKS, data, lr=0.1)
+    method = build(name, **overrides)
+    for batch in data:  # nash_mtl with update_weights_every=2 reuses its weights in the second step
+        W = model.encoder.weight.detach().clone()
+        heads = {t: model.heads[t].weight.detach().clone() for t in TASKS}
+        own = _own_head_grads(model, batch, tasks)
+        replica = copy.deepcopy(model)
+        outputs = replica(batch["image"], tasks)
+        losses = [((outputs[t].squeeze(-1) - batch[t]) ** 2).mean() for t in tasks]
+        method.combine(ctx, ctx.losses(batch, tasks))
+        w = method.step_weights.tolist()
+        assert w == [method.weights[t] for t in tasks]
+        (shared,) = torch.autograd.grad(sum(wt * loss for wt, loss in zip(w, losses)), replica.encoder.weight)
+        _assert_stepped(model.encoder.weight, W, shared)
+        for t, wt in zip(tasks, w):
+            _assert_stepped(model.heads[t].weight, heads[t], wt * own[t])
+        assert torch.equal(model.heads["b"].weight, heads["b"])
+
+
+@pytest.mark.parametrize("name", [n for n in BUILDABLE if n != "graddrop"])
+def test_weighted_heads_differ_from_own_heads(name):
+    model = linear_model(TASKS)
+    steps = {}
+    for heads in ("own", "weighted"):
+        replica = copy.deepcopy(model)
+        build(name, heads=heads).iteration(context(replica, TASKS, batches(TASKS, count=1), lr=0.1))
+        steps[heads] = replica.heads["a"].weight.detach()
+    assert not torch.allclose(steps["own"], steps["weighted"])
 
 
 @pytest.mark.parametrize("name,overrides", VARIANTS)

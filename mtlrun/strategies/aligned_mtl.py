@@ -26,11 +26,11 @@ class AlignedMTL(GramWeighting):
 
     name = "aligned_mtl"
 
-    def __init__(self, tasks: Sequence[str], scale_mode: str = "min") -> None:
+    def __init__(self, tasks: Sequence[str], scale_mode: str = "min", heads: str = "own") -> None:
         if scale_mode not in SCALE_MODES:
             valid = ", ".join(SCALE_MODES)
             raise MtlrunError(f"strategy.scale_mode={scale_mode!r} is invalid; valid: {valid}")
-        super().__init__(tasks)
+        super().__init__(tasks, heads)
         self.scale_mode = scale_mode
 
     def gram_weights(self, gram: Tensor, losses: dict[str, Tensor]) -> Tensor:

@@ -29,10 +29,12 @@ class CAGrad(GramWeighting):
 
     name = "cagrad"
 
-    def __init__(self, tasks: Sequence[str], c: float = 0.4, rescale: bool = True) -> None:
+    def __init__(
+        self, tasks: Sequence[str], c: float = 0.4, rescale: bool = True, heads: str = "own"
+    ) -> None:
         if not c >= 0:
             raise MtlrunError(f"strategy.c must be >= 0, got {c!r}")
-        super().__init__(tasks)
+        super().__init__(tasks, heads)
         self.c, self.rescale = float(c), bool(rescale)
 
     def gram_weights(self, gram: Tensor, losses: dict[str, Tensor]) -> Tensor:

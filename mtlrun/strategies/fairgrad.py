@@ -76,8 +76,8 @@ class FairGrad(GradientMethod):
     The weights are solved to 1e-10 relative residual (`fair_weights`, where the authors run scipy's
     least_squares to its default tolerances); G is formed in float64. As the authors' code the shared
     update is clipped to norm `max_norm` (0: no clipping) and each head steps along its own task's
-    gradient. alpha = 2 is the authors' setting in their run scripts for all four supervised benchmarks
-    (NYUv2, Cityscapes, CelebA, QM9); LibMTL defaults to 1.
+    gradient (`heads=weighted`: along w_t times it, unclipped). alpha = 2 is the authors' setting in their
+    run scripts for all four supervised benchmarks (NYUv2, Cityscapes, CelebA, QM9); LibMTL defaults to 1.
     A task with a zero gradient cannot meet the condition: it gets weight 0 and the others are solved alone.
     Scale: set by the condition, ||d|| ~ ||g||^((1 - alpha) / (1 + alpha)) (it grows as the gradients
     shrink for alpha > 1), then clipped.
@@ -89,12 +89,14 @@ class FairGrad(GradientMethod):
 
     name = "fairgrad"
 
-    def __init__(self, tasks: Sequence[str], alpha: float = 2.0, max_norm: float = 1.0) -> None:
+    def __init__(
+        self, tasks: Sequence[str], alpha: float = 2.0, max_norm: float = 1.0, heads: str = "own"
+    ) -> None:
         if not (alpha >= 0 and math.isfinite(alpha)):
             raise MtlrunError(f"strategy.alpha must be a finite number >= 0, got {alpha!r}")
         if not max_norm >= 0:
             raise MtlrunError(f"strategy.max_norm must be >= 0 (0: no clipping), got {max_norm!r}")
-        super().__init__(tasks)
+        super().__init__(tasks, heads)
         self.alpha, self.max_norm = float(alpha), float(max_norm)
 
     def aggregate(self, jacobian: Tensor, losses: dict[str, Tensor]) -> Tensor:
@@ -108,6 +110,7 @@ class FairGrad(GradientMethod):
         elif active.any():
             w[active] = fair_weights(gram[active][:, active], self.alpha)
         self.weights.update(zip(losses, w.tolist()))
+        self.step_weights = w
         direction = w.to(jacobian) @ jacobian
         norm = direction.norm()
         if self.max_norm > 0 and norm > self.max_norm:

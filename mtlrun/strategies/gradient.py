@@ -8,8 +8,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from mtlrun.errors import MtlrunError
 from mtlrun.optim import flatten
 from mtlrun.strategies.base import LossCombiner, StepContext
+
+HEADS = ("own", "weighted")  # how the heads step: along their own task's gradient, or times its task's weight
 
 
 class GradientMethod(LossCombiner):
@@ -18,7 +21,10 @@ class GradientMethod(LossCombiner):
     `combine` takes one forward pass's losses, gets each task's gradient of the shared parameters (the
     rows of the T x P Jacobian, one backward pass per task, `ctx.jacobian`) and each task's head
     gradient, and takes exactly one optimizer step (`ctx.apply`): the shared parameters along
-    `aggregate(jacobian, losses)`, every head along its own task's gradient, unweighted.
+    `aggregate(jacobian, losses)`, every head along its own task's gradient, unweighted (`heads=own`).
+    A method whose update is sum_t w_t g_t (it sets `step_weights`) may take `heads=weighted`: each head
+    then steps along w_t times its gradient, i.e. the whole step is the gradient of sum_t w_t L_t, as the
+    authors' code of MGDA-UB and Nash-MTL backpropagates its weighted loss (`head_steps`).
     Subclasses define `aggregate`; per-task or per-pair state is keyed by task names, so `combine`
     accepts any subset of the tasks (a group of `grouped`) in any call.
 
@@ -32,16 +38,29 @@ class GradientMethod(LossCombiner):
     including one task, a zero row, identical rows and the all-zero Jacobian (update zero).
     """
 
-    def __init__(self, tasks: Sequence[str]) -> None:
-        self.group_size = len(tasks)
+    def __init__(self, tasks: Sequence[str], heads: str = "own") -> None:
+        if heads not in HEADS:
+            raise MtlrunError(f"strategy.heads={heads!r} is invalid; valid: {', '.join(HEADS)}")
+        self.group_size, self.heads = len(tasks), heads
         self.weights: dict[str, float] = {}  # each task's weight in its last aggregated update
+        # This step's weights w in its update sum_t w_t g_t, in the order of its losses (float64)
+        self.step_weights: Tensor | None = None
 
     def task_weights(self) -> dict[str, float] | None:
         return dict(self.weights) or None
 
     def combine(self, ctx: StepContext, losses: dict[str, Tensor]) -> None:
         jacobian, head_grads = ctx.jacobian(losses)
-        ctx.apply(list(losses), self.aggregate(jacobian, losses), head_grads)
+        shared_grad = self.aggregate(jacobian, losses)
+        ctx.apply(list(losses), shared_grad, self.head_steps(head_grads))
+
+    def head_steps(self, head_grads: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The heads' gradients for this step (in the order of its losses): their own (`heads=own`), or each
+        times its task's weight in the step's shared update (`heads=weighted`)."""
+        if self.heads == "own":
+            return head_grads
+        assert self.step_weights is not None, "heads=weighted needs the step's weights (aggregate first)"
+        return {t: w.to(g) * g for (t, g), w in zip(head_grads.items(), self.step_weights)}
 
     @abstractmethod
     def aggregate(self, jacobian: Tensor, losses: dict[str, Tensor]) -> Tensor:
@@ -55,7 +74,8 @@ class GramWeighting(GradientMethod):
     the exact Gram matrix of the gradients the model produced: on near-parallel gradients (cosine
     1 - 1e-6) a float32 G loses the small eigenvalue the methods divide by. G is divided by its trace,
     which leaves these weights unchanged (they do not depend on a common scale of the gradients) but
-    keeps solver tolerances meaningful however small the gradients get. The all-zero Jacobian gives the zero update without calling the method.
+    keeps solver tolerances meaningful however small the gradients get. The all-zero Jacobian gives the zero
+    update without calling the method (its weights are then 0, for `heads=weighted`).
     """
 
     def aggregate(self, jacobian: Tensor, losses: dict[str, Tensor], gram: Tensor | None = None) -> Tensor:
@@ -65,9 +85,11 @@ class GramWeighting(GradientMethod):
         gram = exact @ exact.T if gram is None else gram
         trace = gram.trace()
         if not trace > 0:
+            self.step_weights = torch.zeros(len(losses), dtype=torch.float64, device=exact.device)
             return torch.zeros_like(jacobian[0])
         weights = self.gram_weights(gram / trace, losses).to(exact.device)
         self.weights.update(zip(losses, weights.tolist()))
+        self.step_weights = weights
         return (weights @ exact).to(jacobian.dtype)
 
     @abstractmethod

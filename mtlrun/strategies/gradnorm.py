@@ -14,6 +14,7 @@ from mtlrun.strategies.uncertainty import TaskScalars
 
 TINY = 1e-8  # floor of initial and mean loss ratios, so zero losses give no 0/0
 MIN_WEIGHT = 1e-6  # weights are kept positive before renormalising
+WEIGHTS_OPTIMIZERS = ("own", "model")
 
 
 def last_shared_layer(model: MultiTaskModel) -> nn.Parameter:
@@ -22,6 +23,30 @@ def last_shared_layer(model: MultiTaskModel) -> nn.Parameter:
     scale or a bias; the last shared parameter if none has 2 dimensions."""
     shared = model.shared_parameters()
     return ([p for p in shared if p.dim() >= 2] or shared)[-1]
+
+
+def shared_layers(model: MultiTaskModel) -> dict[str, nn.Parameter]:
+    """The shared layers GradNorm's W may be, by module name (`model.named_modules()`): every shared
+    module with a weight of >= 2 dimensions (a convolution's kernel, a linear layer's matrix), in
+    registration order."""
+    shared = {id(p) for p in model.shared_parameters()}
+    layers = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter) and weight.dim() >= 2 and id(weight) in shared:
+            layers[name] = weight
+    return layers
+
+
+def layer_weight(model: MultiTaskModel, layer: str | None) -> nn.Parameter:
+    """W: the weight of the shared module named `layer`, or if None the last shared layer."""
+    if layer is None:
+        return last_shared_layer(model)
+    layers = shared_layers(model)
+    if layer not in layers:
+        known = ", ".join(layers)
+        raise MtlrunError(f"strategy.layer={layer!r} is not a shared layer here; shared layers: {known}")
+    return layers[layer]
 
 
 def weight_gradient(weights: Tensor, grad_norms: Tensor, loss_ratios: Tensor, alpha: float) -> Tensor:
@@ -37,13 +62,21 @@ def weight_gradient(weights: Tensor, grad_norms: Tensor, loss_ratios: Tensor, al
 class GradNorm(LossCombiner):
     """One step on sum_t w_t L_t, then one update of the weights w by gradient descent on
     L_grad = sum_t |G_t - mean(G) r_t^alpha| (the target held constant), where G_t = ||grad_W w_t L_t||
-    at the last shared layer W (`last_shared_layer`), r_t = (L_t / L_t(0)) / mean_j (L_j / L_j(0)),
+    at a shared layer W, r_t = (L_t / L_t(0)) / mean_j (L_j / L_j(0)),
     and L_t(0) is task t's loss at its first step; then w is renormalised to sum to K
     (Chen, Badrinarayanan, Lee & Rabinovich, "GradNorm: Gradient Normalization for Adaptive Loss
     Balancing in Deep Multitask Networks", ICML 2018, Algorithm 1).
 
-    The weights start at 1, live on the model's device and are moved by their own Adam (`lr`; the paper
-    trains them with the network's optimizer); the model's step uses the weights before their update.
+    W is the weight of the shared module named `layer` (e.g. `encoder.convs.21`, the CelebA CNN's seventh
+    conv, Pascal et al.'s choice), by default the last shared layer (`last_shared_layer`: on the CelebA CNN
+    the second FC, on the U-Net the last conv, which is also the authors' W there).
+    The weights start at 1 and live on the model's device. `weights_optimizer=own` moves them by their own
+    Adam (`lr`, default betas and eps); `model` by the model's optimizer: its rule (Adam, AdamW or SGD, with
+    its betas, eps, momentum and weight decay) at its current learning rate, each weight with a state of its
+    own that steps with its task (as a head's, whatever `optimizer.moments`), as the paper's and the authors'
+    code, where the weights are parameters of the network's optimizer: with every task in every step, the
+    same as that optimizer over the vector of weights (`lr` is then unused). The model's step uses the
+    weights before their update.
     G_t needs one partial backward pass per task down to W, counted in ctx.counts.backward_passes.
     On a group of tasks (`grouped`) everything is over the group, whose weights are renormalised to
     sum to its size. A weight is kept >= 1e-6 before renormalising (the paper does not say what to do
@@ -54,14 +87,27 @@ class GradNorm(LossCombiner):
 
     name = "gradnorm"
 
-    def __init__(self, tasks: Sequence[str], alpha: float = 1.5, lr: float = 1e-3) -> None:
+    def __init__(
+        self, tasks: Sequence[str], alpha: float = 1.5, lr: float = 1e-3, layer: str | None = None,
+        weights_optimizer: str = "own",
+    ) -> None:
         if not alpha >= 0:
             raise MtlrunError(f"strategy.alpha must be >= 0, got {alpha!r}")
         if not lr > 0:
             raise MtlrunError(f"strategy.lr must be > 0, got {lr!r}")
+        if weights_optimizer not in WEIGHTS_OPTIMIZERS:
+            valid = ", ".join(WEIGHTS_OPTIMIZERS)
+            raise MtlrunError(f"strategy.weights_optimizer={weights_optimizer!r} is invalid; valid: {valid}")
+        if layer is not None and not isinstance(layer, str):
+            raise MtlrunError(f"strategy.layer must be a module name, e.g. encoder.convs.21, got {layer!r}")
         self.alpha, self.group_size = alpha, len(tasks)
+        self.layer, self.weights_optimizer = layer, weights_optimizer
         self.weights = TaskScalars(tasks, 1.0, lr)
+        self.weight_states: dict[str, dict] = {}  # weights_optimizer=model: each weight's optimizer state
         self.initial_losses: dict[str, Tensor] = {}
+
+    def attach(self, model: MultiTaskModel) -> None:
+        layer_weight(model, self.layer)  # an unknown layer fails before training starts
 
     def task_weights(self) -> dict[str, float]:
         return self.weights.as_dict()
@@ -71,12 +117,14 @@ class GradNorm(LossCombiner):
         self.weights.to(next(ctx.model.parameters()).device)
         for t in names:
             self.initial_losses.setdefault(t, losses[t].detach().clone())
-        layer = last_shared_layer(ctx.model)
+        layer = layer_weight(ctx.model, self.layer)
         grads = [ctx.grad(losses[t], layer, retain_graph=True)[0] for t in names]
         if any(g is None for g in grads):
+            where = "the last shared layer" if self.layer is None else f"strategy.layer={self.layer}"
             raise MtlrunError(
-                "strategy=gradnorm weighs the tasks' gradients at the last shared layer, which some of these tasks "
-                "do not reach (a model.tree whose tasks share no node all together): choose another strategy"
+                f"strategy=gradnorm weighs the tasks' gradients at {where}, which some of these tasks do not "
+                "reach (a model.tree whose tasks share no node all together, or a layer only some tasks "
+                "use): choose another layer or strategy"
             )
         grad_norms = torch.stack([g.norm() for g in grads])
         ctx.counts.backward_passes += len(names)
@@ -85,13 +133,24 @@ class GradNorm(LossCombiner):
         ctx.step(names, (weights * current).sum())
 
         ratios = current.detach() / torch.stack([self.initial_losses[t] for t in names]).clamp_min(TINY)
-        self.weights.adam_step(names, weight_gradient(weights, grad_norms, ratios, self.alpha))
+        weight_grad = weight_gradient(weights, grad_norms, ratios, self.alpha)
+        if self.weights_optimizer == "own":
+            self.weights.adam_step(names, weight_grad)
+        else:
+            values = weights.detach().clone()
+            for t, value, grad in zip(names, values.split(1), weight_grad.split(1)):
+                ctx.optimizer.step_owned([value], grad, self.weight_states.setdefault(t, {}))
+            self.weights.set(names, values)
         updated = self.weights.get(names).clamp_min(MIN_WEIGHT)
         self.weights.set(names, len(names) * updated / updated.sum())
 
     def state_dict(self) -> dict:
-        return {"weights": self.weights.state_dict(), "initial_losses": dict(self.initial_losses)}
+        return {
+            "weights": self.weights.state_dict(), "initial_losses": dict(self.initial_losses),
+            "weight_states": self.weight_states,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.weights.load_state_dict(state["weights"])
         self.initial_losses = dict(state["initial_losses"])
+        self.weight_states = state.get("weight_states", {})

@@ -35,10 +35,10 @@ class GradVac(GramWeighting, SeededStrategy):
 
     name = "gradvac"
 
-    def __init__(self, tasks: Sequence[str], seed: int, beta: float = 0.01) -> None:
+    def __init__(self, tasks: Sequence[str], seed: int, beta: float = 0.01, heads: str = "own") -> None:
         if not 0 <= beta <= 1:
             raise MtlrunError(f"strategy.beta must lie in [0, 1], got {beta!r}")
-        GramWeighting.__init__(self, tasks)
+        GramWeighting.__init__(self, tasks, heads)
         SeededStrategy.__init__(self, seed)
         self.beta = float(beta)
         self.targets: dict[str, dict[str, float]] = {}  # targets[i][j]: phi_hat of g_i towards g_j

@@ -50,7 +50,8 @@ class MGDA(GramWeighting):
     both (loss+) before solving, as the authors' `gradient_normalizers` (their sample config uses loss+
     with MGDA-UB); as in their code the weights then multiply the unnormalised gradients. A non-positive
     normaliser (zero gradient, zero loss) is replaced by 1.
-    Deviation: heads step along their own task's gradient, not w_t times it as the authors' weighted loss.
+    Heads step along their own task's gradient (`heads=own`), or along w_t times it (`heads=weighted`: the
+    authors' code backpropagates sum_t w_t L_t, heads included; Sener & Koltun's and Pascal et al.'s).
     Scale: weights sum to 1. Guarantees: the update d (with normalization none) has the smallest norm in
     the convex hull, equivalently g_t . d >= ||d||^2 for every task, with equality where w_t > 0; it is 0
     exactly when some convex combination of the gradients vanishes (Pareto-stationary).
@@ -58,11 +59,13 @@ class MGDA(GramWeighting):
 
     name = "mgda"
 
-    def __init__(self, tasks: Sequence[str], rep_grad: bool = False, normalization: str = "none") -> None:
+    def __init__(
+        self, tasks: Sequence[str], rep_grad: bool = False, normalization: str = "none", heads: str = "own",
+    ) -> None:
         if normalization not in NORMALIZATIONS:
             valid = ", ".join(NORMALIZATIONS)
             raise MtlrunError(f"strategy.normalization={normalization!r} is invalid; valid: {valid}")
-        super().__init__(tasks)
+        super().__init__(tasks, heads)
         self.rep_grad, self.normalization = bool(rep_grad), normalization
 
     def gram_weights(self, gram: Tensor, losses: dict[str, Tensor]) -> Tensor:
@@ -100,5 +103,5 @@ class MGDA(GramWeighting):
         if distributed.active():  # taken with torch.autograd.grad on this rank's share of the batch
             shared_grad, *heads = distributed.average([shared_grad, *head_grads.values()])
             head_grads = dict(zip(head_grads, heads))
-        ctx.apply(tasks, shared_grad, head_grads)
+        ctx.apply(tasks, shared_grad, self.head_steps(head_grads))
 

@@ -33,8 +33,9 @@ class NashMTL(GradientMethod):
     warm start, keyed by task names; the `KEPT_TASK_SETS` most recently used sets are kept, so a group
     seen long ago starts afresh). A task with a zero gradient cannot satisfy the condition: it gets
     weight 0 and the others are solved alone. Checkpointed: schedule, weights, warm starts.
-    Deviation: heads step along their own task's gradient, not alpha_t times it as the authors'
-    weighted loss. Scale: set by the bargaining (||d|| grows as the gradients shrink), then clipped.
+    Heads step along their own task's gradient (`heads=own`), or along alpha_t times it (`heads=weighted`,
+    unclipped: the authors' code backpropagates sum_t alpha_t L_t and clips the shared gradient only).
+    Scale: set by the bargaining (||d|| grows as the gradients shrink), then clipped.
     Guarantees: alpha > 0 and every alpha_t (G alpha)_t within 1e-12 of 1 (where a solution exists: not
     when a nonnegative combination of the gradients vanishes, e.g. g_2 = -g_1), so each task's
     improvement g_t . d (before clipping) is the reciprocal of its weight; ||d|| <= max_norm.
@@ -43,14 +44,14 @@ class NashMTL(GradientMethod):
     name = "nash_mtl"
 
     def __init__(
-        self, tasks: Sequence[str], update_weights_every: int = 1, max_norm: float = 1.0,
+        self, tasks: Sequence[str], update_weights_every: int = 1, max_norm: float = 1.0, heads: str = "own",
     ) -> None:
         value = update_weights_every
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise MtlrunError(f"strategy.update_weights_every must be an integer >= 1, got {value!r}")
         if not max_norm >= 0:
             raise MtlrunError(f"strategy.max_norm must be >= 0 (0: no clipping), got {max_norm!r}")
-        super().__init__(tasks)
+        super().__init__(tasks, heads)
         self.update_weights_every = update_weights_every
         self.max_norm = float(max_norm)
         self.solvers: dict[tuple[str, ...], NashMTLSolver] = {}  # per set of tasks with nonzero gradients
@@ -63,8 +64,9 @@ class NashMTL(GradientMethod):
         if call % self.update_weights_every == 0 or tasks not in self.alphas:
             super().combine(ctx, losses)
         else:
-            shared_grad, head_grads = weighted_gradients(ctx, losses, self.alphas[tasks])
-            ctx.apply(list(tasks), self._clipped(shared_grad), head_grads)
+            self.step_weights = self.alphas[tasks]
+            shared_grad, head_grads = weighted_gradients(ctx, losses, self.step_weights)
+            ctx.apply(list(tasks), self._clipped(shared_grad), self.head_steps(head_grads))
         # Counted once the step is taken (an fp16 step skipped for overflow is not); re-inserted, so the
         # dict's order is the order of last use.
         self.calls.pop(tasks, None)
@@ -84,6 +86,7 @@ class NashMTL(GradientMethod):
         self.alphas.pop(tasks, None)
         self.alphas[tasks] = alpha
         self.weights.update(zip(tasks, alpha.tolist()))
+        self.step_weights = alpha
         return self._clipped(alpha @ exact).to(jacobian.dtype)
 
     def _solve(self, tasks: tuple[str, ...], gram: Tensor) -> Tensor:
