@@ -582,6 +582,8 @@ def test_every_architecture_trains_from_the_cli(workdir, monkeypatch):
     rows = pd.concat([pd.read_csv(f) for f in sweep.glob("*/results.csv")])
     assert sorted(rows.model) == sorted(ARCHITECTURES) and (rows.backbone == "convnet").all()
     assert (rows.iterations == 2).all()
+    for model, run_dir in rows.set_index("model").run_dir.items():  # the penalty apart from the task losses
+        assert ("penalty" in pd.read_csv(Path(run_dir) / "train_log.csv")) == (model == "dselect_k"), model
     log = (Path(rows.set_index("model").run_dir["ltb"]) / "mtlrun.log").read_text()
     tree = re.findall(r"most probable tree model\.tree=(\S+)", log)[-1]
     fixed = workdir / "fixed"
