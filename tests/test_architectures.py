@@ -29,7 +29,7 @@ from mtlrun.models.ltb import LTB
 from mtlrun.models.mmoe import Gate
 from mtlrun.optim import MultiTaskOptimizer, OptimizerSettings
 from mtlrun.strategies import build_strategy
-from mtlrun.strategies.base import StepContext
+from mtlrun.strategies.base import Counts, StepContext
 from mtlrun.strategies.mgda import MGDA
 from mtlrun.tasks import BinaryAttributes, Depth, Normal, Segmentation
 from mtlrun.train import EpochProgress, build_run, seed_everything, train_epoch
@@ -297,6 +297,21 @@ def test_parameters_outside_the_heads_are_libmtls_on_its_resnets(architecture, b
         assert len(model.encoder.levels) + 1 == 5 and len(model.encoder.logits) == 3  # and the leaves' logits
 
 
+@pytest.mark.parametrize("architecture", ["mmoe", "cgc", "ple", "dselect_k"])
+def test_gates_read_as_many_image_channels_as_the_trunk(architecture, monkeypatch):
+    """A trunk reading one-channel images: the gates reading the image take one channel too."""
+    colour = convnet.UNetEncoder
+
+    def grey(width: int) -> convnet.UNetEncoder:
+        trunk = colour(width)
+        trunk.stem = convnet._conv(1, width, stride=2)
+        return trunk
+
+    monkeypatch.setattr(convnet, "UNetEncoder", grey)
+    model = build(architecture)
+    assert model(torch.randn(2, 1, 32, 32), NAMES)["depth"].shape == (2, 1, 32, 32)
+
+
 # --- each architecture's defining property ------------------------------------------------------
 
 
@@ -431,6 +446,18 @@ def test_dselect_k_with_3_experts_logs_task_losses_free_of_its_penalty_and_it_ap
     assert rows["dselect_k"]["penalty"] >= least * len(NAMES)
     assert all(rows["dselect_k"][f"loss/{t}"] < least for t in NAMES)
     assert "penalty" not in rows["hps"]
+
+
+def test_an_epochs_penalty_sum_is_saved_with_its_progress():
+    progress = EpochProgress()
+    progress.begin(Counts(), tuple(NAMES), torch.device("cpu"))
+    progress.penalty_sum = torch.tensor(3.0)
+    resumed = EpochProgress()
+    resumed.load_state_dict(progress.state_dict())
+    assert resumed.penalty_sum == 3.0
+    older = {k: v for k, v in progress.state_dict().items() if k != "penalty_sum"}  # a checkpoint from before
+    resumed.load_state_dict(older)
+    assert resumed.penalty_sum is None
 
 
 def test_ltb_schedule_temperature_warmup_and_evaluation():
