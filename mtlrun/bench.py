@@ -151,9 +151,10 @@ class HandAveraged:
         with run.precision.autocast():
             outputs = model(batch["image"], self.names)
             penalties = model.penalties()
-        losses = [tasks[t].loss(outputs[t].float(), batch[t]) + penalties.get(t, 0.0) for t in self.names]
+        losses = [tasks[t].loss(outputs[t].float(), batch[t]) for t in self.names]
         self.optimizers[0].zero_grad(set_to_none=True)
-        (sum(losses) / len(self.names)).backward()
+        # the architecture's penalties once, unweighted, as StepContext adds them
+        (sum(losses) / len(self.names) + sum(penalties.values(), 0.0)).backward()
         self.optimizers[0].step()
 
 

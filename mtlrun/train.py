@@ -157,21 +157,24 @@ class EpochProgress:
     def __init__(self) -> None:
         self.iteration = 0
         self.loss_sums: dict[str, Tensor] = {}
+        self.penalty_sum: Tensor | None = None  # the architecture's penalties added to the steps (None: none)
         self.counts_at_start: dict[str, int] = {}
         self.seconds = 0.0
 
     def begin(self, counts: Counts, tasks: tuple[str, ...], device: torch.device) -> None:
         self.iteration, self.seconds = 0, 0.0
         self.loss_sums = {t: torch.zeros((), device=device) for t in tasks}
+        self.penalty_sum = None
         self.counts_at_start = asdict(counts)
 
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "loss_sums": self.loss_sums, "counts_at_start": self.counts_at_start,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "penalty_sum": self.penalty_sum}
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration, self.loss_sums = state["iteration"], state["loss_sums"]
         self.counts_at_start, self.seconds = state["counts_at_start"], state["seconds"]
+        self.penalty_sum = state.get("penalty_sum")
 
 
 class StopSignals:
@@ -440,6 +443,9 @@ def train_epoch(
             losses = {}
         for task, loss in losses.items():
             loss_sums[task] += loss
+        penalty = ctx.take_penalty()
+        if penalty is not None:
+            progress.penalty_sum = penalty if progress.penalty_sum is None else progress.penalty_sum + penalty
         if initial_losses is not None and not losses.keys() <= initial_losses.keys():
             initial_losses.update({t: float(v) for t, v in losses.items() if t not in initial_losses})
         ctx.counts.iterations += 1
@@ -463,6 +469,11 @@ def train_epoch(
     before = progress.counts_at_start
     row = {"epoch": epoch + 1, "lr": ctx.optimizer.lr}
     row.update({f"loss/{t}": v for t, v in means.items()})
+    if progress.penalty_sum is not None:  # the architecture's penalty, apart from the task losses
+        penalty_sum = progress.penalty_sum
+        if distributed.active():  # each rank's own batch share: the mean, as of the gradients
+            penalty_sum = distributed.average([penalty_sum])[0]
+        row["penalty"] = float(penalty_sum) / iterations
     row.update({
         "seconds": progress.seconds + time.perf_counter() - start,
         "iterations": ctx.counts.iterations - before["iterations"],

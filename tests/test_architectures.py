@@ -24,10 +24,12 @@ from mtlrun.errors import MtlrunError
 from mtlrun.models import ARCHITECTURES, MODELS, convnet, resnet
 from mtlrun.models.backbones import build_backbone, run_stages
 from mtlrun.models.base import MultiTaskModel
-from mtlrun.models.dselect_k import smooth_step
+from mtlrun.models.dselect_k import DSelectGate, smooth_step
 from mtlrun.models.ltb import LTB
+from mtlrun.models.mmoe import Gate
 from mtlrun.optim import MultiTaskOptimizer, OptimizerSettings
-from mtlrun.strategies.base import StepContext
+from mtlrun.strategies import build_strategy
+from mtlrun.strategies.base import Counts, StepContext
 from mtlrun.strategies.mgda import MGDA
 from mtlrun.tasks import BinaryAttributes, Depth, Normal, Segmentation
 from mtlrun.train import EpochProgress, build_run, seed_everything, train_epoch
@@ -236,6 +238,80 @@ def test_backbone_settings_are_checked_in_one_line():
             build("mmoe", backbone=settings)
 
 
+# LibMTL's architectures (median-research-group/LibMTL at 4336804, LibMTL/architecture/*.py) built on its
+# ResNet encoders (LibMTL/model/resnet.py's resnet18; resnet_dilated('resnet50'), as our backbones) for 3
+# tasks with img_size [3, 32, 32], num_experts [4] (MMoE, DSelect-k with num_nonzeros 2) or [1, 1, 1, 1]
+# (CGC, PLE) and identity decoders, counted in a scratch script outside this repository: (parameters outside
+# the heads, of which routing: gates, and LTB's branching logits). HPS's is the trunk alone.
+LIBMTL = {
+    "resnet18": {
+        "hps": (11_176_512, 0), "cross_stitch": (33_529_572, 0), "mtan": (19_137_216, 0),
+        "mmoe": (44_742_924, 36_876), "cgc": (44_724_486, 18_438), "ple": (44_792_094, 86_046),
+        "dselect_k": (44_761_362, 55_314), "ltb": (33_529_590, 54),
+    },
+    "resnet50": {
+        "hps": (23_508_032, 0), "cross_stitch": (70_524_132, 0), "mtan": (43_967_232, 0),
+        "mmoe": (94_069_004, 36_876), "cgc": (94_050_566, 18_438), "ple": (94_320_926, 288_798),
+        "dselect_k": (94_087_442, 55_314), "ltb": (70_524_150, 54),
+    },
+}
+LEVEL_INPUTS = {"resnet18": [3, 64, 64, 128, 256], "resnet50": [3, 64, 256, 512, 1024]}  # into each stage
+
+
+def routing_here(architecture: str, backbone: str, tasks: int) -> int:
+    """Our routing parameters, by the README's documented choices: gates read their input pooled to 8 x 8
+    cells (LibMTL's the whole flattened input); PLE has shared gates below its last level (LibMTL none);
+    LTB holds one T x T matrix of logits per branch point (LibMTL 6, of which its forward reads 4)."""
+    def gate(channels: int, outputs: int) -> int:
+        return (channels * 64 + 1) * outputs
+
+    inputs = LEVEL_INPUTS[backbone]
+    return {
+        "mmoe": tasks * gate(3, 4), "cgc": tasks * gate(3, 2), "dselect_k": tasks * gate(3, 2 * 2 + 2),
+        "ple": tasks * sum(gate(c, 2) for c in inputs) + sum(gate(c, 1 + tasks) for c in inputs[:-1]),
+        "ltb": 4 * tasks * tasks,
+    }.get(architecture, 0)
+
+
+@pytest.mark.parametrize("backbone", LIBMTL)
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_parameters_outside_the_heads_are_libmtls_on_its_resnets(architecture, backbone):
+    """Built on the meta device (shapes without values): everything but the routing is LibMTL's count, and the
+    routing differs from LibMTL's only by the choices `routing_here` states. PLE has LibMTL's 5 levels and
+    LTB its 4 branch points (stem, layer1..layer4)."""
+    tasks = TASKS[1:]
+    settings = {"name": backbone, **({"stem": "imagenet"} if backbone == "resnet18" else {})}
+    with torch.device("meta"):
+        model = MODELS[architecture](tasks, backbone=settings)
+    total = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.heads.parameters())
+    gates = [m for m in model.modules() if isinstance(m, (Gate, DSelectGate))]
+    routing = sum(p.numel() for m in gates for p in m.parameters())
+    if isinstance(model, LTB):
+        routing = sum(p.numel() for name, p in model.named_parameters() if "logits" in name.split("."))
+    libmtl_total, libmtl_routing = LIBMTL[backbone][architecture]
+    expected = (libmtl_total - libmtl_routing, routing_here(architecture, backbone, 3))
+    assert (total - routing, routing) == expected
+    if architecture == "ple":
+        assert len(model.encoder.levels) == 5
+    if architecture == "ltb":
+        assert len(model.encoder.levels) + 1 == 5 and len(model.encoder.logits) == 3  # and the leaves' logits
+
+
+@pytest.mark.parametrize("architecture", ["mmoe", "cgc", "ple", "dselect_k"])
+def test_gates_read_as_many_image_channels_as_the_trunk(architecture, monkeypatch):
+    """A trunk reading one-channel images: the gates reading the image take one channel too."""
+    colour = convnet.UNetEncoder
+
+    def grey(width: int) -> convnet.UNetEncoder:
+        trunk = colour(width)
+        trunk.stem = convnet._conv(1, width, stride=2)
+        return trunk
+
+    monkeypatch.setattr(convnet, "UNetEncoder", grey)
+    model = build(architecture)
+    assert model(torch.randn(2, 1, 32, 32), NAMES)["depth"].shape == (2, 1, 32, 32)
+
+
 # --- each architecture's defining property ------------------------------------------------------
 
 
@@ -301,22 +377,87 @@ def test_dselect_k_smooth_step_and_gates_as_the_paper():
     torch.testing.assert_close(gate.selectors(x)[0], torch.tensor([[0.0, 0, 0, 1], [1, 0, 0, 0]]))
 
 
-def test_dselect_k_regulariser_is_part_of_its_tasks_training_loss():
+def dselect_k_penalty(model, image: torch.Tensor, task: str, experts: int) -> torch.Tensor:
+    """Task `task`'s gate penalty by hand: 1e-6 x the selectors' entropy, and for 3 experts 1 / (each
+    selector's mass on the codes naming an expert), summed over the batch and selectors."""
+    r = model.task_parts[task].selectors(torch.nn.functional.adaptive_avg_pool2d(image, 8).flatten(1))
+    return -1e-6 * (r * torch.log(r + 1e-6)).sum() + (0 if experts == 4 else (1 / r.sum(-1)).sum())
+
+
+def test_dselect_k_penalty_stays_out_of_the_task_loss_and_joins_the_step_on_its_task_once():
     data = batch()
     for experts in (4, 3):  # 3 is no power of 2: the selectors' mass on the code that names no expert costs
         model = build("dselect_k", num_experts=experts)
         ctx = context(model, data)
-        plain = TASKS[1].loss(model(data["image"], ["depth"])["depth"], data["depth"])
+        taken = []
+        ctx.optimizer.step = lambda tasks, shared, heads: taken.append((shared, heads))
         losses = ctx.losses(data, ["depth"])
-        gate = model.task_parts["depth"]
-        x = torch.nn.functional.adaptive_avg_pool2d(data["image"], 8).flatten(1)
-        r = gate.selectors(x)
-        penalty = -1e-6 * (r * torch.log(r + 1e-6)).sum() + (0 if experts == 4 else (1 / r.sum(-1)).sum())
-        torch.testing.assert_close(losses["depth"], plain + penalty)
-        assert model.penalties() == {}  # handed over once
+        plain = TASKS[1].loss(model(data["image"], ["depth"])["depth"], data["depth"])
+        penalty = dselect_k_penalty(model, data["image"], "depth", experts)
+        torch.testing.assert_close(losses["depth"], plain)
+        ctx.step(["depth"], 3 * losses["depth"])  # a strategy's weight on the loss: the penalty's is 1
+        own = model.task_parameters("depth")
+        expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(3 * plain + penalty, own)])
+        scale = float(expected.abs().max())  # float32 sums in another order: relative to the largest entry
+        torch.testing.assert_close(taken[0][1]["depth"], expected, rtol=1e-5, atol=1e-5 * scale)
+        torch.testing.assert_close(ctx.take_penalty(), penalty.detach())
+        assert experts == 4 or penalty >= 2 * 2  # at least 1 per image and selector: far above the loss
+        ctx.apply(["depth"], torch.zeros_like(taken[0][0]), {"depth": torch.zeros_like(expected)})
+        assert not taken[1][1]["depth"].any() and ctx.take_penalty() is None  # added once
         model.eval()
         ctx.losses(data, ["depth"])
-        assert model.penalties() == {}
+        ctx.apply(["depth"], torch.zeros_like(taken[0][0]), {"depth": torch.zeros_like(expected)})
+        assert not taken[2][1]["depth"].any() and model.penalties() == {}  # none in evaluation
+
+
+def test_a_strategy_reading_loss_values_never_sees_the_dselect_k_penalty():
+    """FAMO weighs the log of each loss: it is handed the task losses alone; the penalty is logged apart."""
+    data = batch()
+    model = build("dselect_k", num_experts=3)
+    strategy = build_strategy(OmegaConf.load(CONF_DIR / "strategy" / "famo.yaml"), NAMES, 0)
+    ctx = context(model, data)
+    seen = []
+    combine = strategy.combine
+    strategy.combine = lambda c, losses: (seen.append({t: v.detach() for t, v in losses.items()}),
+                                          combine(c, losses))
+    outputs = model(data["image"], NAMES)
+    penalty = sum(dselect_k_penalty(model, data["image"], t.name, 3) for t in TASKS)
+    logged = strategy.iteration(ctx)
+    for t in TASKS:
+        torch.testing.assert_close(seen[0][t.name], t.loss(outputs[t.name], data[t.name]).detach())
+        torch.testing.assert_close(logged[t.name], seen[0][t.name])
+    torch.testing.assert_close(ctx.take_penalty(), penalty.detach())
+
+
+def test_dselect_k_with_3_experts_logs_task_losses_free_of_its_penalty_and_it_apart(workdir, monkeypatch):
+    """train_log.csv's row: each loss/<task> without the penalty (which is at least batch x k per task:
+    1 / a selector's mass on real codes is >= 1), and the penalty summed over the gates in its own column."""
+    monkeypatch.chdir(workdir)
+    rows = {}
+    for model in ("dselect_k", "hps"):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            overrides = [f"model={model}", *SIZES, "strategy=dwa"]
+            experts = ["model.num_experts=3"] if model == "dselect_k" else []
+            cfg = compose(config_name="config", overrides=overrides + experts)
+        seed_everything(0, deterministic=False)
+        run = build_run(cfg, torch.device("cpu"), epochs=1, batch_size=4)
+        rows[model] = train_epoch(run.ctx, run.strategy, EpochProgress(), 2, 0, 1, False, torch.device("cpu"))
+    least = 4 * 2  # batch 4, k = 2
+    assert rows["dselect_k"]["penalty"] >= least * len(NAMES)
+    assert all(rows["dselect_k"][f"loss/{t}"] < least for t in NAMES)
+    assert "penalty" not in rows["hps"]
+
+
+def test_an_epochs_penalty_sum_is_saved_with_its_progress():
+    progress = EpochProgress()
+    progress.begin(Counts(), tuple(NAMES), torch.device("cpu"))
+    progress.penalty_sum = torch.tensor(3.0)
+    resumed = EpochProgress()
+    resumed.load_state_dict(progress.state_dict())
+    assert resumed.penalty_sum == 3.0
+    older = {k: v for k, v in progress.state_dict().items() if k != "penalty_sum"}  # a checkpoint from before
+    resumed.load_state_dict(older)
+    assert resumed.penalty_sum is None
 
 
 def test_ltb_schedule_temperature_warmup_and_evaluation():
@@ -401,12 +542,12 @@ def test_mgda_ub_representation_carries_every_shared_gradient_or_is_refused(case
 def test_mgda_ub_on_ltb_needs_one_branch_point_and_no_skip_across_it():
     tasks, x = TASKS[1:3], torch.randn(2, 3, 32, 32)
     resnet18 = {"name": "resnet18"}
-    model = build("ltb", tasks, backbone=resnet18, tree=[[0, 0], [0, 0], [0, 0]], branches=[2, 2, 2])
+    model = build("ltb", tasks, backbone=resnet18, tree=[[0, 0], [0, 0], [0, 0], [0, 0]], branches=[2, 2, 2, 2])
     features = model.encoder(x)
     model.heads_on(features, ["depth", "normal"], (32, 32))
-    assert model.representation(features)[0] is features.history((2, 0))[-1]
-    search = build("ltb", tasks, backbone=resnet18, branches=[2, 2, 2])
-    assert len(search.representation(search.encoder(x))) == 1  # the stack of the third level's outputs
+    assert model.representation(features)[0] is features.history((3, 0))[-1]
+    search = build("ltb", tasks, backbone=resnet18, branches=[2, 2, 2, 2])
+    assert len(search.representation(search.encoder(x))) == 1  # the stack of the fourth level's outputs
     unet = build("ltb", tasks, tree=[[0, 0], [0, 0], [0, 0], [0, 0]], branches=[2, 2, 2, 2])
     features = unet.encoder(x)
     unet.heads_on(features, ["depth", "normal"], (32, 32))
@@ -468,6 +609,8 @@ def test_every_architecture_trains_from_the_cli(workdir, monkeypatch):
     rows = pd.concat([pd.read_csv(f) for f in sweep.glob("*/results.csv")])
     assert sorted(rows.model) == sorted(ARCHITECTURES) and (rows.backbone == "convnet").all()
     assert (rows.iterations == 2).all()
+    for model, run_dir in rows.set_index("model").run_dir.items():  # the penalty apart from the task losses
+        assert ("penalty" in pd.read_csv(Path(run_dir) / "train_log.csv")) == (model == "dselect_k"), model
     log = (Path(rows.set_index("model").run_dir["ltb"]) / "mtlrun.log").read_text()
     tree = re.findall(r"most probable tree model\.tree=(\S+)", log)[-1]
     fixed = workdir / "fixed"

@@ -58,17 +58,26 @@ def _convnet_stages(trunk: convnet.UNetEncoder) -> list[Stage]:
 
 
 def _resnet_stages(trunk: resnet.ResNetTrunk) -> list[Stage]:
-    """The stem with layer1, then layer2, layer3 and layer4 (the stages of LibMTL's ResNet architectures)."""
+    """The stem (conv1, bn1, relu, maxpool), then layer1, layer2, layer3 and layer4: the five stages of
+    LibMTL's ResNet encoders in its PLE and LTB."""
     stem = [trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool]
-    return [Stage(stem + list(trunk.layer1)), Stage(list(trunk.layer2)), Stage(list(trunk.layer3)),
+    return [Stage(stem), Stage(list(trunk.layer1)), Stage(list(trunk.layer2)), Stage(list(trunk.layer3)),
             Stage(list(trunk.layer4))]
+
+
+def _conv_block(cin: int, cout: int) -> nn.Module:
+    """conv3x3-BN-ReLU: mtan's conv block (the paper's shared f)."""
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 @dataclass
 class Backbone:
     """What an architecture needs of a backbone: new trunks (each initialised on its own, from ImageNet
     weights where asked), their split into stages (None where the backbone has none), one head per task
-    on the trunk's `channels`, and how dense outputs are upsampled."""
+    on the trunk's `channels`, and how dense outputs are upsampled. `stem`: the first stage is a stem
+    (a ResNet's conv1 to maxpool) that Cross-stitch and MTAN run together with the next stage, as LibMTL's
+    place no unit and no mask after it. `attention_conv(cin, cout)`: MTAN's shared f on this backbone."""
 
     name: str
     trunk: Callable[[], nn.Module]
@@ -77,15 +86,21 @@ class Backbone:
     split: Callable[[nn.Module], list[Stage]] | None = None
     align_corners: bool = False
     attention_reduction: int = 1  # MTAN's mask width divisor: LibMTL's 4 for bottleneck ResNets
+    attention_conv: Callable[[int, int], nn.Module] = _conv_block
+    stem: bool = False
 
-    def stages(self, architecture: str) -> list[Stage]:
-        """A new trunk split into stages, or one line saying this backbone has none."""
+    def stages(self, architecture: str, stem_apart: bool = True) -> list[Stage]:
+        """A new trunk split into stages (with `stem_apart=False` the stem joined to the stage after it), or
+        one line saying this backbone has none."""
         if self.split is None:
             raise MtlrunError(
                 f"model={architecture} runs the backbone stage by stage, which {self.name} cannot (its decoder "
                 f"unpools with its encoder's indices): choose model/backbone={' or model/backbone='.join(STAGED)}"
             )
-        return self.split(self.trunk())
+        stages = self.split(self.trunk())
+        if self.stem and not stem_apart:
+            return [Stage([*stages[0].layers, *stages[1].layers]), *stages[2:]]
+        return stages
 
 
 def build_backbone(settings: Mapping, tasks: Sequence[Task]) -> Backbone:
@@ -120,6 +135,7 @@ def _resnet18(
     return Backbone(
         "resnet18", lambda: resnet.resnet18_trunk(pretrained, weights_path, stem),
         lambda task: resnet.resnet18_head(512, task, size), 512, _resnet_stages,
+        attention_conv=resnet.residual_block, stem=True,
     )
 
 
@@ -127,7 +143,7 @@ def _resnet50(pretrained: bool = False, weights_path: str | None = None) -> Back
     return Backbone(
         "resnet50", lambda: resnet.resnet50_dilated_trunk(pretrained, weights_path),
         lambda task: resnet.resnet50_dilated_head(2048, task), 2048, _resnet_stages,
-        align_corners=True, attention_reduction=4,
+        align_corners=True, attention_reduction=4, attention_conv=resnet.bottleneck_block, stem=True,
     )
 
 
@@ -139,13 +155,19 @@ def _segnet(filters: Sequence[int] = segnet.PUBLISHED_FILTERS) -> Backbone:
     )
 
 
+def image_channels(trunk: nn.Module) -> int:
+    """The channels of the image a trunk (or its stages) reads: its first convolution's input, which the
+    gates reading the same image take too."""
+    return next(m for m in trunk.modules() if isinstance(m, nn.Conv2d)).in_channels
+
+
 @torch.no_grad()
 def stage_channels(stages: Sequence[Stage]) -> list[tuple[int, int]]:
     """Each stage's (mid, out) channels, from one pass on a small image in eval mode (no statistics change)."""
     modes = [m.training for m in stages]
     for stage in stages:
         stage.eval()
-    history, channels = [torch.zeros(1, 3, 32, 32)], []
+    history, channels = [torch.zeros(1, image_channels(nn.ModuleList(stages)), 32, 32)], []
     for stage in stages:
         mid, out = stage(history)
         history.append(out)

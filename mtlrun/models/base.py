@@ -95,8 +95,8 @@ class MultiTaskModel(nn.Module):
         return found
 
     def penalties(self) -> dict[str, Tensor]:
-        """Regularisers of task parts from the last training forward pass (DSelect-k's gates), by task; each
-        is part of its task's training loss."""
+        """Regularisers of task parts from the last training forward pass (DSelect-k's gates), by task. They
+        are no part of the task losses: `StepContext` adds each once to the step on its task."""
         return {}
 
     def schedule(self, epoch: int, epochs: int) -> None:

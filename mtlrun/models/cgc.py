@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from mtlrun.models.backbones import build_backbone
+from mtlrun.models.backbones import build_backbone, image_channels
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.models.mmoe import Experts, Gate, check_count, mix
 from mtlrun.tasks import Task
@@ -48,9 +48,10 @@ def build(
     check_count("gate_pool", gate_pool)
     spec = build_backbone(backbone or {"name": "convnet"}, tasks)
     shared = Experts([spec.trunk() for _ in range(num_shared)])
+    channels = image_channels(shared)
     parts = {
         t.name: OwnExpertsAndGate(
-            [spec.trunk() for _ in range(num_specific)], Gate(3, num_shared + num_specific, gate_pool)
+            [spec.trunk() for _ in range(num_specific)], Gate(channels, num_shared + num_specific, gate_pool)
         )
         for t in tasks
     }

@@ -19,7 +19,9 @@ the paper's best initialisation for two tasks (rows sum to 1); `self_weight=1` m
 independent. Not taken: the paper's 10^2-10^3 times larger learning rate for the units (LibMTL does not
 scale it either; here every parameter has the optimizer's learning rate), LibMTL's all-ones units, and
 LibMTL's placement (units after layer1-3 only, each column's layer4 its task's): a unit after the last
-stage, as the paper's after fc7, keeps one representation for every backbone, U-Nets included.
+stage, as the paper's after fc7, keeps one representation for every backbone, U-Nets included. On ResNets
+the stem runs with layer1 as one stage, so the units sit after layer1..layer4 (LibMTL's place none after
+the stem either); with T tasks that is 4 T^2 unit weights, as many as LibMTL's (of which it uses 3 T^2).
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def build(tasks: list[Task], backbone: Mapping | None = None, self_weight: float
     if not 0 <= self_weight <= 1:
         raise MtlrunError(f"model.self_weight must lie in [0, 1], got {self_weight!r}")
     spec = build_backbone(backbone or {"name": "convnet"}, tasks)
-    columns = [spec.stages("cross_stitch") for _ in tasks]
+    columns = [spec.stages("cross_stitch", stem_apart=False) for _ in tasks]
     unit = initial_unit(len(tasks), float(self_weight))
     rows = {t.name: StitchRow(unit[i]) for i, t in enumerate(tasks)}
     heads = {t.name: spec.head(t) for t in tasks}

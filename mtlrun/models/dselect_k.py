@@ -9,11 +9,13 @@ bits, S the cubic smooth-step of width `gamma`, and the expert weights sum_i sof
 are linear maps of the pooled image (as MMoE's gates here). Initialisation as the reference code: z's
 maps uniform in +-gamma/100, w's in +-0.05.
 
-Regulariser (the reference code's, as LibMTL computes it): in training each task's loss gains
-`entropy_reg` x the selectors' entropy summed over the batch (pushing each selector to one expert) and,
+Regulariser (the reference code's, as LibMTL computes it): in training each gate's penalty is
+`entropy_reg` x the selectors' entropy summed over the batch (pushing each selector to one expert) plus,
 when E is not a power of 2, the sum over the batch and selectors of 1 / sum_e r_i(e) (pushing selectors
-off codes that name no expert). It is added to that task's loss (`MultiTaskModel.penalties`), so it is in
-the logged training loss; LibMTL instead backpropagates it inside the forward pass, for the last task only.
+off codes that name no expert). It is no part of its task's loss, which the strategies weigh: each
+gate's penalty is added once, unweighted, to the step on its task (`MultiTaskModel.penalties`,
+`StepContext`), as the reference code's Keras `add_loss` adds it to the total loss, and train_log.csv
+logs it as `penalty`. LibMTL backpropagates it inside the forward pass, for the last task's gate only.
 
 Shared: every expert. Task t: its gate (z and w maps) and its head. A step on some tasks runs every expert
 and only their gates. MGDA-UB's representation is the stack of the experts' outputs.
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtlrun.errors import MtlrunError
-from mtlrun.models.backbones import build_backbone
+from mtlrun.models.backbones import build_backbone, image_channels
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.models.mmoe import Experts, check_count, mix
 from mtlrun.tasks import Task
@@ -45,14 +47,16 @@ def smooth_step(t: Tensor, gamma: float) -> Tensor:
 class DSelectGate(nn.Module):
     """One task's DSelect-k gate; in training it keeps its regulariser of the last pass in `penalty`."""
 
-    def __init__(self, experts: int, nonzeros: int, gamma: float, entropy_reg: float, pool: int) -> None:
+    def __init__(
+        self, channels: int, experts: int, nonzeros: int, gamma: float, entropy_reg: float, pool: int
+    ) -> None:
         super().__init__()
         bits = math.ceil(math.log2(experts))
         self.nonzeros, self.bits, self.gamma, self.entropy_reg, self.pool = nonzeros, bits, gamma, entropy_reg, pool
         self.power_of_2 = experts == 2**bits
         codes = [[(e >> (bits - 1 - b)) & 1 for b in range(bits)] for e in range(experts)]
         self.register_buffer("codes", torch.tensor(codes, dtype=torch.bool), persistent=False)  # E x m
-        inputs = 3 * pool * pool
+        inputs = channels * pool * pool
         self.z = nn.Linear(inputs, nonzeros * bits)
         self.w = nn.Linear(inputs, nonzeros)
         for param in self.z.parameters():
@@ -101,5 +105,6 @@ def build(
         raise MtlrunError(f"model.gamma must be > 0 and model.entropy_reg >= 0, got {gamma!r} and {entropy_reg!r}")
     spec = build_backbone(backbone or {"name": "convnet"}, tasks)
     experts = Experts([spec.trunk() for _ in range(num_experts)])
-    gates = {t.name: DSelectGate(num_experts, num_nonzeros, float(gamma), float(entropy_reg), gate_pool) for t in tasks}
+    settings = (num_experts, num_nonzeros, float(gamma), float(entropy_reg), gate_pool)
+    gates = {t.name: DSelectGate(image_channels(experts), *settings) for t in tasks}
     return DSelectK(experts, {t.name: spec.head(t) for t in tasks}, spec.align_corners, task_parts=gates)

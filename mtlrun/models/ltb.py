@@ -2,7 +2,8 @@
 
 Learning to Branch: Guo, Lee & Ulbricht, "Learning to Branch for Multi-Task Learning" (ICML 2020); LibMTL's
 `LTB`. Level k of the tree holds `branches[k]` copies (nodes) of the backbone's stage k (default: one per
-task, as LibMTL); the last level holds one node per task, read by that task's head. Each node of a
+task, as LibMTL; on ResNets the stages are the stem and layer1..layer4, so 4 branch points, as LibMTL's);
+the last level holds one node per task, read by that task's head. Each node of a
 level below chooses its parent among the nodes of the level above; the first level reads the image.
 A node's history (for a U-Net's skips) is its parent's plus its own output.
 
@@ -13,9 +14,11 @@ Its schedule, in two runs (the search, then the tree it found):
    Gumbel-softmax at temperature tau (`hard=true`, as LibMTL: a one-hot draw in the forward pass with
    the relaxed sample's gradient; `false`: the relaxed sample itself), and a node reads its draw's
    mixture of the parents' histories. Before each epoch e the run sets tau = tau_0 / sqrt(e + 1), and
-   the first `warmup_epochs` epochs every node reads the mean of its parents instead of a draw. Defaults
-   as LibMTL's: tau_0 = the run's epochs / 20 (`temperature=null`; 10 at its 200 epochs) and
-   ceil(epochs / 100) warm-up epochs (`warmup_epochs=null`). Evaluation uses each node's most probable
+   the first `warmup_epochs` epochs every node reads the mean of its parents instead of a draw (LibMTL's
+   warm-up reads their sum, its branching weights being all ones then: the mean keeps a node's input on the
+   scale of a draw's, so the warm-up trains the nodes on inputs like those of the search). Defaults as
+   LibMTL's: tau_0 = the run's epochs / 20 (`temperature=null`; 10 at its 200 epochs) and ceil(epochs / 100)
+   warm-up epochs (`warmup_epochs=null`). Evaluation uses each node's most probable
    parent, and after every epoch the run logs that tree as `model.tree=[[...], ...]`.
 2. The tree (`model.tree=<that list>`): each list gives, for the nodes of a level (from the second),
    their parents' indices on the level above; the last list has one entry per task, in the dataset's

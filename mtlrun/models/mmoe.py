@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtlrun.errors import MtlrunError
-from mtlrun.models.backbones import build_backbone
+from mtlrun.models.backbones import build_backbone, image_channels
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.tasks import Task
 
@@ -79,6 +79,7 @@ def build(tasks: list[Task], backbone: Mapping | None = None, num_experts: int =
     check_count("num_experts", num_experts), check_count("gate_pool", gate_pool)
     spec = build_backbone(backbone or {"name": "convnet"}, tasks)
     experts = Experts([spec.trunk() for _ in range(num_experts)])
-    gates = {t.name: GatedMixture(Gate(3, num_experts, gate_pool)) for t in tasks}
+    channels = image_channels(experts)
+    gates = {t.name: GatedMixture(Gate(channels, num_experts, gate_pool)) for t in tasks}
     heads = {t.name: spec.head(t) for t in tasks}
     return MultiTaskModel(experts, heads, spec.align_corners, task_parts=gates)

@@ -4,24 +4,28 @@ Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention" (CVPR 2019
 `MTAN`. The trunk runs once; each task has an attention path beside it. At stage k a task's mask
 a_k, in (0, 1) (conv1x1-BN-ReLU, conv1x1-BN-sigmoid), reads the stage's intermediate feature (the output
 of all its layers but the last) and, from stage 1 on, the task's previous attended feature after the
-shared conv f_k (conv3x3-BN-ReLU, the paper's f) brought to the stage's resolution (max-pooling down,
-bilinear with aligned corners up, as mtan); it multiplies the stage's output. The head reads the last
-attended feature.
+shared block f_k brought to the stage's resolution (max-pooling down, bilinear with aligned corners up,
+as mtan); it multiplies the stage's output. The head reads the last attended feature.
 
-Shared: the trunk and the f convs (one set for all tasks, as mtan's code; the encoder owns them and each
-task's path runs them). Task t: its masks and its head. A step on some tasks runs the trunk and only
-their attention paths. MGDA-UB has no representation here: the shared f convs act after the trunk's
-output, on each task's attended features; it refuses.
+f_k, as LibMTL's on ResNets: a residual block of the trunk's kind at stride 1 with a conv1x1-BN projection
+shortcut (a basic block on ResNet-18; a bottleneck block of width out/4 on ResNet-50); on the convnet mtan's
+conv block (conv3x3-BN-ReLU), LibMTL's MTAN having no such backbone. Masks are as LibMTL's (intermediate
+width out/4 on the bottleneck ResNet-50, out elsewhere). On ResNets the stem runs with layer1 as one stage
+(LibMTL's masks start at layer1), so the masks sit at layer1..layer4.
+
+Shared: the trunk and the f blocks (one set for all tasks, as mtan's and LibMTL's code; the encoder owns
+them and each task's path runs them). Task t: its masks and its head. A step on some tasks runs the
+trunk and only their attention paths. MGDA-UB has no representation here: the shared f blocks act after
+the trunk's output, on each task's attended features; it refuses.
 
 On `model/backbone=segnet` this is mtan's own SegNet-MTAN (`model=segnet_mtan`, decoder attention
-included). Deviation from LibMTL: f is mtan's conv block rather than a residual block; masks are as
-LibMTL's (intermediate width out/4 on the bottleneck ResNet-50, out elsewhere).
+included).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +37,7 @@ from mtlrun.models.base import MultiTaskModel
 from mtlrun.tasks import Task
 
 NO_REPRESENTATION = (
-    "model=mtan's shared attention convs act after the trunk's output, on each task's attended features, so "
+    "model=mtan's shared attention blocks act after the trunk's output, on each task's attended features, so "
     "no one representation separates shared from task parameters: use strategy.rep_grad=false or model=hps"
 )
 
@@ -55,15 +59,14 @@ def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
 
 
 class AttendedTrunk(nn.Module):
-    """The shared part: the f convs and the trunk's stages; gives every stage's (mid, out) features, flat."""
+    """The shared part: the f blocks and the trunk's stages; gives every stage's (mid, out) features, flat."""
 
-    def __init__(self, stages: list[Stage], channels: list[tuple[int, int]]) -> None:
+    def __init__(
+        self, stages: list[Stage], channels: list[tuple[int, int]], block: Callable[[int, int], nn.Module]
+    ) -> None:
         super().__init__()
         outs = [out for _, out in channels]
-        self.attention_convs = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True))
-            for a, b in itertools.pairwise(outs)
-        )
+        self.attention_convs = nn.ModuleList(block(a, b) for a, b in itertools.pairwise(outs))
         self.stages = nn.ModuleList(stages)  # registered last: the trunk's last conv is the last shared layer
 
     def forward(self, image: Tensor) -> tuple[Tensor, ...]:
@@ -76,7 +79,7 @@ class AttendedTrunk(nn.Module):
 
 
 class AttentionPath(nn.Module):
-    """One task's masks, run on the trunk's features with the shared f convs."""
+    """One task's masks, run on the trunk's features with the shared f blocks."""
 
     def __init__(self, channels: list[tuple[int, int]], reduction: int, convs: nn.ModuleList) -> None:
         super().__init__()
@@ -101,9 +104,9 @@ def build(tasks: list[Task], backbone: Mapping | None = None) -> MultiTaskModel:
     spec = build_backbone(backbone or {"name": "convnet"}, tasks)
     if spec.name == "segnet":
         return segnet.build_mtan(tasks, dict(backbone).get("filters", segnet.PUBLISHED_FILTERS))
-    stages = spec.stages("mtan")
+    stages = spec.stages("mtan", stem_apart=False)
     channels = stage_channels(stages)
-    trunk = AttendedTrunk(stages, channels)
+    trunk = AttendedTrunk(stages, channels, spec.attention_conv)
     paths = {t.name: AttentionPath(channels, spec.attention_reduction, trunk.attention_convs) for t in tasks}
     model = MultiTaskModel(trunk, {t.name: spec.head(t) for t in tasks}, spec.align_corners, task_parts=paths)
     model.no_representation = NO_REPRESENTATION

@@ -2,12 +2,13 @@
 
 Progressive Layered Extraction: Tang, Liu, Zhao & Gong, "Progressive Layered Extraction (PLE): A Novel
 Multi-Task Learning (MTL) Model for Personalized Recommendations" (RecSys 2020); LibMTL's `PLE`. Each stage
-of the backbone is an extraction level (as LibMTL's). At level j there are `num_shared` shared experts and
-`num_specific` experts per task (copies of stage j), and a path per task and a shared path, each with its
-history (the image, then its gated outputs). Task t's gate (softmax of a linear map of its path's pooled
-input) mixes the shared experts and t's own, the experts run on the histories of their own path; below the
-last level a shared gate mixes all experts of the level (shared and every task's) into the shared path,
-whose history the next level's shared experts read. Task t's head reads its path's last mixture.
+of the backbone is an extraction level (as LibMTL's: on ResNets the stem and layer1..layer4, 5 levels). At
+level j there are `num_shared` shared experts and `num_specific` experts per task (copies of stage j), and
+a path per task and a shared path, each with its history (the image, then its gated outputs). Task t's
+gate (softmax of a linear map of its path's pooled input) mixes the shared experts and t's own, the
+experts run on the histories of their own path; below the last level a shared gate mixes all experts of
+the level (shared and every task's) into the shared path, whose history the next level's shared experts
+read. Task t's head reads its path's last mixture.
 
 Shared and task parameters, by which tasks' losses reach them: through the shared gates every task's loss
 reaches every expert below the last level, every shared gate and every task gate below the last two
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlrun.errors import MtlrunError
-from mtlrun.models.backbones import Stage, build_backbone, stage_channels
+from mtlrun.models.backbones import Stage, build_backbone, image_channels, stage_channels
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.models.mmoe import Gate, check_count, mix
 from mtlrun.tasks import Task
@@ -107,7 +108,8 @@ def build(
     depth = len(copies["shared"][0])
     if depth < 2:
         raise MtlrunError("model=ple needs a backbone of at least two stages")
-    inputs = [3] + [out for _, out in stage_channels(copies["shared"][0])][:-1]  # each level's input channels
+    first = copies["shared"][0]
+    inputs = [image_channels(first[0])] + [out for _, out in stage_channels(first)][:-1]  # each level's input
     every = num_shared + num_specific * len(names)
 
     def experts(name: str, j: int) -> list[Stage]:

@@ -9,6 +9,7 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 from torchvision.models import ResNet, ResNet18_Weights, ResNet50_Weights, resnet18, resnet50
+from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from mtlrun.errors import MtlrunError
@@ -97,6 +98,22 @@ def _pretrain(trunk: ResNetTrunk, arch: str, pretrained: bool, weights_path: str
         load_imagenet_weights(trunk, arch, weights_path)
     elif weights_path:
         raise MtlrunError("model.weights_path is read only with model.pretrained=true: set that, or drop it")
+
+
+# --- MTAN's shared f on ResNets: a residual block of the trunk's kind, as LibMTL's -------------------
+
+
+def residual_block(cin: int, cout: int) -> nn.Module:
+    """A ResNet-18 basic block from cin to cout channels at stride 1, its shortcut a conv1x1-BN projection."""
+    shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+    return BasicBlock(cin, cout, downsample=shortcut)
+
+
+def bottleneck_block(cin: int, cout: int) -> nn.Module:
+    """A ResNet-50 bottleneck block from cin to cout channels (width cout / 4) at stride 1, its shortcut a
+    conv1x1-BN projection."""
+    shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+    return Bottleneck(cin, cout // Bottleneck.expansion, downsample=shortcut)
 
 
 # --- heads ---------------------------------------------------------------------------------------

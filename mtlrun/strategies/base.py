@@ -29,8 +29,25 @@ class Counts:
     skipped_steps: int = 0  # fp16 steps skipped for non-finite gradients (not in optimizer_steps)
 
 
+@dataclass
+class HeldPenalty:
+    """A task part's penalty from a forward pass, with its gradient, until the step on that task adds it."""
+
+    value: Tensor  # detached
+    shared: tuple[Tensor | None, ...] | None  # d penalty / d shared parameters; None where it reaches none
+    own: Tensor  # d penalty / d the task's own parameters, flat
+
+
 class StepContext:
-    """What a strategy may use during one iteration: fresh batches, forward passes, optimizer steps."""
+    """What a strategy may use during one iteration: fresh batches, forward passes, optimizer steps.
+
+    Architecture penalties (DSelect-k's gate regulariser: `MultiTaskModel.penalties`) stay out of the task
+    losses a strategy weighs: `losses` takes each penalty's gradient at once (one partial backward pass per
+    penalised task) and holds it; the next step on that task (`step`, `apply`, `apply_each`) adds it to the
+    update, unweighted and once, as Keras's `add_loss` adds the reference code's regulariser to the total
+    loss. A later pass on the task replaces it; the values added are summed for train_log.csv (`penalty`).
+    So a strategy reading loss values (DWA, FAMO, uncertainty, GradNorm, ...) never sees a penalty.
+    """
 
     def __init__(
         self, model: MultiTaskModel, tasks: Sequence[Task], optimizer: MultiTaskOptimizer,
@@ -45,6 +62,8 @@ class StepContext:
         self._shared = model.shared_parameters()
         self.features: object = None  # the encoder's output in the last `losses` pass (MGDA-UB weighs on it)
         self.batch: Batch | None = None  # the batch of the last `losses` pass (FAMO re-evaluates on it)
+        self._held: dict[str, HeldPenalty] = {}
+        self._penalty_added: Tensor | None = None  # the values added to steps since `take_penalty`
 
     def next_batch(self) -> Batch:
         return self._to_device(next(self._batches))
@@ -67,13 +86,43 @@ class StepContext:
                 outputs = self.model(image, tasks)
             penalties = self.model.penalties()
         losses = {t: self.tasks[t].loss(full(outputs[t]), batch[t]) for t in tasks}
-        for t, penalty in penalties.items():  # a task part's regulariser is part of its task's loss
-            if t in losses:
-                losses[t] = losses[t] + full(penalty)
+        for t, penalty in penalties.items():
+            if t in losses and penalty.requires_grad:  # a pass without gradients (a look-ahead) steps nothing
+                self._hold(t, full(penalty))
         if distributed.active():
             counts = {t: self.tasks[t].loss_count(batch[t]) for t in tasks}
             return distributed.global_losses(losses, counts)
         return losses
+
+    def _hold(self, task: str, penalty: Tensor) -> None:
+        own = self.model.task_parameters(task)
+        grads = self.grad(penalty, self._shared + own, retain_graph=True)
+        self.counts.backward_passes += 1
+        n = len(self._shared)
+        shared = grads[:n] if any(g is not None for g in grads[:n]) else None
+        self._held[task] = HeldPenalty(penalty.detach(), shared, flatten(grads[n:], own))
+
+    def _let_go(self, tasks: Sequence[str]) -> dict[str, HeldPenalty]:
+        """The held penalties of `tasks`, no longer held; their values are counted for the log."""
+        found = {t: self._held.pop(t) for t in tasks if t in self._held}
+        for held in found.values():
+            added = self._penalty_added
+            self._penalty_added = held.value if added is None else added + held.value
+        return found
+
+    def _with_penalty(
+        self, shared_grad: Tensor, head_grad: Tensor, held: HeldPenalty
+    ) -> tuple[Tensor, Tensor]:
+        if held.shared is not None:
+            shared_grad = shared_grad + flatten(held.shared, self._shared)
+        return shared_grad, head_grad + held.own
+
+    def take_penalty(self) -> Tensor | None:
+        """The sum of the penalties added to steps since the last call (None: none was), for the loop's
+        log, called after every iteration: penalties held for tasks no step took are dropped."""
+        added, self._penalty_added = self._penalty_added, None
+        self._held.clear()
+        return added
 
     def grad(
         self, output: Tensor, inputs: Sequence[Tensor], retain_graph: bool = False
@@ -116,13 +165,19 @@ class StepContext:
         return jacobian, head_grads
 
     def apply(self, tasks: Sequence[str], shared_grad: Tensor, head_grads: dict[str, Tensor]) -> None:
-        """One optimizer step on `tasks` with gradients a strategy computed itself."""
+        """One optimizer step on `tasks` with gradients a strategy computed itself (and held penalties')."""
+        head_grads = dict(head_grads)
+        for t, held in self._let_go(tasks).items():
+            shared_grad, head_grads[t] = self._with_penalty(shared_grad, head_grads[t], held)
         self._check([shared_grad, *head_grads.values()])
         self.optimizer.step(tasks, shared_grad, head_grads)
         self._stepped()
 
     def apply_each(self, shared_grads: dict[str, Tensor], head_grads: dict[str, Tensor]) -> None:
         """One optimizer step feeding each task's own shared gradient to its own state (`step_each`)."""
+        shared_grads, head_grads = dict(shared_grads), dict(head_grads)
+        for t, held in self._let_go(list(shared_grads)).items():
+            shared_grads[t], head_grads[t] = self._with_penalty(shared_grads[t], head_grads[t], held)
         self._check([*shared_grads.values(), *head_grads.values()])
         self.optimizer.step_each(shared_grads, head_grads)
         self._stepped()
