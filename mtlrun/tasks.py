@@ -318,7 +318,7 @@ class BinaryAttributes(Task):
         self.out_channels = len(attributes)
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        return F.binary_cross_entropy_with_logits(pred, target.float())
+        return F.binary_cross_entropy_with_logits(pred, target.to(pred.dtype))
 
     def meter(self) -> Meter:
         return BinaryMeter(len(self.attributes))

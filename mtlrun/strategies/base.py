@@ -66,10 +66,10 @@ class StepContext:
                 self.features = None
                 outputs = self.model(image, tasks)
             penalties = self.model.penalties()
-        losses = {t: self.tasks[t].loss(outputs[t].float(), batch[t]) for t in tasks}
+        losses = {t: self.tasks[t].loss(_at_least_fp32(outputs[t]), batch[t]) for t in tasks}
         for t, penalty in penalties.items():  # a task part's regulariser is part of its task's loss
             if t in losses:
-                losses[t] = losses[t] + penalty.float()
+                losses[t] = losses[t] + _at_least_fp32(penalty)
         if distributed.active():
             counts = {t: self.tasks[t].loss_count(batch[t]) for t in tasks}
             return distributed.global_losses(losses, counts)
@@ -138,6 +138,11 @@ class StepContext:
     def _stepped(self) -> None:
         self.counts.optimizer_steps += 1
         self.precision.stepped()
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """Losses are computed in float32 from half-precision outputs, in the model's own precision otherwise."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 class Strategy(ABC):
