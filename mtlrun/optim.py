@@ -77,12 +77,13 @@ class OptimizerSettings:
                                   ("idle_params", idle_params, IDLE_PARAMS)):
             if value not in valid:
                 raise MtlrunError(
-                    f"optimizer.{key}={value!r} is invalid; valid: {', '.join(valid)} (optimizer.{key}={valid[0]})"
+                    f"optimizer.{key}={value!r} is invalid; valid: {', '.join(valid)} "
+                    f"(optimizer.{key}={valid[0]})"
                 )
         if eps_placement == "kingma" and cfg.name != "adam":
             raise MtlrunError(
-                f"optimizer.eps_placement=kingma (PyTorch 1.2's Adam arithmetic) applies to optimizer=adam only; "
-                f"with optimizer={cfg.name} leave optimizer.eps_placement=modern"
+                f"optimizer.eps_placement=kingma (PyTorch 1.2's Adam arithmetic) applies to optimizer=adam "
+                f"only; with optimizer={cfg.name} leave optimizer.eps_placement=modern"
             )
         nesterov = cfg.get("nesterov", False)
         if not isinstance(nesterov, bool):

@@ -171,7 +171,7 @@ def test_shared_states_stay_shared_through_a_checkpoint(tmp_path):
     torch.testing.assert_close(loaded["b"]["exp_avg"], opt.shared.slots["b"]["exp_avg"])
 
 
-# --- PyTorch 1.2's Adam (eps_placement=kingma) and steps of idle heads (idle_params=step) ---------------------------
+# --- PyTorch 1.2's Adam (eps_placement=kingma) and steps of idle heads (idle_params=step) -------------------
 
 
 def _kingma_by_hand(grads: list[torch.Tensor], lr: float, b1: float = 0.9, b2: float = 0.999,
@@ -188,14 +188,15 @@ def _kingma_by_hand(grads: list[torch.Tensor], lr: float, b1: float = 0.9, b2: f
 def _tiny_grads(count: int, size: int, seed: int) -> list[torch.Tensor]:
     """Gradient entries from 1e-9 to 1e-1: near eps, where the two placements part."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(size, generator=g, dtype=torch.float64) * 10.0 ** -torch.randint(1, 10, (size,), generator=g)
-            for _ in range(count)]
+    return [torch.randn(size, generator=g, dtype=torch.float64)
+            * 10.0 ** -torch.randint(1, 10, (size,), generator=g) for _ in range(count)]
 
 
 def test_kingma_eps_placement_is_the_formula_by_hand_with_shared_moments():
     lr, grads = 1e-3, _tiny_grads(5, 40, seed=0)
     p = torch.nn.Parameter(torch.zeros(40, dtype=torch.float64))
-    opt = MultiTaskOptimizer([p], {}, OptimizerSettings(name="adam", lr=lr, moments="shared", eps_placement="kingma"))
+    settings = OptimizerSettings(name="adam", lr=lr, moments="shared", eps_placement="kingma")
+    opt = MultiTaskOptimizer([p], {}, settings)
     modern = torch.nn.Parameter(torch.zeros(40, dtype=torch.float64))
     reference = torch.optim.Adam([modern], lr=lr)
     for g, displacement in zip(grads, _kingma_by_hand(grads, lr)):
@@ -209,8 +210,8 @@ def test_kingma_eps_placement_is_the_formula_by_hand_with_shared_moments():
 
 
 def test_kingma_eps_placement_is_the_formula_by_hand_with_per_task_moments():
-    """Task a steps alone, then a and b together (mean of their directions), then b alone; and in a `step_each`
-    step (AdaTask) each task's own gradient feeds its own moments and the directions add."""
+    """Task a steps alone, then a and b together (mean of their directions), then b alone; and in a
+    `step_each` step (AdaTask) each task's own gradient feeds its own moments and the directions add."""
     lr, grads = 1e-3, _tiny_grads(4, 30, seed=1)
     p = torch.nn.Parameter(torch.zeros(30, dtype=torch.float64))
     settings = OptimizerSettings(name="adam", lr=lr, moments="per_task", eps_placement="kingma")
@@ -234,8 +235,7 @@ def _idle_run(settings: OptimizerSettings, sequence: list[list[str]], torch_cls=
     none); beside them, if `torch_cls`, that torch optimizer over all parameters with zero_grad to zeros
     (PyTorch 1.2's zero_grad): a head's gradient is None until its task's first backward, zero after."""
     g = torch.Generator().manual_seed(5)
-    make = lambda: {k: torch.nn.Parameter(torch.randn(3, generator=g, dtype=torch.float64)) for k in "wabc"}  # noqa: E731
-    ours = make()
+    ours = {k: torch.nn.Parameter(torch.randn(3, generator=g, dtype=torch.float64)) for k in "wabc"}
     theirs = {k: torch.nn.Parameter(v.detach().clone()) for k, v in ours.items()}
     opt = MultiTaskOptimizer([ours["w"]], {t: [ours[t]] for t in "abc"}, settings)
     ref = torch_cls(list(theirs.values()), lr=settings.lr, **torch_kwargs) if torch_cls else None
