@@ -5,7 +5,8 @@ correction, SGD momentum) for the shared parameters. A step taken on a group of 
 step's gradient to the state of each task in the group and moves the shared parameters along the
 mean of those tasks' update directions; for a group of one task this is exactly that task's own
 optimizer. With `moments=shared` there is one state, i.e. the plain optimizer. Task-specific
-parameters (a task's head) only ever get a state of their own and are moved only by their task.
+parameters (a task's head) only ever get a state of their own and are moved only by their task
+(unless `idle_params=step`, below).
 
 Tasks whose states have seen exactly the same steps hold one state object between them (copied on the
 first step that sets them apart), so steps on all tasks at once (averaged and every baseline method)
