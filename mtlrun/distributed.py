@@ -234,12 +234,14 @@ class _GlobalBatchNorm:
         import torch
         import torch.distributed.nn.functional as dist_nn
 
+        from mtlrun.precision import full
+
         if not (self.training and active()):
             return super().forward(x)  # evaluation: rank 0 alone, as one process would
         self._check_input_dim(x)
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        values = x.to(torch.get_default_dtype())  # autocast's half-precision activations: statistics in full
+        values = full(x)  # autocast's half-precision activations: statistics in full precision
         count = values.numel() // values.shape[1]  # per rank; every rank holds an equal part of the batch
         mean = values.mean(dims)
         deviations = ((values - mean.view(shape)) ** 2).sum(dims)

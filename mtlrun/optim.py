@@ -5,11 +5,25 @@ correction, SGD momentum) for the shared parameters. A step taken on a group of 
 step's gradient to the state of each task in the group and moves the shared parameters along the
 mean of those tasks' update directions; for a group of one task this is exactly that task's own
 optimizer. With `moments=shared` there is one state, i.e. the plain optimizer. Task-specific
-parameters (a task's head) only ever get a state of their own and are moved only by their task.
+parameters (a task's head) only ever get a state of their own and are moved only by their task
+(unless `idle_params=step`, below).
 
 Tasks whose states have seen exactly the same steps hold one state object between them (copied on the
 first step that sets them apart), so steps on all tasks at once (averaged and every baseline method)
 keep a single state and cost one update, not T identical ones: the same numbers, T times less memory.
+
+Two settings reproduce code written for PyTorch 1.2 (the seed paper's, lucaspascal/AITSO_MTL).
+`eps_placement=kingma` adds Adam's eps to the raw sqrt(v), before bias correction:
+p -= lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps), Kingma & Ba's "efficient version" and
+torch.optim.Adam's arithmetic up to 1.2; `modern` (today's torch) adds it to sqrt(v / (1 - b2^t)).
+`idle_params=step` makes a step with shared moments also step every head whose task is not in the
+step and that has a state (its task has stepped before), on a zero gradient: what torch's optimizers do
+after `zero_grad()` leaves zero tensors (1.2's only behaviour, `set_to_none=False` today). A parameter
+whose gradient was never computed has none and is skipped, as there. The idle head moves on its decayed
+moments (Adam, AdamW), its momentum buffer (SGD) and weight decay, and its step count t advances.
+With per-task moments a task's state covers the shared parameters and its own head only, so no head is
+idle: the authors' one Adam per task over all parameters moves another task's head by exactly zero (its
+moments of that head stay zero; weight decay would shrink it there, not here).
 """
 
 from __future__ import annotations
@@ -26,6 +40,8 @@ from mtlrun.errors import MtlrunError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 MOMENTS = ("per_task", "shared")
+EPS_PLACEMENTS = ("modern", "kingma")
+IDLE_PARAMS = ("skip", "step")
 
 
 @dataclass(frozen=True)
@@ -38,6 +54,8 @@ class OptimizerSettings:
     momentum: float = 0.0
     nesterov: bool = False
     moments: str = "per_task"
+    eps_placement: str = "modern"
+    idle_params: str = "skip"
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> OptimizerSettings:
@@ -55,6 +73,19 @@ class OptimizerSettings:
             raise MtlrunError(
                 f"optimizer.betas must be two numbers in [0, 1), e.g. [0.9,0.999], got {betas!r}"
             )
+        eps_placement, idle_params = cfg.get("eps_placement", "modern"), cfg.get("idle_params", "skip")
+        for key, value, valid in (("eps_placement", eps_placement, EPS_PLACEMENTS),
+                                  ("idle_params", idle_params, IDLE_PARAMS)):
+            if value not in valid:
+                raise MtlrunError(
+                    f"optimizer.{key}={value!r} is invalid; valid: {', '.join(valid)} "
+                    f"(optimizer.{key}={valid[0]})"
+                )
+        if eps_placement == "kingma" and cfg.name != "adam":
+            raise MtlrunError(
+                f"optimizer.eps_placement=kingma (PyTorch 1.2's Adam arithmetic) applies to optimizer=adam "
+                f"only; with optimizer={cfg.name} leave optimizer.eps_placement=modern"
+            )
         nesterov = cfg.get("nesterov", False)
         if not isinstance(nesterov, bool):
             raise MtlrunError(f"optimizer.nesterov must be true or false, got {nesterov!r}")
@@ -64,7 +95,7 @@ class OptimizerSettings:
             betas=(_number(betas[0], "betas[0]", "in [0, 1)"), _number(betas[1], "betas[1]", "in [0, 1)")),
             eps=_number(cfg.get("eps", 1e-8), "eps", "> 0"),
             momentum=_number(cfg.get("momentum", 0.0), "momentum", "in [0, 1)"), nesterov=nesterov,
-            moments=cfg.get("moments", "per_task"),
+            moments=cfg.get("moments", "per_task"), eps_placement=eps_placement, idle_params=idle_params,
         )
 
 
@@ -124,6 +155,7 @@ class MultiTaskOptimizer:
         self._update(self.shared, shared_grad, slots)
         for task, grad in head_grads.items():
             self._update(self.heads[task], grad, [task])
+        self._step_idle_heads(head_grads)
 
     @torch.no_grad()
     def step_each(self, shared_grads: dict[str, Tensor], head_grads: dict[str, Tensor]) -> None:
@@ -147,6 +179,17 @@ class MultiTaskOptimizer:
         block.apply(update)
         for task, grad in head_grads.items():
             self._update(self.heads[task], grad, [task])
+        self._step_idle_heads(head_grads)
+
+    def _step_idle_heads(self, stepped: dict[str, Tensor]) -> None:
+        """`idle_params=step` with shared moments: every head given no gradient in this step that has a state
+        steps on a zero gradient (see the module docstring)."""
+        if self.settings.idle_params != "step" or self.settings.moments != "shared":
+            return
+        for task, block in self.heads.items():
+            if task not in stepped and task in block.slots:
+                self._update(block, torch.zeros(sum(block.sizes), dtype=block.params[0].dtype,
+                                                device=block.params[0].device), [task])
 
     @torch.no_grad()
     def step_owned(self, params: Sequence[Tensor], grad: Tensor, state: dict) -> None:
@@ -182,6 +225,10 @@ class MultiTaskOptimizer:
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
+        if self.settings.eps_placement == "kingma":
+            denom = exp_avg_sq.sqrt().add_(self.settings.eps)
+            update.addcdiv_(exp_avg, denom, value=scale * math.sqrt(bias_correction2) / bias_correction1)
+            return
         denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(self.settings.eps)
         update.addcdiv_(exp_avg, denom, value=scale / bias_correction1)
 

@@ -31,8 +31,9 @@ def run_dtype(name: str) -> Iterator[None]:
 
 
 def full(x: Tensor) -> Tensor:
-    """`x` in the run's dtype: autocast's bf16/fp16 outputs go up to it; nothing in the run's dtype changes."""
-    return x.to(torch.get_default_dtype())
+    """`x` in full precision: autocast's bf16/fp16 outputs go up to the run's dtype; float32 and float64 (a
+    float64 run's, or a model turned to float64 by a test) stay as they are."""
+    return x.to(torch.get_default_dtype()) if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 class SkippedStep(Exception):

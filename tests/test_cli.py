@@ -133,6 +133,8 @@ def _one_line_error(result: subprocess.CompletedProcess) -> str:
         (["strategy=grouped", "strategy.group_size=0"], "strategy.group_size must be an integer >= 1"),
         (["trainer.epoch=3"], "trainer.epoch is not a config key; keys of trainer: epochs"),
         (["optimizer=adam", "optimizer.moments=both"], "valid: per_task, shared"),
+        (["optimizer=adamw", "optimizer.eps_placement=kingma"], "applies to optimizer=adam only"),
+        (["optimizer.idle_params=always"], "valid: skip, step"),
         (["trainer.batch_size=1000"], "exceeds the 64 training samples"),
         (["scheduler=step", "scheduler.step_size=0"], "scheduler.step_size must be an integer >= 1"),
     ],
@@ -140,6 +142,15 @@ def _one_line_error(result: subprocess.CompletedProcess) -> str:
 def test_bad_input_is_one_readable_line(workdir, args, expected):
     line = _one_line_error(mtlrun(*TINY, *args, "hydra.run.dir=runs/bad", cwd=workdir))
     assert line.startswith("mtlrun: error:") and expected in line
+
+
+def test_pytorch_1_2_adam_and_idle_steps_run_from_the_cli(workdir):
+    result = mtlrun(*TINY, "optimizer.moments=shared", "optimizer.eps_placement=kingma", "optimizer.idle_params=step",
+                    "hydra.run.dir=runs/torch12", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    config = (workdir / "runs/torch12/.hydra/config.yaml").read_text()
+    assert "eps_placement: kingma" in config and "idle_params: step" in config
+    assert (workdir / "runs/torch12/results.csv").is_file()
 
 
 def test_missing_dataset_file_is_one_readable_line(workdir):

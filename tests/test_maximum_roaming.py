@@ -257,3 +257,31 @@ def test_models_it_cannot_mask_are_refused_in_one_line():
     ctx = context(linear, TASKS, batches(TASKS))
     strategy.iteration(ctx)
     assert [layer.units for layer in strategy.layers] == [4] and ctx.counts.optimizer_steps == 3
+
+
+@pytest.mark.parametrize("idle_params", ["step", "skip"])
+def test_one_adam_with_idle_steps_is_the_authors_torch_adam(idle_params):
+    """The authors' per-task Maximum Roaming steps under one Adam for all tasks (their PyTorch 1.2: zero_grad
+    leaves zero tensors, so every step moves the other tasks' heads on their moments too): with
+    `optimizer.idle_params=step` mtlrun's steps are torch.optim.Adam's over all parameters, float64, for three
+    iterations; with `skip` (the default) the idle heads stay behind."""
+    model = tiny_model().double()
+    strategy = attached(model, sigma=0.5)
+    data = [{k: v.double() for k, v in batch.items()} for batch in image_batches(3)]
+    ctx = context(model, TASKS, data, name="adam", lr=0.01, moments="shared", idle_params=idle_params)
+    reference = tiny_model().double()
+    reference.load_state_dict(model.state_dict())
+    adam = torch.optim.Adam(reference.parameters(), lr=0.01)
+    for batch in data:
+        strategy.iteration(ctx)
+        for index, task in enumerate(TASKS):  # masks stay put: the first roaming comes much later
+            adam.zero_grad(set_to_none=False)
+            out = by_hand(reference, strategy, index, task, batch["image"])
+            ((out.squeeze(-1) - batch[task]) ** 2).mean().backward()
+            adam.step()
+    mine, theirs = dict(model.named_parameters()), dict(reference.named_parameters())
+    if idle_params == "skip":
+        assert not torch.allclose(mine["heads.a.weight"], theirs["heads.a.weight"], rtol=1e-6)
+        return
+    for name in mine:
+        torch.testing.assert_close(mine[name], theirs[name], rtol=1e-10, atol=1e-13)

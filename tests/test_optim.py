@@ -169,3 +169,158 @@ def test_shared_states_stay_shared_through_a_checkpoint(tmp_path):
     loaded = torch.load(tmp_path / "opt.pt", weights_only=True)["shared"]
     assert loaded["b"] is loaded["c"] and loaded["a"] is not loaded["b"]
     torch.testing.assert_close(loaded["b"]["exp_avg"], opt.shared.slots["b"]["exp_avg"])
+
+
+# --- PyTorch 1.2's Adam (eps_placement=kingma) and steps of idle heads (idle_params=step) -------------------
+
+
+def _kingma_by_hand(grads: list[torch.Tensor], lr: float, b1: float = 0.9, b2: float = 0.999,
+                    eps: float = 1e-8) -> list[torch.Tensor]:
+    """Each step's displacement: -lr sqrt(1 - b2^t) / (1 - b1^t) m_t / (sqrt(v_t) + eps), written out."""
+    m, v, out = torch.zeros_like(grads[0]), torch.zeros_like(grads[0]), []
+    for t, g in enumerate(grads, start=1):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        out.append(-lr * math.sqrt(1 - b2**t) / (1 - b1**t) * m / (v.sqrt() + eps))
+    return out
+
+
+def _tiny_grads(count: int, size: int, seed: int) -> list[torch.Tensor]:
+    """Gradient entries from 1e-9 to 1e-1: near eps, where the two placements part."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, generator=g, dtype=torch.float64)
+            * 10.0 ** -torch.randint(1, 10, (size,), generator=g) for _ in range(count)]
+
+
+def test_kingma_eps_placement_is_the_formula_by_hand_with_shared_moments():
+    lr, grads = 1e-3, _tiny_grads(5, 40, seed=0)
+    p = torch.nn.Parameter(torch.zeros(40, dtype=torch.float64))
+    settings = OptimizerSettings(name="adam", lr=lr, moments="shared", eps_placement="kingma")
+    opt = MultiTaskOptimizer([p], {}, settings)
+    modern = torch.nn.Parameter(torch.zeros(40, dtype=torch.float64))
+    reference = torch.optim.Adam([modern], lr=lr)
+    for g, displacement in zip(grads, _kingma_by_hand(grads, lr)):
+        before = p.detach().clone()
+        opt.step(["a"], g.clone(), {})
+        torch.testing.assert_close(p.detach() - before, displacement, rtol=1e-12, atol=1e-20)
+        modern.grad = g.clone()
+        reference.step()
+    # today's arithmetic parts from it by far more than rounding (eps 1e-8 / sqrt(1 - b2) = 3e-7 at step 1)
+    assert (p.detach() - modern.detach()).abs().max() > 1e-5
+
+
+def test_kingma_eps_placement_is_the_formula_by_hand_with_per_task_moments():
+    """Task a steps alone, then a and b together (mean of their directions), then b alone; and in a
+    `step_each` step (AdaTask) each task's own gradient feeds its own moments and the directions add."""
+    lr, grads = 1e-3, _tiny_grads(4, 30, seed=1)
+    p = torch.nn.Parameter(torch.zeros(30, dtype=torch.float64))
+    settings = OptimizerSettings(name="adam", lr=lr, moments="per_task", eps_placement="kingma")
+    opt = MultiTaskOptimizer([p], {}, settings)
+    opt.step(["a"], grads[0].clone(), {})
+    opt.step(["a", "b"], grads[1].clone(), {})
+    opt.step(["b"], grads[2].clone(), {})
+    a = _kingma_by_hand([grads[0], grads[1]], lr)
+    b = _kingma_by_hand([grads[1], grads[2]], lr)
+    torch.testing.assert_close(p.detach(), a[0] + (a[1] + b[0]) / 2 + b[1], rtol=1e-12, atol=1e-20)
+    q = torch.nn.Parameter(torch.zeros(30, dtype=torch.float64))
+    each = MultiTaskOptimizer([q], {}, settings)
+    each.step_each({"a": grads[0].clone(), "b": grads[1].clone()}, {})
+    each.step_each({"a": grads[2].clone(), "b": grads[3].clone()}, {})
+    a, b = _kingma_by_hand([grads[0], grads[2]], lr), _kingma_by_hand([grads[1], grads[3]], lr)
+    torch.testing.assert_close(q.detach(), a[0] + b[0] + a[1] + b[1], rtol=1e-12, atol=1e-20)
+
+
+def _idle_run(settings: OptimizerSettings, sequence: list[list[str]], torch_cls=None, **torch_kwargs):
+    """Shared parameter w and heads a, b, c stepped per `sequence` (a step's heads get gradients, the others
+    none); beside them, if `torch_cls`, that torch optimizer over all parameters with zero_grad to zeros
+    (PyTorch 1.2's zero_grad): a head's gradient is None until its task's first backward, zero after."""
+    g = torch.Generator().manual_seed(5)
+    ours = {k: torch.nn.Parameter(torch.randn(3, generator=g, dtype=torch.float64)) for k in "wabc"}
+    theirs = {k: torch.nn.Parameter(v.detach().clone()) for k, v in ours.items()}
+    opt = MultiTaskOptimizer([ours["w"]], {t: [ours[t]] for t in "abc"}, settings)
+    ref = torch_cls(list(theirs.values()), lr=settings.lr, **torch_kwargs) if torch_cls else None
+    for tasks in sequence:
+        grads = {k: torch.randn(3, generator=g, dtype=torch.float64) for k in ["w", *tasks]}
+        opt.step(tasks, grads["w"].clone(), {t: grads[t].clone() for t in tasks})
+        if ref is not None:
+            ref.zero_grad(set_to_none=False)
+            for k, grad in grads.items():
+                theirs[k].grad = grad.clone()
+            ref.step()
+    return ours, theirs, opt, ref
+
+
+SEQUENCE = [["a"], ["b"], ["a"], ["a", "b"], ["c"], ["b"], ["a"], ["c"]]  # c's first gradient at step 5
+
+
+@pytest.mark.parametrize(
+    "name,torch_cls,kwargs",
+    [
+        ("adam", torch.optim.Adam, {}),
+        ("adam", torch.optim.Adam, {"weight_decay": 0.1}),
+        ("adamw", torch.optim.AdamW, {"weight_decay": 0.1}),
+        ("sgd", torch.optim.SGD, {"momentum": 0.9}),
+        ("sgd", torch.optim.SGD, {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
+    ],
+)
+def test_idle_heads_step_as_torch_after_zero_grad_to_zeros(name, torch_cls, kwargs):
+    """idle_params=step with shared moments: every parameter moves exactly as under one torch optimizer whose
+    zero_grad leaves zero tensors, the step counts t of every head included; skip leaves idle heads still."""
+    settings = OptimizerSettings(name=name, lr=0.05, moments="shared", idle_params="step", **kwargs)
+    ours, theirs, opt, ref = _idle_run(settings, SEQUENCE, torch_cls, **kwargs)
+    for k in "wabc":
+        torch.testing.assert_close(ours[k].detach(), theirs[k].detach(), rtol=1e-12, atol=1e-14)
+    if name != "sgd":  # c's state began at its first gradient (step 5) and counted every step since
+        assert [opt.heads[t].slots[t]["step"] for t in "abc"] == [8, 7, 4]
+        assert [int(ref.state[theirs[t]]["step"]) for t in "abc"] == [8, 7, 4]
+    skipped, _, _, _ = _idle_run(OptimizerSettings(name=name, lr=0.05, moments="shared", **kwargs), SEQUENCE)
+    assert not torch.allclose(skipped["a"], ours["a"])  # a was idle at steps 2, 5, 6 and 8
+
+
+@pytest.mark.parametrize("kwargs", [{"name": "adam"}, {"name": "adam", "eps_placement": "kingma"},
+                                    {"name": "sgd", "momentum": 0.9}])
+def test_idle_params_change_nothing_with_per_task_moments(kwargs):
+    """Per-task moments: a task's own moments of another task's head are zero, so stepping it would move
+    nothing; the option leaves every number as it was, and matches one torch.optim.Adam per task over all
+    parameters (the authors' MTL-IO), where a head's gradient is zero under every other task's Adam."""
+    runs = [_idle_run(OptimizerSettings(lr=0.05, moments="per_task", idle_params=idle, **kwargs), SEQUENCE)
+            for idle in ("skip", "step")]
+    for k in "wabc":
+        torch.testing.assert_close(runs[0][0][k], runs[1][0][k], rtol=0, atol=0)
+    if kwargs != {"name": "adam"}:
+        return
+    single = [t for t in SEQUENCE if len(t) == 1]  # a step on two tasks is no one torch step
+    g = torch.Generator().manual_seed(5)
+    params = {k: torch.nn.Parameter(torch.randn(3, generator=g, dtype=torch.float64)) for k in "wabc"}
+    adams = {t: torch.optim.Adam(list(params.values()), lr=0.05) for t in "abc"}
+    for (task,) in single:
+        grads = {k: torch.randn(3, generator=g, dtype=torch.float64) for k in ["w", task]}
+        adams[task].zero_grad(set_to_none=False)
+        for k, grad in grads.items():
+            params[k].grad = grad.clone()
+        adams[task].step()
+        others = [s for p, s in adams[task].state.items() if p is not params["w"] and p is not params[task]]
+        assert all(not s["exp_avg"].any() and not s["exp_avg_sq"].any() for s in others)
+    assert len(adams["c"].state) == 4  # c's Adam stepped the heads of a and b on zero gradients
+    alone = _idle_run(OptimizerSettings(lr=0.05, moments="per_task", idle_params="step", **kwargs), single)[0]
+    for k in "wabc":
+        torch.testing.assert_close(alone[k].detach(), params[k].detach(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("eps_placement", "tf", "eps_placement='tf' is invalid; valid: modern, kingma"),
+    ("idle_params", "never", "idle_params='never' is invalid; valid: skip, step"),
+])
+def test_bad_placement_or_idle_setting_is_one_line(key, value, match):
+    from mtlrun.errors import MtlrunError
+
+    with pytest.raises(MtlrunError, match=match):
+        OptimizerSettings.from_config(OmegaConf.create({"name": "adam", "lr": 0.1, key: value}))
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_kingma_placement_is_refused_outside_adam(name):
+    from mtlrun.errors import MtlrunError
+
+    with pytest.raises(MtlrunError, match=f"applies to optimizer=adam only; with optimizer={name} leave"):
+        OptimizerSettings.from_config(OmegaConf.create({"name": name, "lr": 0.1, "eps_placement": "kingma"}))

@@ -16,7 +16,8 @@ class Alternating(SeededStrategy):
 
     Guarantees: each task steps exactly once per iteration, in an order reshuffled every iteration
     (`order=random`) or the dataset's order (`order=fixed`); all steps use the same batch
-    (`batch=same`) or each draws the next one (`batch=fresh`); each head moves only on its own step.
+    (`batch=same`) or each draws the next one (`batch=fresh`); each head moves only on its own step
+    (with `optimizer.idle_params=step` and shared moments, on every step: PyTorch 1.2's zero_grad).
     """
 
     name = "alternating"
