@@ -184,8 +184,9 @@ def _is_new(path: Path) -> bool:
 def hold(path: Path, record: dict[str, str]) -> Iterator[RunDir]:
     """The run directory `path`, locked for this process while the block runs; refused in one line, naming
     the holder, while another run holds it. A directory made for this run and left without an accepted run
-    (the command was refused or failed before it started) is removed, so failed jobs leave no empty folders.
-    Under torchrun rank 0 alone locks, makes and removes it; the others wait for it (or its refusal) and write nothing."""
+    (the command was refused or failed before it started) is removed, so failed jobs leave no empty folders;
+    in an existing directory such a command leaves the lock file as it found it. Under torchrun rank 0 alone
+    locks, makes and removes it; the others wait for it (or its refusal) and write nothing."""
     new = not path.exists() or _is_new(path)
     lock = FileLock(path / LOCK)
 
