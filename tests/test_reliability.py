@@ -534,18 +534,19 @@ def test_a_full_disk_while_saving_is_one_line_for_a_fresh_run_and_mid_run(workdi
 
     fresh, mid = tmp_path / "fresh", tmp_path / "mid"
     monkeypatch.setattr(torch, "save", full_disk_save)
-    line = cli(monkeypatch, *TINY, f"data_dir={workdir / 'data'}", f"hydra.run.dir={fresh}")
+    line = cli(monkeypatch, *TINY, f"data_dir={workdir / 'data'}", f"hydra.run.dir={fresh}",
+               "trainer.checkpoint_every=1")
     assert line == (f"mtlrun: error: cannot write {fresh / 'checkpoint.pt'} (No space left on device); no "
                     f"checkpoint was written yet: once it can be written, run the command again")
     assert "mtlrun: error: cannot write" in (fresh / "mtlrun.log").read_text()  # its log says why
 
-    # Mid-run: the second epoch's checkpoint fails; the first epoch's stays as it was, and resumes.
+    # Mid-run: a checkpoint in the second epoch fails; the first epoch's stays as it was.
     monkeypatch.undo()
     common = [*TINY, f"data_dir={workdir / 'data'}", "trainer.epochs=2", f"hydra.run.dir={mid}"]
     assert cli(monkeypatch, *common, "trainer.stop_after_epochs=1") == 0
     first = (mid / "checkpoint.pt").read_bytes()
     monkeypatch.setattr(torch, "save", full_disk_save)
-    line = cli(monkeypatch, *common, "resume=true")
+    line = cli(monkeypatch, *common, "resume=true", "trainer.checkpoint_every=1")
     assert line == (f"mtlrun: error: cannot write {mid / 'checkpoint.pt'} (No space left on device); the "
                     f"files of finished epochs and the last checkpoint are kept: once it can be written, "
                     f"re-run the same command with resume=true hydra.run.dir={mid} to continue")
@@ -566,7 +567,8 @@ def test_a_full_disk_while_saving_is_one_line_for_a_fresh_run_and_mid_run(workdi
 def test_a_real_full_disk_is_one_line_and_the_last_checkpoint_resumes(workdir, tmp_path, monkeypatch, capsys):
     disk = tmp_path / "disk"
     with small_filesystem(disk, "64k"):  # a fresh run: no room for its first checkpoint
-        line = cli(monkeypatch, *TINY, f"data_dir={workdir / 'data'}", f"hydra.run.dir={disk / 'fresh'}")
+        line = cli(monkeypatch, *TINY, f"data_dir={workdir / 'data'}", f"hydra.run.dir={disk / 'fresh'}",
+                   "trainer.checkpoint_every=1")
         assert line.startswith(f"mtlrun: error: cannot write {disk / 'fresh/checkpoint.pt'} (No space left "
                                f"on device); no checkpoint was written yet")
     disk = tmp_path / "disk2"
@@ -577,7 +579,7 @@ def test_a_real_full_disk_is_one_line_and_the_last_checkpoint_resumes(workdir, t
         # Room for the CSVs, not for a second checkpoint beside the first.
         room = shutil.disk_usage(disk).used + 32 * 1024
         subprocess.run(["mount", "-o", f"remount,size={room}", str(disk)], check=True)
-        line = cli(monkeypatch, *common, "resume=true")
+        line = cli(monkeypatch, *common, "resume=true", "trainer.checkpoint_every=1")
         assert line.startswith(f"mtlrun: error: cannot write {disk / 'mid/checkpoint.pt'} (No space left on "
                                f"device); the files of finished epochs and the last checkpoint are kept")
         assert (disk / "mid/checkpoint.pt").read_bytes() == first and not list((disk / "mid").glob(".*.tmp"))
