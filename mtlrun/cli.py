@@ -19,8 +19,15 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mtlrun import CONF_DIR, distributed
-from mtlrun.errors import MtlrunError, StoppedBySignal
-from mtlrun.rundirs import cannot_create, forget_new_directories, new_directory, resume_hint
+from mtlrun.errors import MtlrunError, RunFinished, StoppedBySignal
+from mtlrun.outputs import CHECKPOINT
+from mtlrun.rundirs import (
+    cannot_create,
+    forget_new_directories,
+    new_directory,
+    remove_empty_new_directories,
+    resume_hint,
+)
 from mtlrun.sweeps import check_objective, failed_jobs, forget_failure, objective_value, record_failure
 
 if TYPE_CHECKING:
@@ -44,7 +51,9 @@ OmegaConf.register_new_resolver("mtlrun_dirname", _dirname, replace=True)
 OmegaConf.register_new_resolver("mtlrun_new_dir", new_directory, replace=True, use_cache=True)
 
 
-_interrupted: list[str] = []  # what to re-run after Ctrl-C: the job's run directory, or the sweep directory
+# What to re-run after Ctrl-C or a failed write: `resume=true` and the job's run directory or the sweep
+# directory, and that directory with the pattern of its checkpoints (is there anything to resume?).
+_interrupted: list[tuple[str, Path, str]] = []
 
 
 def _record(cfg: DictConfig) -> dict[str, str]:
@@ -66,31 +75,41 @@ def _run(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    _interrupted[:] = [f"resume=true {resume_hint('hydra.sweep.dir', run_dir.parent)}" if sweep
-                       else f"resume=true {resume_hint('hydra.run.dir', run_dir)}"]
+    _interrupted[:] = [
+        (f"resume=true {resume_hint('hydra.sweep.dir', run_dir.parent)}", run_dir.parent, f"*/{CHECKPOINT}")
+        if sweep else (f"resume=true {resume_hint('hydra.run.dir', run_dir)}", run_dir, CHECKPOINT)
+    ]
     if sweep:
         forget_failure(Path(hydra_cfg.sweep.dir), hydra_cfg.job.num)
+    run = None
     try:
         try:
             with hold(run_dir, _record(cfg)) as run:
                 check_run_flags(cfg.get("resume"), cfg.get("overwrite"))
                 objective = check_objective(cfg.get("objective", "val/loss_sum"))
-                results = _train(cfg, run)
+                try:
+                    results = _train(cfg, run)
+                except RunFinished as done:  # nothing to do: a finished job of a resumed sweep goes on too
+                    if distributed.is_main():
+                        print(f"mtlrun: {done}", file=sys.stderr, flush=True)
+                    results = _results_of(run)
                 # Only an optimizing sweeper (optuna) reads it: no other run fails over it once trained.
                 optimizing = sweep and not str(hydra_cfg.sweeper.get("_target_", "")).endswith("BasicSweeper")
                 return objective_value(objective, results) if optimizing and results is not None else None
         except OSError as e:  # a full disk, a folder made read-only: the files of finished epochs stay
-            raise MtlrunError(f"cannot use {e.filename or 'a file'} ({e.strerror or e}); files of finished "
-                              f"epochs are kept") from None
+            raise MtlrunError(_cannot_write(e, run)) from None
     except StoppedBySignal as e:  # the whole process was asked to stop: a sweep's later jobs do not start
-        print(f"mtlrun: {e}", file=sys.stderr, flush=True)
+        line = f"{e.stopped}: continue with the same command and {_interrupted[0][0]}" if sweep else str(e)
+        print(f"mtlrun: {line}", file=sys.stderr, flush=True)
         raise SystemExit(128 + e.signum) from None
     except MtlrunError as e:
+        _in_run_log(run, f"mtlrun: error: {e}")
         if not sweep:
             raise SystemExit(f"mtlrun: error: {e}") from None
         # In a sweep, one failed job must not stop the others: report it and go on.
         _job_failed(hydra_cfg, f"mtlrun: error in job {hydra_cfg.job.num} ({run_dir}): {e}")
     except Exception as e:
+        _in_run_log(run, f"mtlrun: unexpected {type(e).__name__}: {e}", exc_info=True)
         if not sweep:
             raise
         # A bug, not bad input: its traceback is printed, and the sweep still goes on and ends with its summary.
@@ -98,6 +117,46 @@ def _run(cfg: DictConfig) -> float | None:
         _job_failed(hydra_cfg, f"mtlrun: error in job {hydra_cfg.job.num} ({run_dir}): unexpected "
                                f"{type(e).__name__}: {e}")
     return None
+
+
+def _cannot_write(e: OSError, run: RunDir | None) -> str:
+    """One line for a file of the run that could not be used (a full disk, a folder made read-only): which,
+    why, and what the run directory still holds."""
+    from mtlrun.outputs import WriteFailed
+
+    verb = "cannot write" if isinstance(e, WriteFailed) else "cannot use"
+    if run is not None and run.checkpoint.exists():
+        kept = (f"the files of finished epochs and the last checkpoint are kept: once it can be written, "
+                f"re-run the same command with {_interrupted[0][0]} to continue")
+    else:
+        kept = "no checkpoint was written yet: once it can be written, run the command again"
+    return f"{verb} {e.filename or 'a file'} ({e.strerror or e}); {kept}"
+
+
+def _in_run_log(run: RunDir | None, line: str, exc_info: bool = False) -> None:
+    """Write why a run that had started failed into its log file (mtlrun.log) alone: the terminal gets the
+    line once, on stderr. A refused command (never accepted) writes nothing: it changes no file of the run."""
+    if run is None or not run.accepted:
+        return
+    record = logging.getLogger("mtlrun").makeRecord(
+        "mtlrun", logging.ERROR, __file__, 0, line, None, sys.exc_info() if exc_info else None
+    )
+    folder = run.path.resolve()
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == folder:
+            handler.handle(record)
+
+
+def _results_of(run: RunDir) -> dict | None:
+    """A finished run's results row, as it wrote it."""
+    import pandas as pd
+
+    from mtlrun.outputs import RESULTS_CSV
+
+    try:
+        return pd.read_csv(run.path / RESULTS_CSV).iloc[0].to_dict()
+    except Exception:  # unreadable: an optimizing sweeper gets no value from this job
+        return None
 
 
 def _job_failed(hydra_cfg: DictConfig, line: str) -> None:
@@ -219,12 +278,21 @@ def _main() -> None:
         if failed_jobs:
             sys.exit(f"mtlrun: {len(failed_jobs)} job(s) of the sweep failed (see above): {', '.join(failed_jobs)}")
     except MtlrunError as e:
+        remove_empty_new_directories()
         sys.exit(f"mtlrun: error: {e}")
     except (HydraException, OmegaConfBaseException) as e:
+        remove_empty_new_directories()
         ours = _our_error(e)  # raised while Hydra resolved the config (making the run directory): said as is
         sys.exit(f"mtlrun: error: {ours if ours is not None else _one_line(e)}")
     except OSError as e:  # Hydra making the run directory given as hydra.run.dir or hydra.sweep.dir
         sys.exit(f"mtlrun: error: {cannot_create(e)}")
+    except ValueError as e:
+        cause = e.__cause__
+        if not (isinstance(cause, OSError) and str(e).startswith("Unable to configure handler")):
+            raise
+        # Hydra opening the run's log file (mtlrun.log) in a run directory this user cannot write
+        sys.exit(f"mtlrun: error: cannot write the log file {cause.filename} ({cause.strerror}): make its "
+                 f"run directory writable, or choose another hydra.run.dir")
     except Exception as e:
         if not type(e).__module__.startswith("submitit"):
             raise
@@ -236,9 +304,13 @@ def _main() -> None:
     except KeyboardInterrupt:
         if not _interrupted:
             sys.exit("mtlrun: interrupted before any run started")
+        hint, folder, checkpoints = _interrupted[0]
+        if not any(folder.glob(checkpoints)):
+            sys.exit("mtlrun: interrupted before any checkpoint was written: nothing to resume; run the "
+                     "command again to start over")
         sys.exit(
-            "mtlrun: interrupted; the last finished epoch's checkpoint and CSVs are kept: "
-            f"re-run the same command with {_interrupted[0]} to continue"
+            "mtlrun: interrupted; the last checkpoint and the CSVs are kept: "
+            f"re-run the same command with {hint} to continue"
         )
 
 

@@ -27,7 +27,11 @@ class StoppedBySignal(Exception):
         self.signum = signum
         where = f"in epoch {epochs_done + 1} after iteration {iteration} of {iterations}" if iteration else \
             f"after epoch {epochs_done}"
-        super().__init__(
-            f"stopped by {signal.Signals(signum).name} {where}; checkpoint written: continue with "
-            f"resume=true {resume_hint('hydra.run.dir', run_dir)} (a sweep: resume=true hydra.sweep.dir=<the sweep>)"
-        )
+        # What happened, without the hint: in a sweep the CLI names the sweep to resume, not the job's folder.
+        self.stopped = f"stopped by {signal.Signals(signum).name} {where}; checkpoint written"
+        super().__init__(f"{self.stopped}: continue with resume=true {resume_hint('hydra.run.dir', run_dir)}")
+
+
+class RunFinished(Exception):
+    """resume=true found the run finished (its last epoch's checkpoint and results.csv): nothing is done and
+    no file of it changes."""

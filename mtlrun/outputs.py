@@ -4,6 +4,7 @@ refused command answers at once)."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from mtlrun import distributed
 from mtlrun.errors import MtlrunError
-from mtlrun.locks import FileLock
+from mtlrun.locks import FileLock, remove_dead_writers_files
 
 if TYPE_CHECKING:
     import torch
@@ -32,16 +33,39 @@ LOG = "mtlrun.log"  # Hydra's log file of the job (hydra.job.name)
 log = logging.getLogger("mtlrun")
 
 
+class WriteFailed(OSError):
+    """A run's file could not be written (a full disk, a folder made read-only); `filename` names the file,
+    whose previous version is intact."""
+
+
 def _replace(path: Path, write: Callable[[Path], object]) -> None:
     """Write to a temporary file beside `path`, then rename it over `path`: readers see the old or the new file,
     never half of one. The temporary name is unique per process and call, so concurrent writers never share one
-    (made by the writer itself, so the file gets the usual permissions)."""
+    (made by the writer itself, so the file gets the usual permissions); a failure is a WriteFailed naming
+    `path`, not the temporary."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise WriteFailed(e.errno, e.strerror or str(e), str(path)) from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _torch_save(state: dict, tmp: Path) -> None:
+    """torch.save through a file of ours: torch reports a failed write (a full disk) as a RuntimeError
+    ("unexpected pos"), with the OSError of our file's write beneath it, which is raised instead."""
+    import torch
+
+    with open(tmp, "wb") as f:
+        try:
+            torch.save(state, f)
+        except RuntimeError as e:
+            cause = e.__context__
+            if isinstance(cause, OSError):
+                raise cause from None
+            raise OSError(errno.EIO, f"torch.save failed: {str(e).strip().splitlines()[0]}") from e
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -70,6 +94,7 @@ class RunDir:
         self.path = path
         self.record = record or {}
         self.accepted = False
+        self.locked = False  # held with a working lock (`hold`): no other writer of this directory is alive
         path.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -97,9 +122,16 @@ class RunDir:
         for name in (CHECKPOINT, RESULTS_CSV, METRICS_CSV, TRAIN_LOG_CSV, DIAGNOSTICS_CSV, STRATEGY_LOG_CSV):
             (self.path / name).unlink(missing_ok=True)
 
+    @property
+    def finished(self) -> bool:
+        return (self.path / RESULTS_CSV).exists()
+
     def accept(self) -> None:
-        """The run goes ahead (new, or resumed): write its record."""
+        """The run goes ahead (new, or resumed): remove what killed writers of this directory left (their
+        temporaries: a refused command leaves them too, as it leaves everything), and write its record."""
         record_dir = self.path / RECORD_DIR
+        if self.locked:
+            remove_dead_writers_files([*self.path.glob(".*.tmp"), *record_dir.glob(".*.tmp")])
         if self.record:
             record_dir.mkdir(exist_ok=True)
         for name, text in self.record.items():
@@ -119,18 +151,24 @@ class RunDir:
             write_csv(diagnostics, self.path / DIAGNOSTICS_CSV)
         if strategy_log:
             write_csv(list(strategy_log), self.path / STRATEGY_LOG_CSV)
-        _replace(self.checkpoint, lambda tmp: torch.save(state, tmp))
+        _replace(self.checkpoint, lambda tmp: _torch_save(state, tmp))
 
     def load_checkpoint(self, device: torch.device) -> dict:
         import torch
 
         try:
-            return torch.load(self.checkpoint, map_location=device, weights_only=True)
+            state = torch.load(self.checkpoint, map_location=device, weights_only=True)
         except Exception as e:  # any unreadable checkpoint gets the same advice
             raise MtlrunError(
                 f"{self.checkpoint} cannot be read ({type(e).__name__}): it was not written by this mtlrun "
                 f"or is damaged; restart the run with overwrite=true"
             ) from None
+        if not isinstance(state, dict) or "resume_id" not in state:  # torch's file, but not a run's state
+            raise MtlrunError(
+                f"{self.checkpoint} is a torch file but not an mtlrun checkpoint (it holds no run state): "
+                f"move it out of the run directory, or restart the run with overwrite=true"
+            )
+        return state
 
     def write_results(self, row: dict) -> None:
         write_csv([row], self.path / RESULTS_CSV)
@@ -146,12 +184,17 @@ def _is_new(path: Path) -> bool:
 def hold(path: Path, record: dict[str, str]) -> Iterator[RunDir]:
     """The run directory `path`, locked for this process while the block runs; refused in one line, naming
     the holder, while another run holds it. A directory made for this run and left without an accepted run
-    (the command was refused or failed before it started) is removed, so failed jobs leave no empty folders.
-    Under torchrun rank 0 alone locks, makes and removes it; the others wait for it (or its refusal) and write nothing."""
+    (the command was refused or failed before it started) is removed, so failed jobs leave no empty folders;
+    in an existing directory such a command leaves the lock file as it found it. Under torchrun rank 0 alone
+    locks, makes and removes it; the others wait for it (or its refusal) and write nothing."""
     new = not path.exists() or _is_new(path)
     lock = FileLock(path / LOCK)
 
     def take() -> None:
+        # access() also sees what permission bits do not show root: a read-only mount, an immutable folder.
+        if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+            raise MtlrunError(f"cannot write in the run directory {path}: make it writable, or choose "
+                              f"another hydra.run.dir")
         try:
             path.mkdir(parents=True, exist_ok=True)
             held = lock.acquire(wait=False)
@@ -170,6 +213,7 @@ def hold(path: Path, record: dict[str, str]) -> Iterator[RunDir]:
         yield RunDir(path, record)
         return
     run = RunDir(path, record)
+    run.locked = lock.supported
     try:
         yield run
     finally:
@@ -180,4 +224,6 @@ def hold(path: Path, record: dict[str, str]) -> Iterator[RunDir]:
                 path.rmdir()
             except OSError:
                 pass  # something else appeared in it: keep it
+        elif not run.accepted:
+            lock.restore()  # refused, or nothing to do: the lock file too is left as it was
         lock.release()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mtlrun import distributed
 from mtlrun.errors import MtlrunError
@@ -85,6 +85,10 @@ class FailedJobs(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         failed_jobs.clear()
+        if "mtlrun_new_dir" in str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("dir")):
+            # A directory new to this sweep holds no records; resolving it here would make it before the
+            # launcher and sweeper have accepted the sweep (and report a directory that cannot be made twice).
+            return
         collect_failures(Path(str(config.hydra.sweep.dir)), report=False)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

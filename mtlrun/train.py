@@ -30,7 +30,7 @@ from mtlrun.data import MultiTaskData, open_dataset, task_names
 from mtlrun.data.augment import Augment
 from mtlrun.data.loading import BatchStream, Split, SplitSource, ToDevice, eval_batches, on_device
 from mtlrun.diagnostics import Diagnostics
-from mtlrun.errors import MtlrunError, StoppedBySignal
+from mtlrun.errors import MtlrunError, RunFinished, StoppedBySignal
 from mtlrun.identity import different_configuration
 from mtlrun.loggers import CsvOnly, build_logger
 from mtlrun.models import build_model, check_model
@@ -287,7 +287,8 @@ def train(cfg: DictConfig, run_dir: Path | RunDir) -> dict | None:
     """Train as `cfg` says in `run_dir` (a path, or a RunDir the caller holds); return the results row, or None
     when stopped early on purpose (and on every torchrun rank but 0: rank 0 alone evaluates and writes).
 
-    SIGTERM, SIGUSR1 or SIGUSR2 ends the run at the next iteration boundary with a checkpoint (StoppedBySignal)."""
+    SIGTERM, SIGUSR1 or SIGUSR2 ends the run at the next iteration boundary with a checkpoint
+    (StoppedBySignal); resume=true on a finished run raises RunFinished and changes nothing."""
     with StopSignals() as stop, ExitStack() as cleanup:
         return _train(cfg, run_dir, stop, cleanup)
 
@@ -346,25 +347,35 @@ def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals, cleanup: 
             iterations = batches.batches_per_pass
             raise StoppedBySignal(stop.received, run_dir, history.epoch, progress.iteration, iterations)
 
-    def open_run() -> bool:
-        """Resume from the checkpoint, or claim the directory for a new run; True when resumed."""
+    def open_run() -> str:
+        """Resume from the checkpoint, or claim the directory for a new run: "resumed", "new", or "finished"
+        (a resume of a finished run: nothing to do, and no file is touched)."""
         if cfg.resume and run.checkpoint.exists():
             checkpoint = run.load_checkpoint(device)
             if checkpoint["resume_id"] != resume_id:
                 raise MtlrunError(different_configuration(run.checkpoint, checkpoint, cfg, RUN_CONTROL_KEYS))
             state.load_state_dict(checkpoint, run.checkpoint)
+            if history.epoch >= settings["epochs"] and run.finished:
+                return "finished"
             where = f" at iteration {progress.iteration}" if progress.iteration else ""
             log.info("resuming %s after epoch %d%s", run_dir, history.epoch, where)
-            resumed = True
+            opened = "resumed"
         else:
             run.claim(overwrite=cfg.overwrite, resume=cfg.resume)
-            resumed = False
+            opened = "new"
         run.accept()
-        return resumed
+        return opened
 
     # Under torchrun rank 0 decides and writes; the others load the checkpoint it resumed from (it writes the next
     # one only after an iteration, which waits for them).
-    if distributed.from_rank0(open_run) and not distributed.is_main():
+    opened = distributed.from_rank0(open_run)
+    if opened == "finished":
+        raise RunFinished(
+            f"{run_dir} holds a finished run (epoch {settings['epochs']} of {settings['epochs']}, "
+            f"results.csv): nothing to do, no file changed; to train it again give overwrite=true instead of "
+            f"resume=true"
+        )
+    if opened == "resumed" and not distributed.is_main():
         state.load_state_dict(run.load_checkpoint(device), run.checkpoint)
 
     logger = build_logger(cfg.logger, run_dir) if distributed.is_main() else CsvOnly()

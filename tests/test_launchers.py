@@ -184,3 +184,21 @@ def test_a_submitit_job_that_never_returned_is_one_line(monkeypatch):
     assert info.value.code == ("mtlrun: error: a job of the sweep did not finish: Job 42 (task: 0) with path "
                                "/s/.submitit/42 has not produced any output (its log is in the sweep directory's "
                                ".submitit/)")
+
+
+def test_the_slurm_launcher_without_slurm_is_one_line_and_leaves_no_sweep_directory(tmp_path, monkeypatch):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from mtlrun import cli
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun on it
+    monkeypatch.setattr(sys, "argv", ["mtlrun", "-m", "hydra/launcher=slurm", "seed=0,1",
+                                      f"output_root={tmp_path / 'outputs'}"])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == (
+        "mtlrun: error: hydra/launcher=slurm submits the jobs to SLURM, and SLURM's srun is not found on "
+        "this machine (not on PATH): run the sweep where SLURM is (a login node), or use "
+        "hydra/launcher=local (the same jobs as processes on this machine) or no hydra/launcher (one job "
+        "after another)"
+    )
+    assert not list((tmp_path / "outputs/sweeps").iterdir())

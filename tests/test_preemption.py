@@ -95,3 +95,28 @@ def test_checkpoint_every_must_be_a_positive_integer():
         cfg = compose(config_name="config", overrides=["trainer.checkpoint_every=0"])
     with pytest.raises(MtlrunError, match="trainer.checkpoint_every must be null or an integer >= 1"):
         _trainer_settings(cfg)
+
+
+def test_the_stop_line_names_what_to_resume_a_run_or_a_sweep(tmp_path, monkeypatch, capsys):
+    import mtlrun.train
+    from mtlrun import cli
+    from mtlrun.errors import StoppedBySignal
+
+    def stopped(cfg, run):  # SIGTERM after iteration 3 of the first epoch, its checkpoint written
+        run.claim(overwrite=False)
+        run.accept()
+        raise StoppedBySignal(signal.SIGTERM, run.path, 0, 3, 16)
+
+    monkeypatch.setattr(mtlrun.train, "train", stopped)
+    run, sweep = tmp_path / "run", tmp_path / "sweep"
+    for args, hint in [((f"hydra.run.dir={run}",), f"resume=true hydra.run.dir={run}"),
+                       (("-m", "seed=0", f"hydra.sweep.dir={sweep}"),
+                        f"the same command and resume=true hydra.sweep.dir={sweep}")]:
+        monkeypatch.setattr(sys, "argv", ["mtlrun", *args])
+        with pytest.raises(SystemExit) as info:
+            cli.main()
+        assert info.value.code == 128 + signal.SIGTERM
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"mtlrun: stopped by SIGTERM in epoch 1 after iteration 3 of 16; checkpoint written: continue "
+            f"with {hint}"
+        )

@@ -1,11 +1,14 @@
 """Runs at the same time never corrupt data or lose results, a refused command changes nothing, every bad input
 gets one line: concurrent cache builds, shared and colliding run directories, refused resumes, bad values."""
 
+import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -269,14 +272,14 @@ def test_a_refused_resume_leaves_the_run_byte_identical_and_names_the_keys(workd
     with hold(run_dir, record) as run:  # the first run, stopped after one epoch (in this process)
         assert train(compose(workdir, "trainer.epochs=2", "trainer.stop_after_epochs=1"), run) is None
     (run_dir / "mtlrun.log").write_text("its log (Hydra's, from the command line)\n")
-    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != LOCK}
-    assert run_dir / ".hydra/config.yaml" in before
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert run_dir / ".hydra/config.yaml" in before and run_dir / LOCK in before
     refused = mtlrun(*common, "optimizer.lr=0.002", "resume=true", cwd=workdir)
     assert (run_dir / ".hydra/config.yaml").read_text() == "the run's config\n"
     line = one_line_error(refused.returncode, refused.stderr)
     assert "different configuration (optimizer.lr: 0.001 in the run, 0.002 now)" in line
-    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != LOCK}
-    assert after == before
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before  # the lock file too
 
 
 def test_resume_and_overwrite_flags_are_checked(tmp_path, caplog):
@@ -367,7 +370,8 @@ def test_a_sweep_reports_each_bad_job_in_one_line_and_still_ends_with_its_summar
 def test_ctrl_c_names_the_run_directory_to_resume_as_it_must_be_typed(tmp_path, monkeypatch):
     import mtlrun.train
 
-    def interrupted(cfg, run):
+    def interrupted(cfg, run):  # after a first checkpoint
+        (run.path / "checkpoint.pt").write_bytes(b"a checkpoint")
         raise KeyboardInterrupt
 
     run_dir = tmp_path / "lr=0.1,seed=0"
@@ -442,3 +446,311 @@ def test_shapes_script_refuses_to_overwrite_without_force(tmp_path, monkeypatch)
     assert bad.value.code == "shapes: error: --image-size must be an integer >= 8, got 4"
     script.main([*args, "--force"])
     assert h5py.is_hdf5(out)
+
+
+# --- 9. the run machinery under a hostile user: full disks, foreign files, unwritable folders, leftovers --
+
+def cli(monkeypatch, *args: str) -> object:
+    """`mtlrun ARGS` in this process: its exit code (0, or the one line it exits with)."""
+    from mtlrun import cli as command  # `mtlrun` here is the subprocess helper above
+
+    monkeypatch.setattr(sys, "argv", ["mtlrun", *args])
+    try:
+        command.main()
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file's bytes and modification time."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@contextmanager
+def unwritable(*paths: Path):
+    """`paths` made unwritable for this process: chmod for a user; for root, whom permission bits do not stop,
+    the immutable attribute (chattr +i); skipped where neither is possible."""
+    if os.geteuid() != 0:
+        modes = {p: p.stat().st_mode for p in paths}
+        for p in paths:
+            p.chmod(modes[p] & ~0o222)
+        try:
+            yield
+        finally:
+            for p in paths:
+                p.chmod(modes[p])
+        return
+    done = []
+    try:
+        for p in paths:
+            try:
+                made = subprocess.run(["chattr", "+i", str(p)], capture_output=True).returncode == 0
+            except FileNotFoundError:
+                made = False
+            if not made:
+                pytest.skip("root, and no immutable attribute (chattr +i) here: nothing is unwritable")
+            done.append(p)
+        yield
+    finally:
+        for p in done:
+            subprocess.run(["chattr", "-i", str(p)], check=True)
+
+
+@contextmanager
+def small_filesystem(path: Path, size: str):
+    """A tmpfs of `size` mounted at `path` (a real full disk); skipped where mounting is impossible (not root,
+    or a container without the right)."""
+    path.mkdir()
+    try:
+        mounted = os.geteuid() == 0 and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode == 0
+    except FileNotFoundError:
+        mounted = False
+    if not mounted:
+        pytest.skip("cannot mount a small tmpfs here (needs root and the right to mount)")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)  # lazy: the run's log handler may hold a file
+
+
+def full_disk_save(obj, f, **kwargs):
+    """torch.save on a full disk: the write of torch's archive fails and torch raises a RuntimeError, with the
+    file's OSError beneath it (as torch 2 does)."""
+    f.write(b"PK\x03\x04 half an archive")
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+
+def test_a_full_disk_while_saving_is_one_line_for_a_fresh_run_and_mid_run(workdir, tmp_path, monkeypatch,
+                                                                           capsys):
+    import torch
+
+    from mtlrun.outputs import WriteFailed
+
+    fresh, mid = tmp_path / "fresh", tmp_path / "mid"
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    line = cli(monkeypatch, *TINY, f"data_dir={workdir / 'data'}", f"hydra.run.dir={fresh}",
+               "trainer.checkpoint_every=1")
+    assert line == (f"mtlrun: error: cannot write {fresh / 'checkpoint.pt'} (No space left on device); no "
+                    f"checkpoint was written yet: once it can be written, run the command again")
+    assert "mtlrun: error: cannot write" in (fresh / "mtlrun.log").read_text()  # its log says why
+
+    # Mid-run: a checkpoint in the second epoch fails; the first epoch's stays as it was.
+    monkeypatch.undo()
+    common = [*TINY, f"data_dir={workdir / 'data'}", "trainer.epochs=2", f"hydra.run.dir={mid}"]
+    assert cli(monkeypatch, *common, "trainer.stop_after_epochs=1") == 0
+    first = (mid / "checkpoint.pt").read_bytes()
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    line = cli(monkeypatch, *common, "resume=true", "trainer.checkpoint_every=1")
+    assert line == (f"mtlrun: error: cannot write {mid / 'checkpoint.pt'} (No space left on device); the "
+                    f"files of finished epochs and the last checkpoint are kept: once it can be written, "
+                    f"re-run the same command with resume=true hydra.run.dir={mid} to continue")
+    assert (mid / "checkpoint.pt").read_bytes() == first and not list(mid.glob(".*.tmp"))
+    assert "Traceback" not in capsys.readouterr().err
+
+    def torch_failing_alone(obj, f, **kwargs):  # no OSError beneath: torch's own words are the reason
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", torch_failing_alone)
+    with pytest.raises(WriteFailed) as info:
+        RunDir(tmp_path / "alone").save([], [], [], {"resume_id": "x"})
+    assert info.value.filename == str(tmp_path / "alone/checkpoint.pt")
+    assert info.value.strerror == ("torch.save failed: [enforce fail at inline_container.cc:672] . "
+                                   "unexpected pos 704 vs 598")
+
+
+def test_a_real_full_disk_is_one_line_and_the_last_checkpoint_resumes(workdir, tmp_path, monkeypatch, capsys):
+    disk = tmp_path / "disk"
+    with small_filesystem(disk, "64k"):  # a fresh run: no room for its first checkpoint
+        line = cli(monkeypatch, *TINY, f"data_dir={workdir / 'data'}", f"hydra.run.dir={disk / 'fresh'}",
+                   "trainer.checkpoint_every=1")
+        assert line.startswith(f"mtlrun: error: cannot write {disk / 'fresh/checkpoint.pt'} (No space left "
+                               f"on device); no checkpoint was written yet")
+    disk = tmp_path / "disk2"
+    common = [*TINY, f"data_dir={workdir / 'data'}", "trainer.epochs=2", f"hydra.run.dir={disk / 'mid'}"]
+    with small_filesystem(disk, "4m"):
+        assert cli(monkeypatch, *common, "trainer.stop_after_epochs=1") == 0
+        first = (disk / "mid/checkpoint.pt").read_bytes()
+        # Room for the CSVs, not for a second checkpoint beside the first.
+        room = shutil.disk_usage(disk).used + 32 * 1024
+        subprocess.run(["mount", "-o", f"remount,size={room}", str(disk)], check=True)
+        line = cli(monkeypatch, *common, "resume=true", "trainer.checkpoint_every=1")
+        assert line.startswith(f"mtlrun: error: cannot write {disk / 'mid/checkpoint.pt'} (No space left on "
+                               f"device); the files of finished epochs and the last checkpoint are kept")
+        assert (disk / "mid/checkpoint.pt").read_bytes() == first and not list((disk / "mid").glob(".*.tmp"))
+        subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
+        assert cli(monkeypatch, *common, "resume=true") == 0 and (disk / "mid/results.csv").exists()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Logging error" not in err
+
+
+def test_resume_of_a_finished_run_does_nothing_and_changes_no_file(workdir, tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "finished"
+    common = [*TINY, f"data_dir={workdir / 'data'}", f"hydra.run.dir={run_dir}"]
+    assert cli(monkeypatch, *common) == 0
+    before = snapshot(run_dir)
+    assert run_dir / LOCK in before and run_dir / "results.csv" in before
+    capsys.readouterr()
+    assert cli(monkeypatch, *common, "resume=true") == 0
+    assert capsys.readouterr().err.strip() == (
+        f"mtlrun: {run_dir} holds a finished run (epoch 1 of 1, results.csv): nothing to do, no file "
+        f"changed; to train it again give overwrite=true instead of resume=true"
+    )
+    assert snapshot(run_dir) == before  # results.csv, .hydra/, mtlrun.log and the lock: bytes and times
+
+
+def test_resume_of_a_torch_file_mtlrun_did_not_write_is_one_line_and_changes_nothing(workdir, tmp_path,
+                                                                                    monkeypatch):
+    import torch
+
+    run_dir = tmp_path / "foreign"
+    run_dir.mkdir()
+    torch.save({"model": {"weight": torch.zeros(2)}}, run_dir / "checkpoint.pt")
+    (run_dir / LOCK).write_text("pid 1 on another-host\n")
+    (run_dir / "mtlrun.log").write_text("a log\n")
+    os.utime(run_dir / LOCK, ns=(1_000_000_000, 2_000_000_000))
+    before = snapshot(run_dir)
+    line = cli(monkeypatch, *TINY, f"data_dir={workdir / 'data'}", f"hydra.run.dir={run_dir}", "resume=true")
+    assert line == (f"mtlrun: error: {run_dir / 'checkpoint.pt'} is a torch file but not an mtlrun "
+                    f"checkpoint (it holds no run state): move it out of the run directory, or restart the "
+                    f"run with overwrite=true")
+    assert snapshot(run_dir) == before
+
+
+def test_resume_in_a_run_directory_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "mtlrun.log").write_text("its log\n")
+    (run_dir / "checkpoint.pt").write_bytes(b"a checkpoint")
+    with unwritable(run_dir):  # the folder: nothing can be made in it, its log can still be written
+        line = cli(monkeypatch, f"hydra.run.dir={run_dir}", "resume=true")
+    assert line == (f"mtlrun: error: cannot write in the run directory {run_dir}: make it writable, or "
+                    f"choose another hydra.run.dir")
+    with unwritable(run_dir / "mtlrun.log", run_dir):  # its log too: Hydra cannot open it
+        line = cli(monkeypatch, f"hydra.run.dir={run_dir}", "resume=true")
+    assert line.startswith(f"mtlrun: error: cannot write the log file {run_dir / 'mtlrun.log'} (")
+    assert line.endswith("): make its run directory writable, or choose another hydra.run.dir")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "mtlrun.log"]
+
+
+def test_a_log_file_that_cannot_be_opened_is_one_line(tmp_path, monkeypatch):
+    """The same, simulated where the operating system refuses: it runs where nothing is unwritable."""
+    import logging
+
+    def refused(self):
+        raise PermissionError(errno.EACCES, "Permission denied", self.baseFilename)
+
+    monkeypatch.setattr(logging.FileHandler, "_open", refused)
+    line = cli(monkeypatch, f"hydra.run.dir={tmp_path / 'run'}", "resume=true")
+    assert line == (f"mtlrun: error: cannot write the log file {tmp_path / 'run/mtlrun.log'} (Permission "
+                    f"denied): make its run directory writable, or choose another hydra.run.dir")
+
+
+def test_a_symbolic_link_leading_nowhere_is_named_as_such(tmp_path, monkeypatch):
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    for run_dir, why in [
+        ("dangling", f"dangling is a symbolic link to {tmp_path / 'nowhere'}, which does not exist"),
+        ("dangling/run", f"dangling is a symbolic link to {tmp_path / 'nowhere'}, which does not exist"),
+        ("loop_a", f"loop_a is a symbolic link to {tmp_path / 'loop_b'} that loops back on itself"),
+    ]:
+        monkeypatch.chdir(tmp_path)
+        line = cli(monkeypatch, f"hydra.run.dir={run_dir}")
+        named = run_dir.split("/")[0]
+        assert line.startswith(f"mtlrun: error: cannot create the run directory {named} ({why}): ")
+    line = cli(monkeypatch, "output_root=dangling")
+    assert "(dangling is a symbolic link to" in line and "is a file" not in line
+
+
+def test_a_sweep_into_an_output_root_that_cannot_be_made_is_one_line_without_a_warning(tmp_path, monkeypatch,
+                                                                                      recwarn):
+    (tmp_path / "a_file").write_text("")
+    line = cli(monkeypatch, "-m", f"output_root={tmp_path / 'a_file'}", "seed=0,1")
+    assert line.startswith(f"mtlrun: error: cannot create the run directory {tmp_path / 'a_file/sweeps'} (")
+    assert not [w for w in recwarn if "Callback" in str(w.message)]  # Hydra's 5-line warning about a callback
+
+
+def test_ctrl_c_before_any_checkpoint_says_there_is_nothing_to_resume(tmp_path, monkeypatch):
+    import mtlrun.train
+
+    def interrupted(cfg, run):
+        run.claim(overwrite=False)
+        run.accept()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mtlrun.train, "train", interrupted)
+    line = cli(monkeypatch, f"hydra.run.dir={tmp_path / 'run'}")
+    assert line == ("mtlrun: interrupted before any checkpoint was written: nothing to resume; run the "
+                    "command again to start over")
+    line = cli(monkeypatch, "-m", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert line.startswith("mtlrun: interrupted before any checkpoint was written")
+
+
+def test_a_failed_run_records_its_error_in_its_log(tmp_path, monkeypatch):
+    import mtlrun.train
+
+    def fails(error):
+        def train(cfg, run):
+            run.claim(overwrite=False)
+            run.accept()
+            raise error
+        return train
+
+    monkeypatch.setattr(mtlrun.train, "train", fails(MtlrunError("the loss of task 'depth' became nan")))
+    line = cli(monkeypatch, f"hydra.run.dir={tmp_path / 'run'}")
+    assert line == "mtlrun: error: the loss of task 'depth' became nan"
+    log = (tmp_path / "run/mtlrun.log").read_text()
+    assert "[ERROR] - mtlrun: error: the loss of task 'depth' became nan" in log
+    monkeypatch.setattr(mtlrun.train, "train", fails(ZeroDivisionError("a bug")))
+    with pytest.raises(ZeroDivisionError):
+        cli(monkeypatch, f"hydra.run.dir={tmp_path / 'bug'}")
+    log = (tmp_path / "bug/mtlrun.log").read_text()
+    assert "mtlrun: unexpected ZeroDivisionError: a bug" in log and "Traceback" in log
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_temporaries_of_dead_writers_are_removed_by_the_next_run_and_live_ones_kept(tmp_path, monkeypatch):
+    import mtlrun.train
+
+    def accepted(cfg, run):
+        run.claim(overwrite=False, resume=True)
+        run.accept()
+
+    run_dir, dead = tmp_path / "run", dead_pid()
+    (run_dir / ".hydra").mkdir(parents=True)
+    leftovers = [run_dir / f".checkpoint.pt.{dead}-0a1b2c3d.tmp", run_dir / f".results.csv.{dead}-0ff0.tmp",
+                 run_dir / f".hydra/.config.yaml.{dead}-12345678.tmp"]
+    live = [run_dir / f".metrics.csv.{os.getpid()}-0a1b2c3d.tmp", run_dir / "notes.tmp"]
+    for path in leftovers + live:
+        path.write_bytes(b"half a file")
+    refused = cli(monkeypatch, f"hydra.run.dir={run_dir}", "overwrite=true", "resume=true")
+    assert "contradict" in refused and all(p.exists() for p in leftovers)  # a refused command changes nothing
+    monkeypatch.setattr(mtlrun.train, "train", accepted)
+    assert cli(monkeypatch, f"hydra.run.dir={run_dir}", "resume=true") == 0
+    assert not any(p.exists() for p in leftovers) and all(p.exists() for p in live)
+
+
+def test_partial_dataset_files_of_dead_builders_are_removed_by_the_next_run(tmp_path):
+    path, dead = tmp_path / "shapes.h5", dead_pid()
+    killed = tmp_path / f"shapes.h5.{dead}-0a1b2c3d.partial"
+    building = tmp_path / f"shapes.h5.{os.getpid()}-0a1b2c3d.partial"  # a live builder's (that took no lock)
+    other = tmp_path / f"other.h5.{dead}-0a1b2c3d.partial"
+    for p in (killed, building, other):
+        p.write_bytes(b"53 MB, once")
+    open_dataset(shapes_config(path, num_train=4))  # builds the file
+    assert path.exists() and not killed.exists() and building.exists() and other.exists()
+    killed.write_bytes(b"left by an earlier version")
+    open_dataset(shapes_config(path, num_train=4))  # the file exists: its leftovers still go
+    assert not killed.exists() and building.exists()

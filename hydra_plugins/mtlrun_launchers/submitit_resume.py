@@ -4,8 +4,11 @@ and stops, and the job is then requeued with resume=true, so it continues in the
 
 from __future__ import annotations
 
+import shutil
 import signal
 from typing import Any
+
+from mtlrun.errors import MtlrunError
 
 try:  # the `cluster` extra (pip install -e '.[cluster]'); without it these launchers do not exist
     from hydra_plugins.hydra_submitit_launcher import submitit_launcher
@@ -46,7 +49,18 @@ if submitit_launcher is not None:
             return super().checkpoint(resumed(sweep_overrides), *args)
 
     class SlurmLauncher(_Resuming, submitit_launcher.SlurmLauncher):
-        """submitit_slurm, whose requeued jobs resume."""
+        """submitit_slurm, whose requeued jobs resume; refused in one line where there is no SLURM, before
+        the sweep starts."""
+
+        def setup(self, **kwargs: Any) -> None:
+            if shutil.which("srun") is None:  # what submitit looks for (else a RuntimeError, jobs being due)
+                raise MtlrunError(
+                    "hydra/launcher=slurm submits the jobs to SLURM, and SLURM's srun is not found on this "
+                    "machine (not on PATH): run the sweep where SLURM is (a login node), or use "
+                    "hydra/launcher=local (the same jobs as processes on this machine) or no hydra/launcher "
+                    "(one job after another)"
+                )
+            super().setup(**kwargs)
 
     class LocalLauncher(_Resuming, submitit_launcher.LocalLauncher):
         """submitit_local (each job a process of its own on this machine), whose requeued jobs resume."""

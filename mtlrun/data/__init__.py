@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -16,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from mtlrun.data.hdf5 import DatasetFile, write_dataset
 from mtlrun.data.loading import IN_MEMORY, LazySplit, Split, SplitSource, TargetTransform
 from mtlrun.errors import MtlrunError
-from mtlrun.locks import FileLock
+from mtlrun.locks import FileLock, remove_dead_writers_files
 from mtlrun.tasks import Task, build_task, count_in_delta_m
 
 
@@ -105,7 +106,7 @@ def open_dataset(
     source = DATASETS[cfg.name]
     if source.check is not None:
         source.check(cfg)
-    if not path.exists() and source.generate is not None:
+    if source.generate is not None and (not path.exists() or _partials(path)):
         _generate_once(source.generate, cfg, path)
     file = DatasetFile(path, cfg.name, source.how_to_make.format(path=path))
     try:
@@ -114,9 +115,24 @@ def open_dataset(
         file.close()
 
 
+def _partials(path: Path) -> list[Path]:
+    """The temporary files of writers of `path` (`<file>.<pid>-<random>.partial`)."""
+    return list(path.parent.glob(f"{glob.escape(path.name)}.*.partial"))
+
+
 def _generate_once(generate: Callable[[DictConfig, Path], None], cfg: DictConfig, path: Path) -> None:
     """Generate the file at `path`, or, while another process generates it (runs sharing a data_dir), wait for
-    it and use its file: a lock beside the file (`<file>.lock`) lets one process build at a time."""
+    it and use its file: a lock beside the file (`<file>.lock`) lets one process build at a time. Whoever
+    holds the lock removes the temporaries of killed builders (a builder writes only while holding it)."""
+    if path.exists():  # only leftovers to remove, where no builder is at work and the folder can be written
+        lock = FileLock(path.with_name(path.name + ".lock"))
+        try:
+            if lock.acquire(wait=False) and lock.supported:
+                remove_dead_writers_files(_partials(path))
+        except OSError:
+            pass  # a read-only data_dir: its file is read as it is
+        lock.release()
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(path.with_name(path.name + ".lock"))
@@ -127,6 +143,8 @@ def _generate_once(generate: Callable[[DictConfig, Path], None], cfg: DictConfig
         raise MtlrunError(f"cannot write the dataset file {path} ({e.strerror}): point data_dir at a writable "
                           f"folder") from None
     try:
+        if lock.supported:
+            remove_dead_writers_files(_partials(path))
         if not path.exists():
             generate(cfg, path)
     except OSError as e:
