@@ -151,7 +151,7 @@ def check_group_choices(args: list[str]) -> None:
                 )
 
 
-# Hydra's own groups that choose how a sweep runs: a run without -m is one job in this process whatever they say.
+# Hydra's groups that choose how a sweep runs: a run without -m is one job in this process whatever they say.
 SWEEP_GROUPS = {"hydra/launcher": "basic", "hydra/sweeper": "basic"}
 
 
@@ -159,21 +159,22 @@ def check_sweep_choices(choices: Mapping[str, object]) -> None:
     """Refuse a launcher or sweeper chosen for a single run (it would run here, on this machine, at once)."""
     for group, default in SWEEP_GROUPS.items():
         if choices.get(group, default) != default:
+            choice = f"{group}={choices[group]}"
             raise MtlrunError(
-                f"{group}={choices[group]} applies only to sweeps: add -m (mtlrun -m {group}={choices[group]} ...), "
-                f"or leave it out to run here"
+                f"{choice} applies only to sweeps: add -m (mtlrun -m {choice} ...), or leave it out to run "
+                f"here"
             )
 
 
 def check_top_level_keys(cfg: DictConfig, choices: Mapping[str, object]) -> None:
-    """Refuse a key added at the top of the config (`+foo=1`): nothing reads it, so it is a typo or a misplaced
-    setting. Known: conf/config.yaml's keys and every config group chosen (`+case=x` adds a group)."""
+    """Refuse a key added at the top of the config (`+foo=1`): nothing reads it, so it is a typo or a
+    misplaced setting. Known: conf/config.yaml's keys and every config group chosen (`+case=x` adds one)."""
     known = set(OmegaConf.load(CONF_DIR / "config.yaml")) | {g for g in choices if "/" not in g} | {"hydra"}
     unknown = [str(k) for k in cfg if k not in known]
     if unknown:
         keys = ", ".join(str(k) for k in cfg if k in known and k != "hydra")
-        raise MtlrunError(f"{unknown[0]} is not a config key; top-level keys: {keys} (a group's keys go under "
-                          f"it, e.g. trainer.epochs=1; mtlrun --cfg job shows the whole config)")
+        raise MtlrunError(f"{unknown[0]} is not a config key; top-level keys: {keys} (a group's keys go "
+                          f"under it, e.g. trainer.epochs=1; mtlrun --cfg job shows the whole config)")
 
 
 def _known_keys(key: str) -> str:
@@ -191,8 +192,8 @@ def _known_keys(key: str) -> str:
 
 
 def _unreadable(error: OverrideParseException) -> str:
-    """An override with a character Hydra's grammar does not take unquoted (non-ASCII, a newline): where it is,
-    and how to quote it."""
+    """An override with a character Hydra's grammar does not take unquoted (non-ASCII, a newline): where it
+    is, and how to quote it."""
     override = error.override
     caret = re.search(r"\n( *)\^", error.message)
     at = len(caret.group(1)) - len("LexerNoViableAltException: ") if caret else -1
@@ -201,8 +202,8 @@ def _unreadable(error: OverrideParseException) -> str:
     if sign and at > len(key):
         quoted = f", e.g. '{key}=\"{value}\"' (the outer quotes for the shell)" if value.isprintable() else \
             " (or remove it)"
-        return (f"the override {override!r} has a character{character} that a value may hold only inside quotes: "
-                f"quote the value{quoted}")
+        return (f"the override {override!r} has a character{character} that a value may hold only inside "
+                f"quotes: quote the value{quoted}")
     return (f"the override {override!r} has a character{character} that a key cannot hold: config keys are "
             f"ASCII names (mtlrun --cfg job shows them)")
 

@@ -50,12 +50,14 @@ def numbers(key: str, value: object, length: int | None, what: str, above: float
     size = f"{length}" if length is not None else "one or more"
     hint = f", e.g. {key}={example}" if example else ""
     sequence = isinstance(value, Sequence) and not isinstance(value, str)
-    if (not sequence or not value or (length is not None and len(value) != length) or not all(
-            _is_number(v) and math.isfinite(v) and (above is None or v > above) and (least is None or v >= least)
-            for v in value)):
+    def fits(v: object) -> bool:
+        return (_is_number(v) and math.isfinite(v) and (above is None or v > above)
+                and (least is None or v >= least))
+
+    if not sequence or not value or len(value) != (length or len(value)) or not all(map(fits, value)):
         shown = list(value) if sequence else value
-        raise MtlrunError(f"{key} must be a list of {size} finite numbers{_bounds(above, least)}, {what}{hint}; "
-                          f"got {shown!r}")
+        raise MtlrunError(f"{key} must be a list of {size} finite numbers{_bounds(above, least)}, {what}"
+                          f"{hint}; got {shown!r}")
     return [float(v) for v in value]
 
 
@@ -81,7 +83,8 @@ def _fits(value: object, annotation: object) -> bool:
     if annotation is type(None):
         return value is None
     if origin in (dict, Mapping):
-        return isinstance(value, Mapping) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+        return isinstance(value, Mapping) and all(_fits(k, args[0]) and _fits(v, args[1])
+                                                  for k, v in value.items())
     if origin in (list, Sequence):
         return (isinstance(value, Sequence) and not isinstance(value, str)
                 and all(_fits(v, args[0]) for v in value))
@@ -94,9 +97,10 @@ def _fits(value: object, annotation: object) -> bool:
     return True  # a type these settings do not use: the constructor checks it
 
 
-def typed_keywords(function: Callable, values: Mapping[str, object], prefix: str, mapping_example: str = "") -> None:
+def typed_keywords(function: Callable, values: Mapping[str, object], prefix: str,
+                   mapping_example: str = "") -> None:
     """Each of `values` has the type `function`'s signature declares for it (the declaration is the
-    constraint); a mismatch says which key needs which type, a mapping with `mapping_example` as its syntax."""
+    constraint); a mismatch says which key needs which type, a mapping with `mapping_example` as syntax."""
     hints = typing.get_type_hints(function)
     for name, value in values.items():
         if name in hints and not _fits(value, hints[name]):

@@ -77,7 +77,9 @@ def selected_epochs(metrics: pd.DataFrame, selection: Selection) -> tuple[list[i
     return [int(per_epoch[per_epoch == best].index.min())], None
 
 
-def select(runs: pd.DataFrame, selection: Selection, read_csv, required: bool = False) -> tuple[pd.DataFrame, list[str]]:
+def select(
+    runs: pd.DataFrame, selection: Selection, read_csv, required: bool = False
+) -> tuple[pd.DataFrame, list[str]]:
     """`runs` with every `<split>/<task>/<metric>` column replaced by the selected epoch's value (the mean
     over the selected epochs), a `selected_epochs` column, and notes on runs it could not follow. With
     `required`, a `best` metric that no run's metrics.csv has is an error naming what they have (a typo)."""

@@ -86,19 +86,21 @@ def test_a_run_without_the_selected_metric_reports_its_last_epoch_and_says_so(tm
     extra = metrics[metrics["metric"] == "miou"].assign(task="normal", metric="mean", higher_is_better=False)
     pd.concat([metrics, extra]).to_csv(tmp_path / "r1/metrics.csv", index=False)
     comparison = build([tmp_path], None, "test", selection=Selection("best", "val", "normal", "mean"))
-    assert list(comparison.runs["selected_epochs"]) == ["4", "1"]  # r1: val/normal/mean lowest (40) at epoch 1
+    assert list(comparison.runs["selected_epochs"]) == ["4", "1"]  # r1: its lowest val/normal/mean, 40
     assert comparison.table["test/seg/miou mean"].iloc[0] == pytest.approx((49.0 + 41.0) / 2)
     assert sum("no best:val/normal/mean" in n for n in comparison.notes) == 1
 
 
-@pytest.mark.parametrize("rule", ["best:val/foo/bar", "best:val/seg/bar", "best:train/loss", "best:val/mean/bar"])
+@pytest.mark.parametrize("rule",
+                         ["best:val/foo/bar", "best:val/seg/bar", "best:train/loss", "best:val/mean/bar"])
 def test_a_metric_no_run_has_is_a_one_line_error_naming_what_exists(tmp_path, capsys, rule):
     write_run(tmp_path / "r0")
     write_run(tmp_path / "r1", seed=1)
     with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path), "--select", rule, "--out", str(tmp_path / "cmp.csv")])
     message = str(exit_.value.code)
-    assert message.startswith(f"mtlrun-compare: error: --select {rule}: no run has that metric") and "\n" not in message
+    assert message.startswith(f"mtlrun-compare: error: --select {rule}: no run has that metric")
+    assert "\n" not in message
     assert "splits val, test; tasks seg, depth" in message and "metrics miou, loss, abs_err" in message
     assert not (tmp_path / "cmp.csv").exists() and capsys.readouterr().err == ""
 

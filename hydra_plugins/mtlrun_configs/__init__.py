@@ -1,4 +1,4 @@
-"""Configs that YAML cannot express, in Hydra's config store (Hydra imports every hydra_plugins module first)."""
+"""Configs YAML cannot express, in Hydra's config store (Hydra imports every hydra_plugins module first)."""
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf

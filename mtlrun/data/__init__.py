@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mtlrun.constraints import flag, numbers
+from mtlrun.constraints import flag, integer, numbers
 from mtlrun.data.hdf5 import DatasetFile, write_dataset
 from mtlrun.data.loading import IN_MEMORY, LazySplit, Split, SplitSource, TargetTransform
 from mtlrun.errors import MtlrunError
@@ -60,8 +60,7 @@ def check_shapes_options(image_size: object, num_train: object, num_val: object,
     given = {"image_size": image_size, "num_train": num_train, "num_val": num_val, "num_test": num_test,
              "generator_seed": generator_seed}
     for key, value in given.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < least[key]:
-            raise MtlrunError(f"{prefix}{key} must be an integer >= {least[key]}, got {value!r}")
+        integer(f"{prefix}{key}", value, least[key])
 
 
 def _check_shapes(cfg: DictConfig) -> None:
@@ -164,12 +163,14 @@ def task_specs(cfg: DictConfig) -> dict[str, dict]:
         )
     asked = list(cfg.tasks) if cfg.get("tasks") is not None else list(specs)
     if not asked:
-        raise MtlrunError(f"dataset.tasks=[] selects no task: name at least one, e.g. dataset.tasks=[{next(iter(specs))}]"
-                          f", or null for all; {cfg.name} has: {', '.join(specs)}")
-    repeated = [n for n in dict.fromkeys(asked) if asked.count(n) > 1]
+        raise MtlrunError(f"dataset.tasks=[] selects no task: name at least one, e.g. dataset.tasks="
+                          f"[{next(iter(specs))}], or null for all; {cfg.name} has: {', '.join(specs)}")
+    repeated = [str(n) for n in dict.fromkeys(asked) if asked.count(n) > 1]
     if repeated:
-        raise MtlrunError(f"dataset.tasks=[{','.join(map(str, asked))}] names {', '.join(map(str, repeated))} more "
-                          f"than once: name each task once, e.g. dataset.tasks=[{','.join(map(str, dict.fromkeys(asked)))}]")
+        once = ",".join(map(str, dict.fromkeys(asked)))
+        given = ",".join(map(str, asked))
+        raise MtlrunError(f"dataset.tasks=[{given}] names {', '.join(repeated)} more than once: name each "
+                          f"task once, e.g. dataset.tasks=[{once}]")
     names = list(dict.fromkeys(n for name in asked for n in parts.get(name, [name])))
     unknown = [n for n in names if n not in specs]
     if unknown:
@@ -360,7 +361,7 @@ def _check_classes(cfg: DictConfig, file: DatasetFile, tasks: list[Task]) -> Non
             )
         named = specs[task.name].get("class_names")
         if stored is not None and named is not None and [str(n) for n in named] != list(stored):
-            # Per-class numbers and binary maps are reported under the config's names: they must be the file's.
+            # Per-class numbers and binary maps are reported under the config's names: they must be the file's
             raise MtlrunError(
                 f"task '{task.name}' names its classes [{', '.join(map(str, named))}] but {file.path} stores "
                 f"[{', '.join(stored)}] in '{specs[task.name]['key']}': set dataset.task_specs.{task.name}"

@@ -117,7 +117,7 @@ def _combiner(method: str, settings: dict, tasks: Sequence[str], seed: int) -> L
     prefix = "strategy.combine_settings."
     try:
         combiner = build_strategy(OmegaConf.merge(defaults, settings), tasks, seed, prefix)
-    except MtlrunError as e:  # the method's own checks name its keys strategy.<key>: here they are under prefix
+    except MtlrunError as e:  # the method's own checks say strategy.<key>: here the key is under prefix
         text = str(e)
         raise MtlrunError(prefix + text.removeprefix("strategy.") if not text.startswith(prefix) and
                           text.startswith("strategy.") else text) from None
