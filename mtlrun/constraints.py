@@ -35,26 +35,19 @@ def integer(key: str, value: object, least: int | None = None) -> int:
     return value
 
 
-def number(key: str, value: object, above: float | None = None, least: float | None = None) -> float:
-    """A finite number, greater than `above` and at least `least` where given."""
-    if (not _is_number(value) or not math.isfinite(value) or (above is not None and not value > above)
-            or (least is not None and not value >= least)):
-        raise MtlrunError(f"{key} must be a finite number{_bounds(above, least)}, got {value!r}")
-    return float(value)
-
-
 def numbers(key: str, value: object, length: int | None, what: str, above: float | None = None,
             least: float | None = None, example: str = "") -> list[float]:
     """A list of `length` (None: one or more) finite numbers (`what` says what each is for), each greater
     than `above` and at least `least` where given."""
-    size = f"{length}" if length is not None else "one or more"
-    hint = f", e.g. {key}={example}" if example else ""
-    sequence = isinstance(value, Sequence) and not isinstance(value, str)
     def fits(v: object) -> bool:
         return (_is_number(v) and math.isfinite(v) and (above is None or v > above)
                 and (least is None or v >= least))
 
-    if not sequence or not value or len(value) != (length or len(value)) or not all(map(fits, value)):
+    size = f"{length}" if length is not None else "one or more"
+    hint = f", e.g. {key}={example}" if example else ""
+    sequence = isinstance(value, Sequence) and not isinstance(value, str)
+    wrong_length = sequence and (not value or (length is not None and len(value) != length))
+    if not sequence or wrong_length or not all(map(fits, value)):
         shown = list(value) if sequence else value
         raise MtlrunError(f"{key} must be a list of {size} finite numbers{_bounds(above, least)}, {what}"
                           f"{hint}; got {shown!r}")

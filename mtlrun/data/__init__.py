@@ -361,7 +361,7 @@ def _check_classes(cfg: DictConfig, file: DatasetFile, tasks: list[Task]) -> Non
             )
         named = specs[task.name].get("class_names")
         if stored is not None and named is not None and [str(n) for n in named] != list(stored):
-            # Per-class numbers and binary maps are reported under the config's names: they must be the file's
+            # Other names (or another order) mean other labels than the user thinks: another array, another set
             raise MtlrunError(
                 f"task '{task.name}' names its classes [{', '.join(map(str, named))}] but {file.path} stores "
                 f"[{', '.join(stored)}] in '{specs[task.name]['key']}': set dataset.task_specs.{task.name}"
