@@ -8,12 +8,13 @@ import os
 import re
 import sys
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
+from hydra.errors import HydraException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -84,7 +85,10 @@ def _run(cfg: DictConfig) -> float | None:
     run = None
     try:
         try:
-            with hold(run_dir, _record(cfg)) as run:
+            with hold(run_dir, _record(cfg)) as run:  # a refusal in the block removes a directory made for it
+                if not sweep:
+                    check_sweep_choices(hydra_cfg.runtime.choices)
+                check_top_level_keys(cfg, hydra_cfg.runtime.choices)
                 check_run_flags(cfg.get("resume"), cfg.get("overwrite"))
                 objective = check_objective(cfg.get("objective", "val/loss_sum"))
                 try:
@@ -206,6 +210,32 @@ def check_group_choices(args: list[str]) -> None:
                 )
 
 
+# Hydra's groups that choose how a sweep runs: a run without -m is one job in this process whatever they say.
+SWEEP_GROUPS = {"hydra/launcher": "basic", "hydra/sweeper": "basic"}
+
+
+def check_sweep_choices(choices: Mapping[str, object]) -> None:
+    """Refuse a launcher or sweeper chosen for a single run (it would run here, on this machine, at once)."""
+    for group, default in SWEEP_GROUPS.items():
+        if choices.get(group, default) != default:
+            choice = f"{group}={choices[group]}"
+            raise MtlrunError(
+                f"{choice} applies only to sweeps: add -m (mtlrun -m {choice} ...), or leave it out to run "
+                f"here"
+            )
+
+
+def check_top_level_keys(cfg: DictConfig, choices: Mapping[str, object]) -> None:
+    """Refuse a key added at the top of the config (`+foo=1`): nothing reads it, so it is a typo or a
+    misplaced setting. Known: conf/config.yaml's keys and every config group chosen (`+case=x` adds one)."""
+    known = set(OmegaConf.load(CONF_DIR / "config.yaml")) | {g for g in choices if "/" not in g} | {"hydra"}
+    unknown = [str(k) for k in cfg if k not in known]
+    if unknown:
+        keys = ", ".join(str(k) for k in cfg if k in known and k != "hydra")
+        raise MtlrunError(f"{unknown[0]} is not a config key; top-level keys: {keys} (a group's keys go "
+                          f"under it, e.g. trainer.epochs=1; mtlrun --cfg job shows the whole config)")
+
+
 def _known_keys(key: str) -> str:
     """The keys beside `key` in the default config, to say what could have been meant."""
     from hydra import compose, initialize_config_dir
@@ -220,11 +250,30 @@ def _known_keys(key: str) -> str:
     return f"; keys of {parent or 'the config'}: {', '.join(map(str, keys))}" if keys else ""
 
 
+def _unreadable(error: OverrideParseException) -> str:
+    """An override with a character Hydra's grammar does not take unquoted (non-ASCII, a newline): where it
+    is, and how to quote it."""
+    override = error.override
+    caret = re.search(r"\n( *)\^", error.message)
+    at = len(caret.group(1)) - len("LexerNoViableAltException: ") if caret else -1
+    key, sign, value = override.partition("=")
+    character = f" {override[at]!r}" if 0 <= at < len(override) else ""
+    if sign and at > len(key):
+        quoted = f", e.g. '{key}=\"{value}\"' (the outer quotes for the shell)" if value.isprintable() else \
+            " (or remove it)"
+        return (f"the override {override!r} has a character{character} that a value may hold only inside "
+                f"quotes: quote the value{quoted}")
+    return (f"the override {override!r} has a character{character} that a key cannot hold: config keys are "
+            f"ASCII names (mtlrun --cfg job shows them)")
+
+
 def _one_line(error: BaseException) -> str:
     missing = re.match(r"Could not override '([^']+)'", str(error))
     if missing:
         key = missing.group(1)
         return f"{key} is not a config key{_known_keys(key)} (mtlrun --cfg job shows the whole config)"
+    if isinstance(error, OverrideParseException) and "LexerNoViableAltException" in error.message:
+        return _unreadable(error)
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     cause = error.__cause__
     if cause is not None and str(cause).strip():

@@ -109,6 +109,25 @@ def load_runs(files: list[Path]) -> pd.DataFrame:
     return runs
 
 
+def drop_repeated_seeds(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Runs of one configuration with the same seed repeat one experiment: the first (in the order found) is
+    kept, so a mean ± std counts each seed once; the note names the others."""
+    if "seed" not in runs.columns:
+        return runs, []
+    repeated = runs["seed"].notna() & runs.duplicated(subset=["config_id", "seed"], keep="first")
+    if not repeated.any():
+        return runs, []
+    kept = runs[~repeated]
+    said = []
+    for index, row in runs[repeated].iterrows():
+        first = kept[(kept["config_id"] == row["config_id"]) & (kept["seed"] == row["seed"])].iloc[0]
+        said.append(f"{plain(row['run_dir'])} (= {plain(first['run_dir'])})")
+    return kept.reset_index(drop=True), [
+        f"counting each seed once: {int(repeated.sum())} run(s) repeat the configuration and seed of another "
+        f"and are left out: {', '.join(said)}"
+    ]
+
+
 def backward_passes_per_iteration(run_dir: object) -> float:
     path = run_file(run_dir, TRAIN_LOG_CSV)
     if path is None:
@@ -504,14 +523,16 @@ def build(
     if not files:
         raise MtlrunError(f"no {RESULTS_CSV} under {', '.join(map(str, paths))}: finished runs write one")
     # Every run, single-task baselines included, reports its selected epoch(s) before Δm% reads it.
-    runs, selected = select(load_runs(files), selection, read_csv)
-    notes += selected
+    runs, repeated = drop_repeated_seeds(load_runs(files))
+    runs, selected = select(runs, selection, read_csv, required=True)
+    notes += repeated + selected
     if baseline_paths:
         baseline_files = find_results(baseline_paths)[0]
         given = pd.DataFrame({"strategy": []})
         if baseline_files:
-            given, selected = select(load_runs(baseline_files), selection, read_csv)
-            notes += selected
+            given, repeated = drop_repeated_seeds(load_runs(baseline_files))
+            given, selected = select(given, selection, read_csv)
+            notes += repeated + selected
         baselines = given[given["strategy"] == SINGLE_TASK]
         if baselines.empty:
             raise MtlrunError(

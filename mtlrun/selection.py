@@ -45,6 +45,12 @@ def parse_selection(text: str) -> Selection:
     raise MtlrunError(f"--select {text!r} is not understood; valid forms: {FORMS}")
 
 
+def selection_rows(metrics: pd.DataFrame, selection: Selection) -> pd.DataFrame:
+    """The rows of a metrics.csv that a `best` selection reads (none: the run lacks that metric)."""
+    rows = metrics[(metrics["split"] == selection.split) & (metrics["metric"] == selection.metric)]
+    return rows[rows["task"] == selection.task] if selection.task not in (None, MEAN) else rows
+
+
 def selected_epochs(metrics: pd.DataFrame, selection: Selection) -> tuple[list[int], str | None]:
     """The epochs whose metrics a run reports under `selection`, and a note where it could not be followed.
 
@@ -61,9 +67,7 @@ def selected_epochs(metrics: pd.DataFrame, selection: Selection) -> tuple[list[i
         if len(evaluated) < selection.k:
             note = f"only {len(evaluated)} evaluated epoch(s), fewer than {selection.k}"
         return evaluated[-selection.k :], note
-    rows = metrics[(metrics["split"] == selection.split) & (metrics["metric"] == selection.metric)]
-    if selection.task not in (None, MEAN):
-        rows = rows[rows["task"] == selection.task]
+    rows = selection_rows(metrics, selection)
     if rows.empty:
         return evaluated[-1:], f"no {selection} in its metrics.csv: the last epoch is reported"
     per_epoch = rows.groupby("epoch")["value"]
@@ -73,20 +77,27 @@ def selected_epochs(metrics: pd.DataFrame, selection: Selection) -> tuple[list[i
     return [int(per_epoch[per_epoch == best].index.min())], None
 
 
-def select(runs: pd.DataFrame, selection: Selection, read_csv) -> tuple[pd.DataFrame, list[str]]:
+def select(
+    runs: pd.DataFrame, selection: Selection, read_csv, required: bool = False
+) -> tuple[pd.DataFrame, list[str]]:
     """`runs` with every `<split>/<task>/<metric>` column replaced by the selected epoch's value (the mean
-    over the selected epochs), a `selected_epochs` column, and notes on runs it could not follow."""
+    over the selected epochs), a `selected_epochs` column, and notes on runs it could not follow. With
+    `required`, a `best` metric that no run's metrics.csv has is an error naming what they have (a typo)."""
     if selection.kind == "last":
         return runs, []
     runs = runs.copy()
     runs["selected_epochs"] = ""
     missing, notes = [], []
+    read = {index: read_csv(Path(d) / METRICS_CSV) for index, d in runs["run_dir"].items()
+            if isinstance(d, str) and (Path(d) / METRICS_CSV).is_file()}
+    if required and selection.kind == "best" and read and all(selection_rows(m, selection).empty
+                                                             for m in read.values()):
+        raise MtlrunError(f"--select {selection}: no run has that metric; {available(list(read.values()))}")
     for index, run_dir in runs["run_dir"].items():
-        path = Path(run_dir) / METRICS_CSV if isinstance(run_dir, str) else None
-        if path is None or not path.is_file():
+        if index not in read:
             missing.append(str(run_dir))
             continue
-        metrics = read_csv(path)
+        metrics = read[index]
         epochs, note = selected_epochs(metrics, selection)
         if note:
             notes.append(f"{run_dir}: {note}")
@@ -99,3 +110,12 @@ def select(runs: pd.DataFrame, selection: Selection, read_csv) -> tuple[pd.DataF
         notes.append(f"--select {selection}: {len(missing)} run(s) without metrics.csv report their last epoch: "
                      f"{', '.join(missing)}")
     return runs, notes
+
+
+def available(frames: list[pd.DataFrame]) -> str:
+    """What the runs' metrics.csv files hold, for `best:<split>/<task>/<metric>`."""
+    rows = pd.concat(frames, ignore_index=True)
+    return (f"their metrics.csv files have splits {', '.join(map(str, rows['split'].unique()))}; tasks "
+            f"{', '.join(map(str, rows['task'].unique()))} (or {MEAN}: the mean over tasks); metrics "
+            f"{', '.join(map(str, rows['metric'].unique()))} (e.g. --select best:{rows['split'].iloc[0]}/"
+            f"{rows['task'].iloc[0]}/{rows['metric'].iloc[0]}, or best:<split>/loss)")

@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mtlrun import distributed
+from mtlrun.constraints import flag
 from mtlrun.data import MultiTaskData, open_dataset, task_names
 from mtlrun.data.augment import Augment
 from mtlrun.data.loading import BatchStream, Split, SplitSource, ToDevice, eval_batches, on_device
@@ -296,7 +297,7 @@ def train(cfg: DictConfig, run_dir: Path | RunDir) -> dict | None:
 def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals, cleanup: ExitStack) -> dict | None:
     settings = _trainer_settings(cfg)
     cleanup.enter_context(run_dtype(settings["dtype"]))
-    seed_everything(cfg.seed, cfg.deterministic)
+    seed_everything(cfg.seed, settings["deterministic"])
     device = distributed.device(pick_device(cfg.trainer.device))
     parts = build_run(cfg, device, settings["epochs"], settings["batch_size"])
     data, model, optimizer, strategy, batches, ctx = (
@@ -304,7 +305,7 @@ def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals, cleanup: 
     )
     cleanup.callback(batches.close)  # however the run ends: its DataLoader workers end with it
     diagnostics = None
-    if cfg.diagnostics:
+    if settings["diagnostics"]:
         train = data.splits["train"]
         probe = parts.to_device(train.batch(torch.arange(min(settings["batch_size"], len(train)))))
         diagnostics = Diagnostics(ctx, probe, settings["diagnostics_every"])
@@ -664,6 +665,8 @@ def _trainer_settings(cfg: DictConfig) -> dict:
     settings["progress"] = sys.stderr.isatty() if t.progress == "auto" else bool(t.progress)
     if cfg.seed is None or isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
         raise MtlrunError(f"seed must be an integer >= 0, got {cfg.seed!r}")
+    settings["deterministic"] = flag("deterministic", cfg.deterministic)
+    settings["diagnostics"] = flag("diagnostics", cfg.diagnostics)
     return settings
 
 

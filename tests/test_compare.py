@@ -184,6 +184,22 @@ def test_runs_differing_only_by_seed_are_grouped(tmp_path):
     assert one["n_seeds"] == 1 and one["test/seg/miou std"] == 0.0
 
 
+def test_runs_repeating_a_seed_are_named_and_counted_once(tmp_path, capsys):
+    for name, value in (("a", 3.0), ("b", 4.0), ("c", 8.0), ("d", 5.0)):  # four runs of seed 0
+        write_run(tmp_path / name, 0, {"seg/miou": value, "depth/abs_err": value / 10}, "grouped", 1)
+    write_run(tmp_path / "e", 1, {"seg/miou": 6.0, "depth/abs_err": 0.6}, "grouped", 1)
+    out, err = compare_cli(capsys, tmp_path, "--out", tmp_path / "cmp.csv", "--format", "csv")
+    row = pd.read_csv(io.StringIO(out)).iloc[0]
+    assert row["n_seeds"] == 2 and row["seeds"] == "0 1"
+    assert row["test/seg/miou mean"] == pytest.approx((3.0 + 6.0) / 2)  # seed 0's first run (a) and seed 1
+    assert row["test/seg/miou std"] == pytest.approx(np.std([3.0, 6.0], ddof=1))
+    notes = [line for line in err.splitlines() if "counting each seed once" in line]
+    assert len(notes) == 1 and "3 run(s) repeat" in notes[0]
+    for name in "bcd":
+        assert f"{tmp_path / name} (= {tmp_path / 'a'})" in notes[0]
+    assert "5 run(s)" not in err and "2 run(s) in 1 configuration(s)" in err
+
+
 def test_results_without_config_id_are_grouped_by_settings(tmp_path):
     """A concatenated results CSV (no run directories, no config_id) still groups by every setting but the seed."""
     frame = pd.DataFrame({"strategy": ["grouped"] * 3 + ["averaged"], "lr": 0.1, "seed": [0, 1, 2, 0],

@@ -307,7 +307,8 @@ def test_cityscapes_npy_layout_round_trip(tmp_path):
     assert torch.equal(test.targets["segmentation"][1], torch.from_numpy(sample["label_7"].astype(np.int16)))
     assert torch.equal(test.targets["depth"][1], torch.from_numpy(sample["depth"][..., 0]))
     nineteen = _open("cityscapes", out, **{"task_specs.segmentation.key": "segmentation_19",
-                                            "task_specs.segmentation.num_classes": 19})
+                                            "task_specs.segmentation.num_classes": 19,
+                                            "task_specs.segmentation.class_names": None})
     assert torch.equal(nineteen.splits["test"].targets["segmentation"][1],
                        torch.from_numpy(sample["label_19"].astype(np.int16)))
 
@@ -377,7 +378,8 @@ def test_cityscapes_official_tree_maps_ids_and_decodes_disparity(tmp_path):
         assert disparity[sample["pixels"] == 65535][0] == pytest.approx(65534 / 256)
         assert np.all(disparity[sample["pixels"] == 0] == 0)
     nineteen = _open("cityscapes", out, **{"task_specs.segmentation.key": "segmentation_19",
-                                            "task_specs.segmentation.num_classes": 19})
+                                            "task_specs.segmentation.num_classes": 19,
+                                            "task_specs.segmentation.class_names": None})
     test_stem = next(stem for split, stem in written if split == "val")
     assert np.array_equal(nineteen.splits["test"].targets["segmentation"][0].numpy(),
                           _expected_labels(written[("val", test_stem)]["label_ids"])[1])

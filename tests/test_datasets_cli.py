@@ -31,7 +31,11 @@ def _split(rng: np.random.Generator, n: int, size: tuple[int, int], classes: dic
 
 def _write(path, dataset: str, splits: dict[str, int], **kinds) -> None:
     rng = np.random.default_rng(0)
-    class_names = {key: [f"c{i}" for i in range(k)] for key, k in kinds.get("classes", {}).items()}
+    # The names the dataset's conf gives (a file names its classes as the conf does), c<i> for other arrays.
+    conf = OmegaConf.load(CONF_DIR / f"dataset/{dataset}.yaml").task_specs
+    named = {spec.key: list(spec.class_names) for spec in conf.values() if spec.get("class_names")}
+    class_names = {key: named.get(key, [f"c{i}" for i in range(k)])
+                   for key, k in kinds.get("classes", {}).items()}
     write_dataset(
         path, dataset, {s: _split(rng, n, **kinds) for s, n in splits.items()}, source="fixture", options={},
         attribute_names=CELEBA_ATTRIBUTES if kinds.get("attributes") else None, class_names=class_names or None,
@@ -75,8 +79,14 @@ def test_cityscapes_19_classes_from_its_own_array(tmp_path):
     wrong = mtlrun("dataset=cityscapes", f"dataset.path={path}", *RUN, "dataset.task_specs.segmentation.key=segmentation_19",
                    "hydra.run.dir=bad", cwd=tmp_path)
     assert "expects 7 classes but" in _one_line_error(wrong) and "num_classes=19" in wrong.stderr
-    result = mtlrun("dataset=cityscapes", f"dataset.path={path}", *RUN, "dataset.task_specs.segmentation.key=segmentation_19",
-                    "dataset.task_specs.segmentation.num_classes=19", "hydra.run.dir=run19", cwd=tmp_path)
+    nineteen = ["dataset.task_specs.segmentation.key=segmentation_19",
+                "dataset.task_specs.segmentation.num_classes=19"]
+    named = mtlrun("dataset=cityscapes", f"dataset.path={path}", *RUN, *nineteen, "hydra.run.dir=named",
+                   cwd=tmp_path)
+    line = _one_line_error(named)
+    assert "names its classes [flat, construction" in line and "stores [c0, c1" in line
+    result = mtlrun("dataset=cityscapes", f"dataset.path={path}", *RUN, *nineteen,
+                    "dataset.task_specs.segmentation.class_names=null", "hydra.run.dir=run19", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     spec = OmegaConf.load(tmp_path / "run19/.hydra/config.yaml").dataset.task_specs.segmentation
     assert spec.key == "segmentation_19" and spec.num_classes == 19

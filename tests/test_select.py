@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from mtlrun.compare import DELTA_M, build
+from mtlrun.compare import DELTA_M, build, main
 from mtlrun.errors import MtlrunError
 from mtlrun.selection import Selection, parse_selection, selected_epochs
 
@@ -81,9 +81,28 @@ def test_compare_reports_the_selected_epochs_values(tmp_path):
 
 def test_a_run_without_the_selected_metric_reports_its_last_epoch_and_says_so(tmp_path):
     write_run(tmp_path / "r0")
+    write_run(tmp_path / "r1", seed=1)
+    metrics = pd.read_csv(tmp_path / "r1/metrics.csv")
+    extra = metrics[metrics["metric"] == "miou"].assign(task="normal", metric="mean", higher_is_better=False)
+    pd.concat([metrics, extra]).to_csv(tmp_path / "r1/metrics.csv", index=False)
     comparison = build([tmp_path], None, "test", selection=Selection("best", "val", "normal", "mean"))
-    assert comparison.table["test/seg/miou mean"].iloc[0] == pytest.approx(49.0)
-    assert any("no best:val/normal/mean" in n for n in comparison.notes)
+    assert list(comparison.runs["selected_epochs"]) == ["4", "1"]  # r1: its lowest val/normal/mean, 40
+    assert comparison.table["test/seg/miou mean"].iloc[0] == pytest.approx((49.0 + 41.0) / 2)
+    assert sum("no best:val/normal/mean" in n for n in comparison.notes) == 1
+
+
+@pytest.mark.parametrize("rule",
+                         ["best:val/foo/bar", "best:val/seg/bar", "best:train/loss", "best:val/mean/bar"])
+def test_a_metric_no_run_has_is_a_one_line_error_naming_what_exists(tmp_path, capsys, rule):
+    write_run(tmp_path / "r0")
+    write_run(tmp_path / "r1", seed=1)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path), "--select", rule, "--out", str(tmp_path / "cmp.csv")])
+    message = str(exit_.value.code)
+    assert message.startswith(f"mtlrun-compare: error: --select {rule}: no run has that metric")
+    assert "\n" not in message
+    assert "splits val, test; tasks seg, depth" in message and "metrics miou, loss, abs_err" in message
+    assert not (tmp_path / "cmp.csv").exists() and capsys.readouterr().err == ""
 
 
 def test_single_task_baselines_are_read_at_their_selected_epochs_too(tmp_path):
@@ -92,7 +111,8 @@ def test_single_task_baselines_are_read_at_their_selected_epochs_too(tmp_path):
     for task, column in (("seg", "test/seg/miou"), ("depth", "test/depth/abs_err")):
         run = tmp_path / f"stl_{task}"
         write_run(run)
-        results = pd.read_csv(run / "results.csv").assign(strategy="single_task", **{"strategy.task": task})
+        results = pd.read_csv(run / "results.csv").assign(strategy="single_task", config_id=f"stl_{task}",
+                                                          **{"strategy.task": task})
         results.drop(columns=[c for c in ("test/seg/miou", "test/depth/abs_err") if c != column]).to_csv(
             run / "results.csv", index=False)
     for where in ([tmp_path], None):  # baselines among the inputs, then given with --baseline

@@ -162,7 +162,7 @@ def test_strategy_state_round_trip_reproduces_choices():
     "cfg,message",
     [
         ({"name": "grouped", "group_size": 0, "batch": "same"}, "group_size must be an integer >= 1"),
-        ({"name": "grouped", "group_size": 1.5, "batch": "same"}, "group_size must be an integer >= 1"),
+        ({"name": "grouped", "group_size": 1.5, "batch": "same"}, "strategy.group_size must be an integer"),
         ({"name": "alternating", "order": "sorted", "batch": "same"}, "strategy.order"),
         ({"name": "alternating", "order": "random", "batch": "new"}, "strategy.batch"),
         ({"name": "averaged", "weights": {"a": 1.0}}, "one weight per task"),

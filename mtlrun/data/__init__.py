@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mtlrun.constraints import flag, integer, numbers
 from mtlrun.data.hdf5 import DatasetFile, write_dataset
 from mtlrun.data.loading import IN_MEMORY, LazySplit, Split, SplitSource, TargetTransform
 from mtlrun.errors import MtlrunError
@@ -60,8 +61,7 @@ def check_shapes_options(image_size: object, num_train: object, num_val: object,
     given = {"image_size": image_size, "num_train": num_train, "num_val": num_val, "num_test": num_test,
              "generator_seed": generator_seed}
     for key, value in given.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < least[key]:
-            raise MtlrunError(f"{prefix}{key} must be an integer >= {least[key]}, got {value!r}")
+        integer(f"{prefix}{key}", value, least[key])
 
 
 def _check_shapes(cfg: DictConfig) -> None:
@@ -95,6 +95,21 @@ DATASETS: dict[str, Source] = {
 }
 
 
+IMAGE_CHANNELS = 3  # every dataset file stores RGB images (hdf5.py's schema)
+
+
+def check_dataset(cfg: DictConfig) -> None:
+    """The settings every dataset has, checked before its file is opened: the normalization (one finite number
+    per input channel, std > 0: a zero std turns every image into inf and NaN) and the augmentation."""
+    per_channel = "one per input channel (R, G, B)"
+    numbers("dataset.mean", cfg.get("mean"), IMAGE_CHANNELS, per_channel, example="[0.5,0.5,0.5]")
+    numbers("dataset.std", cfg.get("std"), IMAGE_CHANNELS, per_channel, above=0, example="[0.25,0.25,0.25]")
+    augment = cfg.get("augment") or {}
+    numbers("dataset.augment.scales", augment.get("scales", [1.0]), None, "the scale-crop factors drawn from",
+            least=1, example="[1.0,1.2,1.5]")
+    flag("dataset.augment.flip", augment.get("flip", False))
+
+
 def open_dataset(
     cfg: DictConfig, tasks: list[str] | None = None, split_names: tuple[str, ...] = ("train", "val", "test")
 ) -> MultiTaskData:
@@ -102,6 +117,7 @@ def open_dataset(
     (default: the config's selection)."""
     if cfg.name not in DATASETS:
         raise MtlrunError(f"no dataset named {cfg.name!r}; known: {', '.join(sorted(DATASETS))}")
+    check_dataset(cfg)
     path = Path(cfg.path)
     source = DATASETS[cfg.name]
     if source.check is not None:
@@ -164,9 +180,18 @@ def task_specs(cfg: DictConfig) -> dict[str, dict]:
             f"{cfg.name} has: {', '.join(specs)}"
         )
     asked = list(cfg.tasks) if cfg.get("tasks") is not None else list(specs)
+    if not asked:
+        raise MtlrunError(f"dataset.tasks=[] selects no task: name at least one, e.g. dataset.tasks="
+                          f"[{next(iter(specs))}], or null for all; {cfg.name} has: {', '.join(specs)}")
+    repeated = [str(n) for n in dict.fromkeys(asked) if asked.count(n) > 1]
+    if repeated:
+        once = ",".join(map(str, dict.fromkeys(asked)))
+        given = ",".join(map(str, asked))
+        raise MtlrunError(f"dataset.tasks=[{given}] names {', '.join(repeated)} more than once: name each "
+                          f"task once, e.g. dataset.tasks=[{once}]")
     names = list(dict.fromkeys(n for name in asked for n in parts.get(name, [name])))
     unknown = [n for n in names if n not in specs]
-    if unknown or not names:
+    if unknown:
         raise MtlrunError(
             f"dataset.tasks={asked} names unknown tasks {unknown}; {cfg.name} has: {', '.join(specs)}"
         )
@@ -351,6 +376,14 @@ def _check_classes(cfg: DictConfig, file: DatasetFile, tasks: list[Task]) -> Non
             raise MtlrunError(
                 f"task '{task.name}' expects {task.num_classes} classes but {file.path} has {len(stored)}: "
                 f"set dataset.task_specs.{task.name}.num_classes={len(stored)}"
+            )
+        named = specs[task.name].get("class_names")
+        if stored is not None and named is not None and [str(n) for n in named] != list(stored):
+            # Other names (or another order) mean other labels than the user thinks: another array, another set
+            raise MtlrunError(
+                f"task '{task.name}' names its classes [{', '.join(map(str, named))}] but {file.path} stores "
+                f"[{', '.join(stored)}] in '{specs[task.name]['key']}': set dataset.task_specs.{task.name}"
+                f".class_names to the file's names (or null), or point the task at the right array"
             )
 
 

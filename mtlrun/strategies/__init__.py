@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from mtlrun import CONF_DIR
+from mtlrun.constraints import typed_keywords
 from mtlrun.errors import MtlrunError
 from mtlrun.strategies.adatask import AdaTask
 from mtlrun.strategies.aligned_mtl import AlignedMTL
@@ -75,8 +76,9 @@ STRATEGIES: dict[str, type[Strategy]] = {
 __all__ = ["STRATEGIES", "StepContext", "Strategy", "build_strategy"]
 
 
-def build_strategy(cfg: DictConfig, tasks: Sequence[str], seed: int) -> Strategy:
+def build_strategy(cfg: DictConfig, tasks: Sequence[str], seed: int, prefix: str = "strategy.") -> Strategy:
     """Build `cfg.name` with its other config keys as keyword arguments; seeded ones get the run seed.
+    Each setting must have the type the class's constructor declares for it (`prefix` names its key).
 
     `grouped` with `combine: <method>` gets that method, built from conf/strategy/<method>.yaml
     updated with `combine_settings`, to make each group's step.
@@ -85,6 +87,7 @@ def build_strategy(cfg: DictConfig, tasks: Sequence[str], seed: int) -> Strategy
         raise MtlrunError(f"no strategy named {cfg.name!r}; known: {', '.join(sorted(STRATEGIES))}")
     cls = STRATEGIES[cfg.name]
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "name"}
+    typed_keywords(cls.__init__, kwargs, prefix, "{" + ",".join(f"{t}:1" for t in tasks) + "}")
     if issubclass(cls, SeededStrategy):
         kwargs["seed"] = seed
     if "combine" in kwargs:
@@ -111,6 +114,12 @@ def _combiner(method: str, settings: dict, tasks: Sequence[str], seed: int) -> L
             f"strategy.combine_settings has keys {unknown} that {method} does not know; "
             f"it has: {', '.join(map(str, defaults))}"
         )
-    combiner = build_strategy(OmegaConf.merge(defaults, settings), tasks, seed)
+    prefix = "strategy.combine_settings."
+    try:
+        combiner = build_strategy(OmegaConf.merge(defaults, settings), tasks, seed, prefix)
+    except MtlrunError as e:  # the method's own checks say strategy.<key>: here the key is under prefix
+        text = str(e)
+        raise MtlrunError(prefix + text.removeprefix("strategy.") if not text.startswith(prefix) and
+                          text.startswith("strategy.") else text) from None
     assert isinstance(combiner, LossCombiner)
     return combiner
