@@ -39,7 +39,9 @@ DEFAULT_METHODS = ("pcgrad", "cagrad", "nash_mtl", "famo")
 HAND_AVERAGED, HAND_PER_TASK = "hand-written averaged", "hand-written per-task"
 # The targets: a ratio at most this many times its reference (the hand-written loop, or the ideal).
 AVERAGED_VS_HAND, STEPS_VS_IDEAL, DATA_WAIT_GPU = 1.05, 1.10, 0.05
-ITERATIONS, ARCHITECTURE_ITERATIONS = 3, 20  # timed iterations: of a case per repeat; of an architecture
+# Timed iterations of a case per repeat (CPU, GPU: a block ends with a synchronisation, which on a GPU drains
+# the queue that training keeps full), and of an architecture.
+ITERATIONS, ITERATIONS_GPU, ARCHITECTURE_ITERATIONS = 1, 5, 20
 
 
 @dataclass
@@ -669,10 +671,10 @@ def main(argv: list[str] | None = None) -> None:
                              f"(random inputs of the real shapes); default: {','.join(GPU_WORKLOADS)} on a GPU, "
                              "shapes on the CPU")
     parser.add_argument("--iterations", type=int, default=None,
-                        help=f"timed iterations of a case in each repeat (default: {ITERATIONS}; with "
-                             f"--architectures: timed iterations per architecture, default "
-                             f"{ARCHITECTURE_ITERATIONS})")
-    parser.add_argument("--repeats", type=int, default=9,
+                        help=f"timed iterations of a case in each repeat (default: {ITERATIONS} on the CPU, "
+                             f"{ITERATIONS_GPU} on a GPU; with --architectures: timed iterations per "
+                             f"architecture, default {ARCHITECTURE_ITERATIONS})")
+    parser.add_argument("--repeats", type=int, default=20,
                         help="round-robin sweeps over the cases, each timing every case once; the medians "
                              f"and intervals are over them (default: %(default)s; at least "
                              f"{least_repeats()})")
@@ -733,7 +735,7 @@ def main(argv: list[str] | None = None) -> None:
                                  ("--repeats", args.repeats, least_repeats()), ("--warmup", args.warmup, 1)):
         if value is not None and value < least:
             parser.error(f"{option} must be >= {least}, got {value}")
-    iterations = args.iterations or ITERATIONS
+    iterations = args.iterations or (ITERATIONS_GPU if gpu else ITERATIONS)
     print(f"device: {device_name(device)}, torch {torch.__version__}; each case warmed up ({args.warmup} "
           f"iterations), then {args.repeats} round-robin repeats of {iterations} timed iterations per case; "
           f"workloads {', '.join(workloads)}; precision {', '.join(precisions)}; "
