@@ -4,6 +4,7 @@ benchmark and on real-shaped NYUv2, Cityscapes and CelebA inputs; or, with --arc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import ctypes
 import gc
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,6 +39,9 @@ DEFAULT_METHODS = ("pcgrad", "cagrad", "nash_mtl", "famo")
 HAND_AVERAGED, HAND_PER_TASK = "hand-written averaged", "hand-written per-task"
 # The issue's targets: a ratio at most this many times its reference (the hand-written loop, or the ideal).
 AVERAGED_VS_HAND, STEPS_VS_IDEAL, DATA_WAIT_GPU = 1.05, 1.10, 0.05
+# Timed iterations of a case per repeat (CPU, GPU: a block ends with a synchronisation, which on a GPU drains
+# the queue that training keeps full), and of an architecture.
+ITERATIONS, ITERATIONS_GPU, ARCHITECTURE_ITERATIONS = 1, 5, 20
 
 
 @dataclass
@@ -121,6 +125,68 @@ def write_random_dataset(cfg: DictConfig, path: Path, size: tuple[int, int], cou
     write_dataset(path, cfg.name, {"train": arrays(count), "test": arrays(1)}, source="random (mtlrun.bench)",
                   options={"size": list(size)}, attribute_names=columns or None)
 
+
+# --- statistics -------------------------------------------------------------------------------------------
+
+CONFIDENCE = 0.95  # of the ratios' intervals
+
+
+def round_robin(cases: int, repeats: int) -> list[tuple[int, int]]:
+    """(repeat, case) in the order they are timed: every case once per repeat, forwards in even repeats and
+    backwards in odd ones, so that neighbours (a case and the loop it is compared with) are timed side by side
+    and a load that rises or falls during a sweep favours neither of two cases over a pair of repeats."""
+    return [(r, c if r % 2 == 0 else cases - 1 - c) for r in range(repeats) for c in range(cases)]
+
+
+def _binomial_half_cdf(k: int, n: int) -> float:
+    """P(X <= k) for X ~ Binomial(n, 1/2): the chance that at most k of n draws fall below their median."""
+    return sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+
+
+def least_repeats(confidence: float = CONFIDENCE) -> int:
+    """The fewest draws whose smallest and largest cover their median with `confidence`."""
+    n = 1
+    while 2 * _binomial_half_cdf(0, n) > 1 - confidence:
+        n += 1
+    return n
+
+
+def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """A distribution-free interval for the median of what `values` are draws of: the k-th smallest and k-th
+    largest value, k the largest rank for which the median lies outside with probability
+    2 P(Binomial(n, 1/2) <= k - 1) <= 1 - confidence (an order-statistic interval: no normality assumed, and
+    a few repeats slowed by another process move it by at most as many ranks)."""
+    n, k = len(values), 0
+    while k < n // 2 and 2 * _binomial_half_cdf(k, n) <= 1 - confidence:
+        k += 1
+    if k == 0:
+        raise ValueError(f"{n} values give no {confidence:.0%} interval of their median; "
+                         f"{least_repeats(confidence)} do")
+    ordered = sorted(values)
+    return ordered[k - 1], ordered[n - k]
+
+
+def spread(values: Sequence[float]) -> float:
+    """The interquartile range (quartiles linear between order statistics, numpy's default)."""
+    return float(np.quantile(values, 0.75) - np.quantile(values, 0.25))
+
+
+def paired_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> tuple[float, float, float]:
+    """The median of the ratios of measurements paired by repeat (timed in the same sweep, so that a load
+    slowing both cancels) and its interval: (median, low, high)."""
+    ratios = [a / b for a, b in zip(numerators, denominators, strict=True)]
+    low, high = median_interval(ratios)
+    return float(np.median(ratios)), low, high
+
+
+def verdict(low: float, high: float, limit: float) -> str:
+    """Whether a ratio meets `ratio <= limit`: "yes" when its whole interval does, "no" when none of it does,
+    "within noise" when the interval straddles the limit and the measurement cannot tell."""
+    if high <= limit:
+        return "yes"
+    if low > limit:
+        return "no"
+    return "within noise"
 
 # --- measuring ----------------------------------------------------------------------------------------------------
 
@@ -250,44 +316,64 @@ def optimizer_state_bytes(run: Run, iteration: Callable[[], None]) -> tuple[int,
     return total, sum(per_state) - max(per_state, default=0)
 
 
-def measure(run: Run, iteration: Callable[[], None], device: torch.device, iterations: int, warmup: int) -> dict:
-    """Time `iterations` calls of `iteration` after `warmup` untimed ones (compilation, cudnn autotuning)."""
+@dataclass
+class Timed:
+    """A case built and warmed up, kept until every case is timed: what its warm-up measured, and what its
+    timed blocks add up to."""
+
+    case: Case
+    run: Run
+    iteration: Callable[[], None]
+    clock: WaitClock
+    growth: int | None  # peak memory growth over the warm-up, bytes; None where it cannot be read
+    counts: dict[str, int]  # the run's counts, waited seconds and batches drawn when timing began
+    waited: float
+    batches: int
+    seconds: float = 0.0  # of all its timed blocks
+    graphs: int = 0  # compiled during them
+
+
+def warm_up(case: Case, overrides: list[str], device: torch.device, warmup: int) -> Timed:
+    """Build the case's run and run `warmup` untimed iterations (compilation, cudnn's autotuning, thread
+    pools, the allocator's first pages), measuring memory over them: the first iteration reaches the peak."""
+    _release(device)  # what earlier cases freed is given back: this case's memory starts from the same place
+    run, iteration = build_case(case, overrides, device)
+    run.data.splits = {"train": run.data.splits["train"]}  # all cases stay built until timed: keep what is read
     clock = WaitClock(run.ctx.next_batch)
     run.ctx.next_batch = clock  # type: ignore[method-assign]  # what the strategies and the hand loops call
     memory = PeakMemory(device)
     for _ in range(warmup):
         iteration()
     _sync(device)
-    counts_before, waited, batches = asdict(run.ctx.counts), clock.seconds, clock.batches
+    counts = asdict(run.ctx.counts)
+    return Timed(case, run, iteration, clock, memory.growth(), counts, clock.seconds, clock.batches)
+
+
+def time_block(timed: Timed, device: torch.device, iterations: int) -> float:
+    """The ms per iteration of `iterations` consecutive iterations of a warmed-up case."""
     graphs = compiled_graphs()
     start = time.perf_counter()
     for _ in range(iterations):
-        iteration()
+        timed.iteration()
     _sync(device)
     seconds = time.perf_counter() - start
-    graphs = compiled_graphs() - graphs
-    growth = memory.growth()
-    parameter_bytes = sum(p.numel() * p.element_size() for p in run.model.parameters())
-    state, per_task_extra = optimizer_state_bytes(run, iteration)
-    counts = {k: (v - counts_before[k]) / iterations for k, v in asdict(run.ctx.counts).items()}
-    return {
-        "ms_per_iteration": 1000 * seconds / iterations,
-        "images_per_second": (clock.batches - batches) * run.batches.batch_size / seconds,
-        "data_wait_share": (clock.seconds - waited) / seconds,
-        "optimizer_steps_per_iteration": None if isinstance(iteration, HandLoop) else counts["optimizer_steps"],
-        "peak_memory_mib": None if growth is None else (parameter_bytes + growth) / 2**20,
-        "optimizer_state_mib": state / 2**20,
-        "per_task_moments_mib": per_task_extra / 2**20,
-        "graphs_compiled_while_timed": graphs,
-        "shared_parameters": sum(p.numel() for p in run.model.shared_parameters()),
-    }
+    timed.seconds += seconds
+    timed.graphs += compiled_graphs() - graphs
+    return 1000 * seconds / iterations
 
 
-def forward_backward_ms(run: Run, device: torch.device, repeats: int) -> tuple[float, float]:
+def interleave(blocks: Sequence[Callable[[], float]], repeats: int) -> list[list[float]]:
+    """What each block returns at each repeat, [block][repeat], the blocks run in round-robin order."""
+    results = [[math.nan] * repeats for _ in blocks]
+    for repeat, index in round_robin(len(blocks), repeats):
+        results[index][repeat] = blocks[index]()
+    return results
+
+
+def forward_backward_ms(run: Run, batch: dict, device: torch.device, repeats: int) -> tuple[float, float]:
     """The ms of one forward pass of all tasks (with the graph built, as in training) and of one backward pass of
-    their mean loss, on one batch of the run: the unit costs of the gradient methods' ideal."""
+    their mean loss, on `batch`: the unit costs of the gradient methods' ideal."""
     model, tasks, names = run.model, run.ctx.tasks, list(run.ctx.task_names)
-    batch = run.ctx.next_batch()
 
     def forward() -> torch.Tensor:
         with run.precision.autocast():
@@ -357,67 +443,115 @@ def ideal_ratio(case: Case, tasks: int, group_size: int, averaged_ms: float, bac
 
 COLUMNS = (
     "workload", "dataset", "model", "tasks", "image_size", "batch_size", "device", "precision", "compile", "case",
-    "moments", "ms_per_iteration", "images_per_second", "optimizer_steps_per_iteration", "ratio_to_averaged",
-    "ideal_ratio", "ideal", "ratio_to_hand_written", "meets_target", "target", "data_wait_share",
-    "data_wait_target_met", "forward_ms", "backward_ms", "peak_memory_mib", "optimizer_state_mib",
-    "per_task_moments_mib", "shared_parameters", "graphs_compiled_while_timed", "iterations", "warmup",
+    "moments", "ms_per_iteration", "ms_spread", "images_per_second", "optimizer_steps_per_iteration",
+    "ratio_to_averaged", "ratio_to_averaged_low", "ratio_to_averaged_high", "ideal_ratio", "ideal",
+    "ratio_to_hand_written", "ratio_to_hand_written_low", "ratio_to_hand_written_high", "meets_target",
+    "target",
+    "data_wait_share", "data_wait_target_met", "forward_ms", "backward_ms", "peak_memory_mib",
+    "optimizer_state_mib", "per_task_moments_mib", "shared_parameters", "graphs_compiled_while_timed",
+    "iterations", "repeats", "warmup",
 )
+
+
+def _index(case_list: list[Case], test: Callable[[Case], bool]) -> int:
+    return next(i for i, case in enumerate(case_list) if test(case))
 
 
 def bench_setting(
     workload: str, overrides: list[str], device: torch.device, precision: str, compile_: bool, case_list: list[Case],
-    group_size: int, iterations: int, warmup: int, emit: Callable[[dict], None], warm_process: bool = False,
+    group_size: int, iterations: int, repeats: int, warmup: int, emit: Callable[[dict], None],
+    warm_process: bool = False,
 ) -> list[dict]:
-    """Every case of one workload at one precision and compile setting, emitted once all are measured (the ratios
-    need the references). `warm_process`: first run the first case untimed, so that no timed case pays what a
-    process pays once (thread pools, first-touch pages, kernel selection)."""
+    """Every case of one workload at one precision and compile setting. Each case is built and warmed up in
+    turn (its memory measured then), then all are timed in `repeats` round-robin sweeps of `iterations`
+    iterations per case, so that every case sees the same conditions and each repeat pairs the cases' times;
+    the rows are emitted once all are measured. `warm_process`: first run the first case once, so that no
+    case's memory holds what a process allocates once (thread pools, first-touch pages, kernel selection).
+    Compiled, the cases share graphs, as they share the process: donated buffers, which forbid a second
+    backward pass through a graph, are off, so that a gradient method can run a graph `averaged` compiled."""
     overrides = [*overrides, f"trainer.precision={precision}", f"trainer.compile={str(compile_).lower()}"]
     cfg = compose_config(overrides)
-    rows: list[dict] = []
+    if compile_:
+        torch._dynamo.reset()  # graphs of another setting are not this one's
+    with torch._functorch.config.patch(donated_buffer=False) if compile_ else contextlib.nullcontext():
+        return _bench_setting(workload, overrides, cfg, device, precision, compile_, case_list, group_size,
+                              iterations, repeats, warmup, emit, warm_process)
+
+
+def _bench_setting(
+    workload: str, overrides: list[str], cfg: DictConfig, device: torch.device, precision: str,
+    compile_: bool, case_list: list[Case], group_size: int, iterations: int, repeats: int, warmup: int,
+    emit: Callable[[dict], None], warm_process: bool,
+) -> list[dict]:
     if warm_process:
-        run, iteration = build_case(case_list[0], overrides, device)
-        for _ in range(max(warmup, 1)):
-            iteration()
-        del run, iteration
-        _release(device)
-    hand: dict[str, float] = {}
-    forward_ms = backward_ms = None
-    for case in case_list:
-        run, iteration = build_case(case, overrides, device)
-        result = measure(run, iteration, device, iterations, warmup)
-        if case.hand == HAND_AVERAGED:
-            forward_ms, backward_ms = forward_backward_ms(run, device, max(iterations // 2, 1))
+        warm_up(case_list[0], overrides, device, warmup)
+    prepared = [warm_up(case, overrides, device, warmup) for case in case_list]
+    hand_averaged = prepared[_index(case_list, lambda c: c.hand == HAND_AVERAGED)]
+    batch = hand_averaged.clock.fetch()  # the unit costs' batch, not counted as the loop's wait
+    unit_costs: list[tuple[float, float]] = []
+
+    def block(timed: Timed) -> Callable[[], float]:
+        def run_block() -> float:
+            ms = time_block(timed, device, iterations)
+            if timed is hand_averaged:  # timed beside the loop, under the same conditions
+                unit_costs.append(forward_backward_ms(timed.run, batch, device, iterations))
+            return ms
+        return run_block
+
+    ms = interleave([block(timed) for timed in prepared], repeats)
+    forward_ms, backward_ms = (float(np.median(costs)) for costs in zip(*unit_costs))
+    averaged = ms[_index(case_list, lambda c: c.label == "averaged" and c.moments == "per_task")]
+    hand = {c.hand: ms[i] for i, c in enumerate(case_list) if c.hand}
+    averaged_ms, timed_iterations = float(np.median(averaged)), iterations * repeats
+    rows: list[dict] = []
+    for timed, case_ms in zip(prepared, ms):
+        case, run = timed.case, timed.run
         tasks = len(run.ctx.task_names)
         height, width = run.data.splits["train"].batch(torch.arange(1))["image"].shape[1:3]
-        del run, iteration
-        _release(device)
+        median_ms = float(np.median(case_ms))
+        counts = {k: (v - timed.counts[k]) / timed_iterations for k, v in asdict(run.ctx.counts).items()}
+        batches_per_iteration = (timed.clock.batches - timed.batches) / timed_iterations
+        state, per_task_extra = optimizer_state_bytes(run, timed.iteration)
+        parameter_bytes = sum(p.numel() * p.element_size() for p in run.model.parameters())
+        ratio, low, high = paired_ratio(case_ms, averaged)
+        ideal, basis = ideal_ratio(case, tasks, group_size, averaged_ms, backward_ms)
         row = {
             "workload": workload, "dataset": cfg.dataset.name, "model": cfg.model.name, "tasks": tasks,
             "image_size": f"{height}x{width}", "batch_size": cfg.trainer.batch_size,
             "device": device_name(device), "precision": precision, "compile": compile_, "case": case.label,
-            "moments": case.moments, **result, "iterations": iterations, "warmup": warmup,
+            "moments": case.moments, "ms_per_iteration": median_ms, "ms_spread": spread(case_ms),
+            "images_per_second": batches_per_iteration * run.batches.batch_size * 1000 / median_ms,
+            "optimizer_steps_per_iteration": counts["optimizer_steps"], "ratio_to_averaged": ratio,
+            "ratio_to_averaged_low": low, "ratio_to_averaged_high": high, "ideal_ratio": ideal,
+            "ideal": basis,
+            "data_wait_share": (timed.clock.seconds - timed.waited) / timed.seconds,
+            "forward_ms": forward_ms, "backward_ms": backward_ms,
+            "peak_memory_mib": None if timed.growth is None else (parameter_bytes + timed.growth) / 2**20,
+            "optimizer_state_mib": state / 2**20, "per_task_moments_mib": per_task_extra / 2**20,
+            "shared_parameters": sum(p.numel() for p in run.model.shared_parameters()),
+            "graphs_compiled_while_timed": timed.graphs, "iterations": iterations, "repeats": repeats,
+            "warmup": warmup,
         }
         if case.hand:
-            hand[case.hand] = result["ms_per_iteration"]
             row["optimizer_steps_per_iteration"] = 1 if case.hand == HAND_AVERAGED else tasks
-        rows.append(row)
-    averaged_ms = next(r["ms_per_iteration"] for r in rows if r["case"] == "averaged" and r["moments"] == "per_task")
-    for case, row in zip(case_list, rows):
-        ideal, basis = ideal_ratio(case, row["tasks"], group_size, averaged_ms, backward_ms or 0.0)
-        row.update(ratio_to_averaged=row["ms_per_iteration"] / averaged_ms, ideal_ratio=ideal, ideal=basis,
-                   forward_ms=forward_ms, backward_ms=backward_ms)
-        reference = hand.get(HAND_AVERAGED) if case.label == "averaged" else \
-            hand.get(HAND_PER_TASK) if case.label == "alternating" and case.moments == "per_task" else None
-        if reference:
-            row["ratio_to_hand_written"] = row["ms_per_iteration"] / reference
+        reference = hand[HAND_AVERAGED] if case.label == "averaged" else \
+            hand[HAND_PER_TASK] if case.label == "alternating" and case.moments == "per_task" else None
+        if reference is not None:
+            ratio, low, high = paired_ratio(case_ms, reference)
+            row.update(ratio_to_hand_written=ratio, ratio_to_hand_written_low=low,
+                       ratio_to_hand_written_high=high)
         if case.label == "averaged" and case.moments == "per_task":
             row["target"] = f"<= {AVERAGED_VS_HAND} x hand-written"
-            row["meets_target"] = row.get("ratio_to_hand_written", math.inf) <= AVERAGED_VS_HAND
+            row["meets_target"] = verdict(row["ratio_to_hand_written_low"], row["ratio_to_hand_written_high"],
+                                          AVERAGED_VS_HAND)
         elif not case.hand and basis in ("T", "ceil(T/k)"):
             row["target"] = f"<= {STEPS_VS_IDEAL} x ideal"
-            row["meets_target"] = row["ratio_to_averaged"] <= STEPS_VS_IDEAL * ideal
+            row["meets_target"] = verdict(row["ratio_to_averaged_low"], row["ratio_to_averaged_high"],
+                                          STEPS_VS_IDEAL * ideal)
         if device.type == "cuda":
             row["data_wait_target_met"] = row["data_wait_share"] < DATA_WAIT_GPU
+        rows.append(row)
+    for row in rows:
         emit(row)
     return rows
 
@@ -440,27 +574,37 @@ def cpu_name() -> str:
 
 # --- output -------------------------------------------------------------------------------------------------------
 
-SHOWN = (  # (column, header, width, format)
+SHOWN = (  # (column, header, width, format); "interval" is the interval of the ratio the target is on
     ("case", "case", 22, ""), ("moments", "moments", 8, ""), ("ms_per_iteration", "ms/it", 9, ".1f"),
-    ("images_per_second", "img/s", 8, ".1f"), ("ratio_to_averaged", "x avg", 6, ".2f"),
-    ("ideal_ratio", "ideal", 6, ".2f"), ("ratio_to_hand_written", "x hand", 6, ".2f"),
-    ("meets_target", "target", 6, ""), ("data_wait_share", "wait", 6, ".1%"),
+    ("ms_spread", "IQR", 7, ".1f"), ("images_per_second", "img/s", 8, ".1f"),
+    ("ratio_to_averaged", "x avg", 6, ".2f"), ("ideal_ratio", "ideal", 6, ".2f"),
+    ("ratio_to_hand_written", "x hand", 6, ".2f"), ("interval", "95% interval", 13, ""),
+    ("meets_target", "target", 12, ""), ("data_wait_share", "wait", 6, ".1%"),
     ("peak_memory_mib", "peak MiB", 9, ".1f"), ("per_task_moments_mib", "moments+", 9, ".1f"),
 )
+LEFT = ("case", "moments", "meets_target")
+
+
+def target_interval(row: dict) -> str:
+    """The interval of the ratio that the row's target judges, as "low-high"; empty without a target."""
+    if not row.get("target"):
+        return ""
+    ratio = "ratio_to_hand_written" if "hand-written" in row["target"] else "ratio_to_averaged"
+    return f"{row[ratio + '_low']:.2f}-{row[ratio + '_high']:.2f}"
 
 
 def format_row(row: dict) -> str:
     cells = []
     for key, _, width, spec in SHOWN:
-        value = row.get(key)
-        text = "" if value is None else {True: "yes", False: "NO"}.get(value, None) if isinstance(value, bool) \
+        value = target_interval(row) if key == "interval" else row.get(key)
+        text = "" if value is None else {True: "yes", False: "NO"}[value] if isinstance(value, bool) \
             else format(value, spec)
-        cells.append(f"{text:<{width}}" if key in ("case", "moments") else f"{text:>{width}}")
+        cells.append(f"{text:<{width}}" if key in LEFT else f"{text:>{width}}")
     return " ".join(cells)
 
 
 def header() -> str:
-    return " ".join(f"{h:<{w}}" if k in ("case", "moments") else f"{h:>{w}}" for k, h, w, _ in SHOWN)
+    return " ".join(f"{h:<{w}}" if k in LEFT else f"{h:>{w}}" for k, h, w, _ in SHOWN)
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -527,8 +671,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated: shapes (the built-in benchmark) and experiments of conf/experiment/ "
                              f"(random inputs of the real shapes); default: {','.join(GPU_WORKLOADS)} on a GPU, "
                              "shapes on the CPU")
-    parser.add_argument("--iterations", type=int, default=20, help="timed iterations per case (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default: %(default)s)")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help=f"timed iterations of a case in each repeat (default: {ITERATIONS} on the CPU, "
+                             f"{ITERATIONS_GPU} on a GPU; with --architectures: timed iterations per "
+                             f"architecture, default {ARCHITECTURE_ITERATIONS})")
+    parser.add_argument("--repeats", type=int, default=20,
+                        help="round-robin sweeps over the cases, each timing every case once; the medians "
+                             f"and intervals are over them (default: %(default)s; at least "
+                             f"{least_repeats()})")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed iterations of each case before any is timed (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=None, help="instead of each workload's own batch size")
     parser.add_argument("--precision", default=None, help="fp32, bf16 or both (default: both on a GPU, fp32 on the CPU)")
     parser.add_argument("--compile", default=None, choices=("off", "on", "both"),
@@ -548,8 +700,11 @@ def main(argv: list[str] | None = None) -> None:
         device = pick_device(args.device)
     except MtlrunError as e:
         parser.error(str(e))
+    if args.iterations is not None and args.iterations < 1:
+        parser.error(f"--iterations must be >= 1, got {args.iterations}")
     if args.measure_architecture:
-        print(json.dumps(measure_architecture(args.measure_architecture, args.overrides, device, args.iterations)))
+        iterations = args.iterations or ARCHITECTURE_ITERATIONS
+        print(json.dumps(measure_architecture(args.measure_architecture, args.overrides, device, iterations)))
         return
     if args.architectures:
         from mtlrun.models import ARCHITECTURES
@@ -558,9 +713,10 @@ def main(argv: list[str] | None = None) -> None:
         unknown = sorted(set(names) - set(ARCHITECTURES))
         if unknown:
             parser.error(f"unknown --architectures {unknown}; known: {', '.join(ARCHITECTURES)}")
+        iterations = args.iterations or ARCHITECTURE_ITERATIONS
         print(f"device: {device}, threads: {torch.get_num_threads()}, torch {torch.__version__}, strategy=averaged, "
-              f"{args.iterations} timed iterations per architecture after 3 warm-up")
-        architectures_table(names, args.overrides, args.device, args.iterations)
+              f"{iterations} timed iterations per architecture after 3 warm-up")
+        architectures_table(names, args.overrides, args.device, iterations)
         return
     from mtlrun.strategies import STRATEGIES, LossCombiner
 
@@ -576,12 +732,14 @@ def main(argv: list[str] | None = None) -> None:
                          ("shapes", *experiments), "--workloads", parser)
     precisions = _choices(args.precision or ("fp32,bf16" if gpu else "fp32"), ("fp32", "bf16"), "--precision", parser)
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile or ("both" if gpu else "off")]
-    for option, value, least in (("--iterations", args.iterations, 1), ("--group-size", args.group_size, 1),
-                                 ("--batch-size", args.batch_size, 1), ("--warmup", args.warmup, 0)):
+    for option, value, least in (("--group-size", args.group_size, 1), ("--batch-size", args.batch_size, 1),
+                                 ("--repeats", args.repeats, least_repeats()), ("--warmup", args.warmup, 1)):
         if value is not None and value < least:
             parser.error(f"{option} must be >= {least}, got {value}")
-    print(f"device: {device_name(device)}, torch {torch.__version__}; {args.iterations} timed iterations per case "
-          f"after {args.warmup} warm-up; workloads {', '.join(workloads)}; precision {', '.join(precisions)}; "
+    iterations = args.iterations or (ITERATIONS_GPU if gpu else ITERATIONS)
+    print(f"device: {device_name(device)}, torch {torch.__version__}; each case warmed up ({args.warmup} "
+          f"iterations), then {args.repeats} round-robin repeats of {iterations} timed iterations per case; "
+          f"workloads {', '.join(workloads)}; precision {', '.join(precisions)}; "
           f"compile {args.compile or ('both' if gpu else 'off')}; load average {os.getloadavg()[0]:.1f} (other "
           f"processes slow the timings); rows go to {args.csv}", flush=True)
     rows: list[dict] = []
@@ -598,7 +756,7 @@ def main(argv: list[str] | None = None) -> None:
                               f"compile {'on' if compile_ else 'off'}", flush=True)
                         print(header(), flush=True)
                         rows += bench_setting(workload, overrides, device, precision, compile_, case_list,
-                                              args.group_size, args.iterations, args.warmup,
+                                              args.group_size, iterations, args.repeats, args.warmup,
                                               lambda row: print(format_row(row), flush=True), warm_process=not rows)
                         write_csv(rows, Path(args.csv))
     except MtlrunError as e:
