@@ -74,10 +74,10 @@ def test_pascal_cityscapes_trains_the_seven_categories_as_binary_tasks(runs):
     assert results.steps_per_iteration == 2  # 7 tasks in groups of 5
 
 
-def test_pascal_nyuv2_trains_13_binary_maps_depth_and_normals(runs):
+def test_pascal_nyuv2_trains_13_binary_maps_as_one_task_beside_depth_and_normals(runs):
     metrics, results = _read(runs["pascal_nyuv2"])
-    assert list(dict.fromkeys(metrics.task)) == [*NYUV2_CLASSES, "depth", "normal"]
-    assert (results.dataset, results.steps_per_iteration) == ("nyuv2", 3) and np.isfinite(metrics.value).all()
+    assert list(dict.fromkeys(metrics.task)) == ["segmentation", "depth", "normal"]  # their default, T = 3
+    assert (results.dataset, results.steps_per_iteration) == ("nyuv2", 1) and np.isfinite(metrics.value).all()
 
 
 def test_pascal_celeba_trains_the_40_attributes_with_the_cnn(runs):
