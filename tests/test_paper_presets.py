@@ -69,7 +69,9 @@ def _read(run: Path) -> tuple[pd.DataFrame, pd.Series]:
 def test_pascal_cityscapes_trains_the_seven_categories_as_binary_tasks(runs):
     metrics, results = _read(runs["pascal_cityscapes"])
     assert list(dict.fromkeys(metrics.task)) == CATEGORIES
-    assert set(metrics.metric) == {"iou", "f1", "pixel_acc", "loss"} and np.isfinite(metrics.value).all()
+    assert set(metrics.metric) == {"iou", "f1", "pixel_acc", "iou_per_image", "pixel_acc_argmax", "loss"}
+    assert np.isfinite(metrics.value).all()
+    assert set(metrics.metric[metrics.in_delta_m]) == {"iou", "pixel_acc"}  # theirs beside, out of Δm%
     assert (results.dataset, results.model, results.lr) == ("cityscapes", "unet", 5e-4)
     assert results.steps_per_iteration == 2  # 7 tasks in groups of 5
 
