@@ -94,7 +94,8 @@ TO_CATEGORY = _lookup({label_id: CATEGORIES.index(category) for _, label_id, _, 
 # Pascal et al.'s positives: a train class counts for its category, every other id (void, unlisted ones and
 # the classes without a trainId) is OTHER.
 TO_TRAIN_CATEGORY = _lookup(
-    {label_id: CATEGORIES.index(category) for _, label_id, train_id, category in LABELS if train_id is not None},
+    {label_id: CATEGORIES.index(category) for _, label_id, train_id, category in LABELS
+     if train_id is not None},
     unlisted=len(CATEGORIES),
 )
 
@@ -155,7 +156,9 @@ def official_samples(src: Path, split: str) -> list[tuple[Path, ...]]:
     return [tuple(files[folder][stem] for folder in OFFICIAL) for stem in sorted(images)]
 
 
-def official_sample(paths: tuple[Path, ...], size: Size, positives: str = "category") -> dict[str, np.ndarray]:
+def official_sample(
+    paths: tuple[Path, ...], size: Size, positives: str = "category"
+) -> dict[str, np.ndarray]:
     """One sample, decoded, mapped and resized (a function of its arguments only, for worker processes)."""
     image_path, label_path, disparity_path = paths
     image = read_image(image_path, "rgb")
@@ -213,8 +216,9 @@ def _convert(args: argparse.Namespace) -> tuple[dict[str, dict[str, np.ndarray]]
     if detect_layout(args.src, args.layout) == "npy":
         if args.positives != "category":
             raise ConversionError(
-                f"--positives {args.positives} needs the official layout: the npy layout's labels hold void and "
-                f"the classes without a trainId as one -1, so they cannot be told apart; convert the official tree"
+                f"--positives {args.positives} needs the official layout: the npy layout's labels hold "
+                f"void and the classes without a trainId as one -1, so they cannot be told apart; convert "
+                f"the official tree"
             )
         splits = read_npy_layout(args.src, NPY_LAYOUT, "cityscapes", args.size, args.limit)
         options = {"layout": "mtan-npy", "size": list(args.size) if args.size else None,
@@ -222,7 +226,8 @@ def _convert(args: argparse.Namespace) -> tuple[dict[str, dict[str, np.ndarray]]
         return splits, f"mtan preprocessed npy layout: {args.src}", options
     size = args.size or OFFICIAL_SIZE
     splits = read_official(args.src, size, args.limit, args.workers, args.positives)
-    options = {"layout": "official", "size": list(size), "depth": DISPARITY, "positives": args.positives, **common}
+    options = {"layout": "official", "size": list(size), "depth": DISPARITY, "positives": args.positives,
+               **common}
     return splits, f"official Cityscapes tree (leftImg8bit, gtFine labelIds, disparity): {args.src}", options
 
 

@@ -83,7 +83,8 @@ def _authors_example() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         [[1, 1, 2, 2], [2, 2, 2, 2]],  # a2: class 1 on two pixels
         [[0, 0, 0, 0], [0, 0, 0, 0]],  # b1: class 0 everywhere
     ], dtype=torch.int16)
-    map0 = torch.tensor([[[2, 2, -2, -2], [2, 2, -2, 2]], [[-2] * 4, [-2] * 4], [[1, 1, 1, 1], [1, 1, -1, -1]]])
+    map0 = torch.tensor([[[2, 2, -2, -2], [2, 2, -2, 2]], [[-2] * 4, [-2] * 4],
+                         [[1, 1, 1, 1], [1, 1, -1, -1]]])
     map1 = torch.tensor([[[-1, -1, -1, 1], [-1] * 4], [[3, 1, 1, -1], [-1] * 4], [[2, -1, -1, -1], [-1] * 4]])
     logits = torch.stack([map0, map1], dim=1).float()
     return [labels[:2], labels[2:]], [logits[:2], logits[2:]]

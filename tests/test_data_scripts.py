@@ -422,7 +422,8 @@ def test_cityscapes_train_class_positives_make_every_other_id_a_labelled_negativ
         assert np.array_equal(f["train/segmentation_19"][0], cityscapes.TO_TRAIN_ID[label_ids])  # unchanged
     assert _options(out)["positives"] == "train_classes"
     # The 7 binary maps (the pascal_cityscapes preset): every pixel is labelled, the 16 ids outside their
-    # lists (void, parking, rail track, guard rail, bridge, tunnel, polegroup, caravan, trailer, 255) negative.
+    # lists (void, parking, rail track, guard rail, bridge, tunnel, polegroup, caravan, trailer, 255)
+    # negative.
     data = _open("cityscapes", out, binary_maps="per_class", tasks=["segmentation"])
     labels = data.splits["train"].targets["sky"][:1]
     positive, labelled = next(t for t in data.tasks if t.name == "sky").binary_targets(labels)
@@ -444,8 +445,8 @@ def test_cityscapes_train_class_positives_make_every_other_id_a_labelled_negativ
 
 def test_cityscapes_train_class_positives_need_the_official_layout(tmp_path):
     _write_cityscapes_npy(tmp_path / "raw", {"train": 2, "val": 1})
-    _fails(cityscapes.main, ["--src", str(tmp_path / "raw"), "--positives", "train_classes"], tmp_path / "x.h5",
-           r"--positives train_classes needs the official layout", "cityscapes")
+    _fails(cityscapes.main, ["--src", str(tmp_path / "raw"), "--positives", "train_classes"],
+           tmp_path / "x.h5", r"--positives train_classes needs the official layout", "cityscapes")
 
 
 def test_cityscapes_official_errors_name_the_file(tmp_path):
