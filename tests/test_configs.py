@@ -89,3 +89,10 @@ def test_pascal_nyuv2_trains_their_runnable_default_of_three_tasks_and_15_one_ov
     assert joint["segmentation"]["kind"] == "binary_map" and len(joint["segmentation"]["classes"]) == 13
     per_class = task_names(_compose("experiment=pascal_nyuv2", "dataset.binary_maps=per_class").dataset)
     assert len(per_class) == 15 and per_class[-2:] == ["depth", "normal"]
+
+
+@pytest.mark.parametrize(("preset", "every"), [("pascal_celeba", 636), ("pascal_cityscapes", 1000),
+                                               ("pascal_nyuv2", 500)])
+def test_pascal_presets_evaluate_at_the_authors_iterations_and_not_off_their_cadence(preset, every):
+    trainer = _compose(f"experiment={preset}").trainer
+    assert (trainer.eval_every_iterations, trainer.eval_at_end, trainer.eval_every) == (every, False, 1)
