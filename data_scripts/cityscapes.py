@@ -12,6 +12,11 @@ Layouts (auto-detected; or --layout npy|official):
             absolute depth errors of the two layouts differ in scale). The labelIds are mapped with cityscapesScripts' table to
             the 19 train classes and to the 7 categories (void and ignored classes -> -1). Resized to
             --size (default 128x256, the npy layout's size): image bilinear, labels and disparity nearest.
+            --positives train_classes (Pascal et al.'s mapping, AITSO_MTL cityscapes/dataset.py): a category
+            holds only its train classes; void and the 8 classes without a trainId (parking, rail track,
+            guard rail, bridge, tunnel, polegroup, caravan, trailer) become class 7 `other`, a labelled
+            pixel that is a negative of every binary map (their code's), instead of -1 (ignored) or a
+            positive of its category (--positives category, the default).
 
 In both, the 500 `val` images become the `test` split, as in mtan (the official test labels are not
 public), and the depth target is the disparity, as in mtan's preprocessing.
@@ -65,6 +70,8 @@ NUM_CLASSES = {"segmentation": len(CATEGORIES), "segmentation_19": len(TRAIN_CLA
 NPY_LAYOUT = {"image": ("image", "image"), "label_7": ("segmentation", "label"),
               "label_19": ("segmentation_19", "label"), "depth": ("depth", "depth")}
 OFFICIAL_SIZE = (128, 256)
+POSITIVES = ("category", "train_classes")
+OTHER = "other"  # --positives train_classes: a labelled pixel of none of the 7 categories
 DTYPES = {"image": np.uint8, "segmentation": np.int16, "segmentation_19": np.int16, "depth": np.float32}
 # Official folder -> the file-name suffix after <city>_<seq>_<frame>.
 OFFICIAL = {"leftImg8bit": "_leftImg8bit.png", "gtFine": "_gtFine_labelIds.png",
@@ -75,8 +82,8 @@ OFFICIAL_HELP = ("the official layout needs leftImg8bit/, gtFine/ and disparity/
 DISPARITY = "disparity (p - 1) / 256 of the 16-bit PNGs in pixels of the stored width, 0 = invalid (p = 0)"
 
 
-def _lookup(classes: dict[int, int | None]) -> np.ndarray:
-    table = np.full(256, -1, np.int16)  # labelIds are 8-bit
+def _lookup(classes: dict[int, int | None], unlisted: int = -1) -> np.ndarray:
+    table = np.full(256, unlisted, np.int16)  # labelIds are 8-bit
     for label_id, cls in classes.items():
         table[label_id] = -1 if cls is None else cls
     return table
@@ -84,6 +91,18 @@ def _lookup(classes: dict[int, int | None]) -> np.ndarray:
 
 TO_TRAIN_ID = _lookup({label_id: train_id for _, label_id, train_id, _ in LABELS})
 TO_CATEGORY = _lookup({label_id: CATEGORIES.index(category) for _, label_id, _, category in LABELS})
+# Pascal et al.'s positives: a train class counts for its category, every other id (void, unlisted ones and
+# the classes without a trainId) is OTHER.
+TO_TRAIN_CATEGORY = _lookup(
+    {label_id: CATEGORIES.index(category) for _, label_id, train_id, category in LABELS
+     if train_id is not None},
+    unlisted=len(CATEGORIES),
+)
+
+
+def category_names(positives: str) -> list[str]:
+    """The class names of the `segmentation` array under `--positives`."""
+    return CATEGORIES + [OTHER] if positives == "train_classes" else list(CATEGORIES)
 
 
 def detect_layout(src: Path, layout: str) -> str:
@@ -137,7 +156,9 @@ def official_samples(src: Path, split: str) -> list[tuple[Path, ...]]:
     return [tuple(files[folder][stem] for folder in OFFICIAL) for stem in sorted(images)]
 
 
-def official_sample(paths: tuple[Path, ...], size: Size) -> dict[str, np.ndarray]:
+def official_sample(
+    paths: tuple[Path, ...], size: Size, positives: str = "category"
+) -> dict[str, np.ndarray]:
     """One sample, decoded, mapped and resized (a function of its arguments only, for worker processes)."""
     image_path, label_path, disparity_path = paths
     image = read_image(image_path, "rgb")
@@ -152,18 +173,21 @@ def official_sample(paths: tuple[Path, ...], size: Size) -> dict[str, np.ndarray
     label_ids, pixels = resize("label", label_ids, size), resize("depth", pixels, size)
     return {
         "image": resize("image", image, size),
-        "segmentation": TO_CATEGORY[label_ids],
+        "segmentation": (TO_TRAIN_CATEGORY if positives == "train_classes" else TO_CATEGORY)[label_ids],
         "segmentation_19": TO_TRAIN_ID[label_ids],
         "depth": np.where(pixels > 0, (pixels - 1) / 256 * width_ratio, 0).astype(np.float32),
     }
 
 
-def read_official(src: Path, size: Size, limit: int | None, workers: int) -> dict[str, dict[str, np.ndarray]]:
+def read_official(
+    src: Path, size: Size, limit: int | None, workers: int, positives: str = "category"
+) -> dict[str, dict[str, np.ndarray]]:
     """Both splits of the official tree, keyed by our split names (their `val` is our `test`)."""
     splits = {}
     for theirs, ours in SOURCE_SPLITS.items():
         samples = official_samples(src, theirs)[:limit]
-        decoded = parallel_map(partial(official_sample, size=size), samples, workers, f"cityscapes {theirs}")
+        sample = partial(official_sample, size=size, positives=positives)
+        decoded = parallel_map(sample, samples, workers, f"cityscapes {theirs}")
         splits[ours] = stack_samples(decoded, len(samples), DTYPES)
     return splits
 
@@ -177,6 +201,12 @@ def _parser() -> argparse.ArgumentParser:
         "HxW to resize to (official layout default: 128x256)", layouts=("npy", "official"),
     )
     parser.add_argument("--workers", type=count_arg, default=1, help="official layout: decoding processes")
+    parser.add_argument(
+        "--positives", choices=POSITIVES, default="category",
+        help="official layout: what the 7 categories hold; category (default): every class of the category, "
+             "void ignored (-1); train_classes: Pascal et al.'s, only the 19 train classes, void and the 8 "
+             "classes without a trainId stored as class 7 'other' (a negative of every binary map)",
+    )
     return parser
 
 
@@ -184,13 +214,20 @@ def _convert(args: argparse.Namespace) -> tuple[dict[str, dict[str, np.ndarray]]
     """The splits, the source and the options, from either layout."""
     common = {"limit": args.limit, "test": "the source's val split"}
     if detect_layout(args.src, args.layout) == "npy":
+        if args.positives != "category":
+            raise ConversionError(
+                f"--positives {args.positives} needs the official layout: the npy layout's labels hold "
+                f"void and the classes without a trainId as one -1, so they cannot be told apart; convert "
+                f"the official tree"
+            )
         splits = read_npy_layout(args.src, NPY_LAYOUT, "cityscapes", args.size, args.limit)
         options = {"layout": "mtan-npy", "size": list(args.size) if args.size else None,
                    "depth": "disparity as stored by mtan's preprocessing", **common}
         return splits, f"mtan preprocessed npy layout: {args.src}", options
     size = args.size or OFFICIAL_SIZE
-    splits = read_official(args.src, size, args.limit, args.workers)
-    options = {"layout": "official", "size": list(size), "depth": DISPARITY, **common}
+    splits = read_official(args.src, size, args.limit, args.workers, args.positives)
+    options = {"layout": "official", "size": list(size), "depth": DISPARITY, "positives": args.positives,
+               **common}
     return splits, f"official Cityscapes tree (leftImg8bit, gtFine labelIds, disparity): {args.src}", options
 
 
@@ -199,11 +236,13 @@ def main(argv: list[str] | None = None) -> None:
     with one_line_errors("cityscapes"):
         check_out(args.src, args.out, args.force)
         splits, source, options = _convert(args)
-        check_classes(splits, NUM_CLASSES)
+        categories = category_names(args.positives)
+        num_classes = {**NUM_CLASSES, "segmentation": len(categories)}
+        check_classes(splits, num_classes)
         for name, arrays in splits.items():
-            print(describe(name, arrays, NUM_CLASSES))
+            print(describe(name, arrays, num_classes))
         write(args.out, "cityscapes", splits, source=source, options=options,
-              class_names={"segmentation": CATEGORIES, "segmentation_19": TRAIN_CLASSES})
+              class_names={"segmentation": categories, "segmentation_19": TRAIN_CLASSES})
     print(f"wrote {args.out}; train with: mtlrun dataset=cityscapes dataset.path={args.out}")
 
 

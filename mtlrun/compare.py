@@ -21,7 +21,8 @@ COST_COLUMNS = (
     "peak_memory_mb",
 )
 # Columns that describe one run but not its configuration.
-PER_RUN_COLUMNS = ("seed", "run_dir", "config_id", "device", "iterations", "optimizer_steps", "selected_epochs")
+PER_RUN_COLUMNS = ("seed", "run_dir", "config_id", "device", "iterations", "optimizer_steps", "selected_epochs",
+                   "selected_iterations")
 # Settings that say which strategy ran; every other setting (dataset, model, optimizer, lr, ...) says how.
 STRATEGY_SETTINGS = ("strategy", "group_size", "num_tasks")
 FORMATS = ("table", "csv", "markdown", "latex")

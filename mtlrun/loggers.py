@@ -35,8 +35,9 @@ class TensorBoard:
         for key, value in train_row.items():
             if key != "epoch":
                 self.writer.add_scalar(f"train/{key}", value, epoch)
-        for row in metric_rows:
-            self.writer.add_scalar(f"{row['split']}/{row['task']}/{row['metric']}", row["value"], epoch)
+        for row in metric_rows:  # an evaluation every N iterations is logged at its iteration, as diagnostics
+            step = row.get("iteration", epoch)
+            self.writer.add_scalar(f"{row['split']}/{row['task']}/{row['metric']}", row["value"], step)
         for row in diagnostic_rows:
             for key, value in row.items():
                 if key not in ("epoch", "iteration"):

@@ -167,10 +167,13 @@ def plot_mean_curves(ax: Axes, frame: pd.DataFrame, value: str, colour: dict[str
 
 
 def plot_curves(comparison: Comparison, path: Path) -> str:
-    """Per task, the split's first metric of the task against epoch (top row) and its mean train loss (bottom
-    row), one line per configuration, mean over seeds, from each run's metrics.csv and train_log.csv."""
+    """Per task, the split's first metric of the task against epoch (top row; against iteration where every
+    run evaluated every N iterations) and its mean train loss against epoch (bottom row), one line per
+    configuration, mean over seeds, from each run's metrics.csv and train_log.csv."""
     metrics, logs = run_frames(comparison, METRICS_CSV), run_frames(comparison, TRAIN_LOG_CSV)
     metrics = metrics[metrics["split"] == comparison.split] if "split" in metrics else metrics
+    by_iteration = "iteration" in metrics and len(metrics) > 0 and metrics["iteration"].notna().all()
+    metric_x = "iteration" if by_iteration else "epoch"
     loss_tasks = [c.removeprefix("loss/") for c in logs.columns if c.startswith("loss/")]
     tasks = list(dict.fromkeys([*metrics.get("task", []), *loss_tasks]))
     if not tasks:
@@ -183,15 +186,15 @@ def plot_curves(comparison: Comparison, path: Path) -> str:
         rows = metrics[metrics["task"] == task] if len(metrics) else metrics
         if len(rows):
             first = rows["metric"].iloc[0]
-            plot_mean_curves(top, rows[rows["metric"] == first], "value", colour)
+            plot_mean_curves(top, rows[rows["metric"] == first], "value", colour, x=metric_x)
             top.set_title(f"{task}: {comparison.split} {first}")
             top.set_ylabel(f"{first} ({direction(comparison.directions.get(f'{task}/{first}'))})")
         if f"loss/{task}" in logs:
             plot_mean_curves(bottom, logs, f"loss/{task}", colour)
         bottom.set_title(f"{task}: train loss")
         bottom.set_ylabel("mean train loss (lower is better)")
-        for ax in (top, bottom):
-            ax.set_xlabel("epoch")
+        for ax, x in ((top, metric_x), (bottom, "epoch")):
+            ax.set_xlabel(x)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     handles: dict[str, object] = {}
     for ax in axes.flat:

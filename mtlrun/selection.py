@@ -1,4 +1,4 @@
-"""Which evaluated epoch(s) a run's reported metrics come from: `mtlrun-compare --select`."""
+"""Which evaluation(s) a run's reported metrics come from: `mtlrun-compare --select`."""
 
 from __future__ import annotations
 
@@ -51,26 +51,34 @@ def selection_rows(metrics: pd.DataFrame, selection: Selection) -> pd.DataFrame:
     return rows[rows["task"] == selection.task] if selection.task not in (None, MEAN) else rows
 
 
-def selected_epochs(metrics: pd.DataFrame, selection: Selection) -> tuple[list[int], str | None]:
-    """The epochs whose metrics a run reports under `selection`, and a note where it could not be followed.
+def evaluation_column(metrics: pd.DataFrame) -> str:
+    """What names an evaluation in a metrics.csv: `iteration` where the run evaluated every N iterations
+    (`trainer.eval_every_iterations`, several evaluations an epoch possible), else `epoch`."""
+    return "iteration" if "iteration" in metrics and metrics["iteration"].notna().any() else "epoch"
 
-    Only evaluated epochs count (`trainer.eval_every` may skip some). `best` takes the metric's best
-    value by its direction (ties: the earliest epoch), `best:<split>/mean/<metric>` its mean over the
+
+def selected_epochs(metrics: pd.DataFrame, selection: Selection) -> tuple[list[int], str | None]:
+    """The evaluations whose metrics a run reports under `selection` (epochs, or iterations where the run's
+    metrics.csv has an `iteration` column: `evaluation_column`), and a note where it could not be followed.
+
+    Only evaluations count (`trainer.eval_every` may skip epochs). `best` takes the metric's best
+    value by its direction (ties: the earliest), `best:<split>/mean/<metric>` its mean over the
     tasks (FAMO's CelebA rule: mean validation F1); `best:<split>/loss` the lowest sum of the tasks'
-    evaluated losses; `mean_last:k` the last k evaluated epochs (all, where fewer were evaluated).
+    evaluated losses; `mean_last:k` the last k evaluations (all, where fewer were made).
     """
-    evaluated = sorted(int(e) for e in metrics["epoch"].unique())
+    column = evaluation_column(metrics)
+    evaluated = sorted(int(e) for e in metrics[column].dropna().unique())
     if selection.kind == "last":
         return evaluated[-1:], None
     if selection.kind == "mean_last":
         note = None
         if len(evaluated) < selection.k:
-            note = f"only {len(evaluated)} evaluated epoch(s), fewer than {selection.k}"
+            note = f"only {len(evaluated)} evaluated {column}(s), fewer than {selection.k}"
         return evaluated[-selection.k :], note
     rows = selection_rows(metrics, selection)
     if rows.empty:
-        return evaluated[-1:], f"no {selection} in its metrics.csv: the last epoch is reported"
-    per_epoch = rows.groupby("epoch")["value"]
+        return evaluated[-1:], f"no {selection} in its metrics.csv: the last {column} is reported"
+    per_epoch = rows.groupby(column)["value"]
     per_epoch = per_epoch.mean() if selection.task == MEAN else per_epoch.sum()
     higher = str(rows["higher_is_better"].iloc[0]).strip().lower() == "true"
     best = per_epoch.max() if higher else per_epoch.min()
@@ -80,9 +88,10 @@ def selected_epochs(metrics: pd.DataFrame, selection: Selection) -> tuple[list[i
 def select(
     runs: pd.DataFrame, selection: Selection, read_csv, required: bool = False
 ) -> tuple[pd.DataFrame, list[str]]:
-    """`runs` with every `<split>/<task>/<metric>` column replaced by the selected epoch's value (the mean
-    over the selected epochs), a `selected_epochs` column, and notes on runs it could not follow. With
-    `required`, a `best` metric that no run's metrics.csv has is an error naming what they have (a typo)."""
+    """`runs` with every `<split>/<task>/<metric>` column replaced by the selected evaluation's value (the
+    mean over the selected ones), a `selected_epochs` column (and `selected_iterations` where a run
+    evaluated every N iterations), and notes on runs it could not follow. With `required`, a `best` metric
+    that no run's metrics.csv has is an error naming what they have (a typo)."""
     if selection.kind == "last":
         return runs, []
     runs = runs.copy()
@@ -98,14 +107,19 @@ def select(
             missing.append(str(run_dir))
             continue
         metrics = read[index]
-        epochs, note = selected_epochs(metrics, selection)
+        chosen_ones, note = selected_epochs(metrics, selection)
         if note:
             notes.append(f"{run_dir}: {note}")
-        chosen = metrics[metrics["epoch"].isin(epochs)]
+        column = evaluation_column(metrics)
+        chosen = metrics[metrics[column].isin(chosen_ones)]
         values = chosen.groupby(["split", "task", "metric"])["value"].mean()
         for (split, task, metric), value in values.items():
             runs.loc[index, f"{split}/{task}/{metric}"] = value
-        runs.loc[index, "selected_epochs"] = " ".join(map(str, epochs))
+        runs.loc[index, "selected_epochs"] = " ".join(map(str, sorted(chosen["epoch"].astype(int).unique())))
+        if column == "iteration":
+            if "selected_iterations" not in runs:
+                runs["selected_iterations"] = ""
+            runs.loc[index, "selected_iterations"] = " ".join(map(str, chosen_ones))
     if missing:
         notes.append(f"--select {selection}: {len(missing)} run(s) without metrics.csv report their last epoch: "
                      f"{', '.join(missing)}")

@@ -236,10 +236,18 @@ class BinaryMaps(Task):
     (Pascal et al. 2021 train each Cityscapes category and each NYUv2 class so, as its own task). BCE on logits
     over the labelled pixels (label >= 0 and != ignore_index; ignored pixels count in neither loss nor metric);
     IoU, F1 and pixel accuracy in %, each the mean over the task's maps of that map's value over the whole
-    split. Δm% counts IoU and pixel accuracy; F1 = 2 IoU / (1 + IoU) restates IoU."""
+    split. Δm% counts IoU and pixel accuracy; F1 = 2 IoU / (1 + IoU) restates IoU. Beside them, out of Δm%,
+    the authors' per-batch metrics (AITSO_MTL `*/metrics.py`): `iou_per_image` and `pixel_acc_argmax`
+    (BinaryMapMeter)."""
 
     dense = True
-    metrics = (Metric("iou", True), Metric("f1", True, in_delta_m=False), Metric("pixel_acc", True))
+    metrics = (
+        Metric("iou", True),
+        Metric("f1", True, in_delta_m=False),
+        Metric("pixel_acc", True),
+        Metric("iou_per_image", True, in_delta_m=False),
+        Metric("pixel_acc_argmax", True, in_delta_m=False),
+    )
 
     def __init__(self, name: str, classes: Sequence[int], ignore_index: int = -1) -> None:
         if not classes or any(int(c) < 0 for c in classes):
@@ -270,17 +278,51 @@ class BinaryMaps(Task):
 
 
 class BinaryMapMeter(Meter):
-    """True/false positive/negative pixel counts per map over the split (a logit > 0 predicts the class)."""
+    """True/false positive/negative pixel counts per map over the split (a logit > 0 predicts the class), and
+    the authors' per-batch metrics, for which each `update` is one evaluation batch (their values depend on
+    `trainer.eval_batch_size` and on the split's order; with theirs, the same batches give their numbers):
+
+    - `iou_per_image`: per map and batch, the sum of the images' IoUs divided by the number of images that
+      contain the class (an image without it adds IoU 0 and is not counted: its false positives cost
+      nothing); per map the mean over the batches that contain the class; then the mean over the task's
+      maps, a map whose class no image contains counting 0 (their `compute_ious` and `Metric`).
+    - `pixel_acc_argmax`: per batch, the share of pixels whose arg-max class (of the maps' sigmoids, 0 =
+      background where no sigmoid reaches 0.5) is the labelled one (0 where the pixel is of no map's class);
+      the mean over batches (their `compute_seg_metrics`). Over a task's maps together, so their pixel
+      accuracy where the task holds every class (`dataset.binary_maps=joint`).
+
+    Only labelled pixels count in either, as in every metric here (theirs count unlabelled pixels as
+    negatives of every map); probabilities are compared as theirs, sigmoid(logit) >= 0.5 in float32."""
 
     def __init__(self, task: BinaryMaps) -> None:
         self.task = task
         self.counts = torch.zeros(4, task.out_channels, dtype=torch.float64)  # tp, fp, fn, tn
+        self.iou_batch_sums = torch.zeros(task.out_channels, dtype=torch.float64)
+        self.iou_batches = torch.zeros(task.out_channels, dtype=torch.float64)  # batches holding the class
+        self.argmax_acc_sum, self.argmax_batches = 0.0, 0
 
     def update(self, pred: Tensor, target: Tensor) -> None:
         actual, labelled = self.task.binary_targets(target)
         predicted = pred > 0
         cases = [predicted & actual, predicted & ~actual, ~predicted & actual, ~predicted & ~actual]
         self.counts += torch.stack([(c & labelled).sum(dim=(0, 2, 3)) for c in cases]).double().cpu()
+        self._update_per_batch(torch.sigmoid(pred.float()), actual & labelled, labelled)
+
+    def _update_per_batch(self, probability: Tensor, actual: Tensor, labelled: Tensor) -> None:
+        predicted = (probability >= 0.5) & labelled
+        intersection = (predicted & actual).sum(dim=(2, 3)).double()  # N x K
+        union = (predicted | actual).sum(dim=(2, 3)).double()
+        images = actual.any(dim=(2, 3)).sum(dim=0).double()  # per map: images containing the class
+        image_ious = (intersection / union.clamp(min=1)).sum(dim=0)
+        present = images > 0
+        self.iou_batch_sums += torch.where(present, image_ious / images.clamp(min=1), 0.0).cpu()
+        self.iou_batches += present.double().cpu()
+        pixels = labelled[:, 0]
+        if pixels.any():
+            guessed = torch.where(predicted.any(dim=1), probability.argmax(dim=1) + 1, 0)
+            truth = torch.where(actual.any(dim=1), actual.byte().argmax(dim=1) + 1, 0)
+            self.argmax_acc_sum += ((guessed == truth) & pixels).sum().item() / pixels.sum().item()
+            self.argmax_batches += 1
 
     def compute(self) -> dict[str, float]:
         tp, fp, fn, tn = self.counts
@@ -291,7 +333,10 @@ class BinaryMapMeter(Meter):
         iou = (tp[present] / union[present]).mean().item() if present.any() else 0.0
         f1 = (2 * tp[present] / (union + tp)[present]).mean().item() if present.any() else 0.0
         pixel_acc = ((tp + tn) / (union + tn).clamp(min=1)).mean().item()
-        return {"iou": 100 * iou, "f1": 100 * f1, "pixel_acc": 100 * pixel_acc}
+        iou_per_image = (self.iou_batch_sums / self.iou_batches.clamp(min=1)).mean().item()
+        pixel_acc_argmax = self.argmax_acc_sum / max(self.argmax_batches, 1)
+        return {"iou": 100 * iou, "f1": 100 * f1, "pixel_acc": 100 * pixel_acc,
+                "iou_per_image": 100 * iou_per_image, "pixel_acc_argmax": 100 * pixel_acc_argmax}
 
 
 # --- binary attributes -----------------------------------------------------------------------

@@ -337,9 +337,31 @@ def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals, cleanup: 
         }
         run.save(history.train_log, history.metrics, diagnostic_rows, snapshot, strategy.records())
 
+    def evaluate_now(epoch: int, iteration: int | None) -> list[dict]:
+        """Rows of metrics.csv for val and test now (`iteration`: the run's iterations so far, where the
+        cadence is in iterations); rank 0 evaluates the whole splits, exactly as one process."""
+        rows: list[dict] = []
+        if distributed.is_main():
+            for split in ("val", "test"):
+                if split in data.splits:
+                    scores = evaluate(
+                        model, data.tasks, data.splits[split], parts.to_device, settings["eval_batch_size"],
+                        parts.precision,
+                    )
+                    rows += metric_rows(scores, data.tasks, epoch, split, iteration)
+            history.metrics.extend(rows)
+            at = f", iteration {iteration}" if iteration is not None else ""
+            log.info("epoch %d/%d%s: %s", epoch, settings["epochs"], at, _brief(rows))
+        return rows
+
     def at_iteration_boundary() -> None:
         every = settings["checkpoint_every"]
         last = progress.iteration == batches.batches_per_pass
+        end = last and history.epoch + 1 == settings["epochs"]
+        done = ctx.counts.iterations
+        if settings["eval_every_iterations"] and evaluation_due(settings, done, end, bool(history.metrics)):
+            evaluate_now(history.epoch + 1, done)
+            model.train()  # evaluation left the model in eval mode, mid-epoch
         due = every is not None and ctx.counts.iterations % every == 0 and not last
         stop.received = distributed.agreed_signal(stop.received)  # every rank stops at the same iteration
         if stop.received is not None or due:  # an epoch's last iteration is saved with the epoch
@@ -398,18 +420,10 @@ def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals, cleanup: 
         progress.iteration = 0
         train_log.append(row)
         strategy.epoch_end()
-        new_metrics = []
-        evaluated = (epoch + 1) % settings["eval_every"] == 0 or epoch + 1 == epochs
-        if evaluated and distributed.is_main():  # rank 0 evaluates the whole splits, exactly as one process
-            for split in ("val", "test"):
-                if split in data.splits:
-                    scores = evaluate(
-                        model, data.tasks, data.splits[split], parts.to_device, settings["eval_batch_size"],
-                        parts.precision,
-                    )
-                    new_metrics += metric_rows(scores, data.tasks, epoch + 1, split)
-            metrics += new_metrics
-            log.info("epoch %d/%d: %s", epoch + 1, epochs, _brief(metrics, epoch + 1))
+        end = epoch + 1 == epochs
+        if not settings["eval_every_iterations"] and evaluation_due(settings, epoch + 1, end, bool(metrics)):
+            evaluate_now(epoch + 1, None)
+        new_metrics = [r for r in metrics if r["epoch"] == epoch + 1]  # this epoch's, mid-epoch ones too
         if note := model.describe():
             log.info("epoch %d/%d: %s", epoch + 1, epochs, note)
         history.epoch = epoch + 1
@@ -425,7 +439,9 @@ def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals, cleanup: 
 
     results = results_row(cfg, run_dir, config_id, strategy, data.tasks, train_log, metrics, ctx.counts, device)
     run.write_results(results)
-    log.info("final metrics (epoch %d):\n%s", epochs, summary_table(metrics, epochs))
+    final = last_evaluation(metrics)
+    at = f", iteration {final[0]['iteration']}" if "iteration" in final[0] else ""
+    log.info("final metrics (epoch %d%s):\n%s", final[0]["epoch"], at, summary_table(final))
     log.info("run directory: %s", run_dir)
     return results
 
@@ -562,16 +578,38 @@ def evaluate(
     }
 
 
-def metric_rows(scores: dict, tasks: list[Task], epoch: int, split: str) -> list[dict]:
-    """Tidy rows for metrics.csv; each carries its metric's direction, so reports never guess it."""
+def metric_rows(
+    scores: dict, tasks: list[Task], epoch: int, split: str, iteration: int | None = None
+) -> list[dict]:
+    """Tidy rows for metrics.csv; each carries its metric's direction, so reports never guess it. `epoch` is
+    the epoch evaluated in or after; `iteration` (the run's iterations so far) names an evaluation where the
+    cadence is in iterations (`trainer.eval_every_iterations`), and only then is a column."""
     defined = {(t.name, m.name): (m.higher_is_better, m.in_delta_m) for t in tasks for m in t.metrics}
     defined.update({(t.name, LOSS): (False, False) for t in tasks})
+    at = {"epoch": epoch} if iteration is None else {"epoch": epoch, "iteration": iteration}
     return [
-        {"epoch": epoch, "split": split, "task": task, "metric": metric, "value": value,
+        {**at, "split": split, "task": task, "metric": metric, "value": value,
          "higher_is_better": defined[task, metric][0], "in_delta_m": defined[task, metric][1]}
         for task, values in scores.items()
         for metric, value in values.items()
     ]
+
+
+def evaluation_due(settings: dict, count: int, end: bool, evaluated_before: bool) -> bool:
+    """Whether to evaluate after `count` epochs, or iterations where `trainer.eval_every_iterations` sets the
+    cadence; at the end of training (`end`) also when `trainer.eval_at_end` asks, or nothing was evaluated yet
+    (a run always reports metrics)."""
+    every = settings["eval_every_iterations"] or settings["eval_every"]
+    return count % every == 0 or (end and (settings["eval_at_end"] or not evaluated_before))
+
+
+def last_evaluation(metrics: list[dict]) -> list[dict]:
+    """The rows of the run's last evaluation (by epoch, then by iteration where rows carry one)."""
+    def when(row: dict) -> tuple[int, int]:
+        return row["epoch"], row.get("iteration") or 0
+
+    last = max(when(r) for r in metrics)
+    return [r for r in metrics if when(r) == last]
 
 
 def results_row(
@@ -590,10 +628,8 @@ def results_row(
     for key, value in OmegaConf.to_container(cfg.strategy, resolve=True).items():
         if key != "name":
             row[f"strategy.{key}"] = json.dumps(value) if isinstance(value, (dict, list)) else value
-    last = max(r["epoch"] for r in metrics)
-    for r in metrics:
-        if r["epoch"] == last:
-            row[f"{r['split']}/{r['task']}/{r['metric']}"] = r["value"]
+    for r in last_evaluation(metrics):
+        row[f"{r['split']}/{r['task']}/{r['metric']}"] = r["value"]
     row.update({
         "iterations": counts.iterations,
         "optimizer_steps": counts.optimizer_steps,
@@ -613,15 +649,15 @@ def results_row(
     return row
 
 
-def summary_table(metrics: list[dict], epoch: int) -> str:
-    final = pd.DataFrame([r for r in metrics if r["epoch"] == epoch])
+def summary_table(rows: list[dict]) -> str:
+    """One evaluation's rows as a task x metric table, a column per split."""
+    final = pd.DataFrame(rows)
     table = final.pivot_table(index=["task", "metric"], columns="split", values="value", sort=False)
     return table.to_string(float_format=lambda v: f"{v:.4f}")
 
 
-def _brief(metrics: list[dict], epoch: int) -> str:
-    """The first metric of each task on the last split evaluated, for the per-epoch log line."""
-    rows = [r for r in metrics if r["epoch"] == epoch]
+def _brief(rows: list[dict]) -> str:
+    """The first metric of each task on the last split of one evaluation's rows, for its log line."""
     split = rows[-1]["split"]
     seen: dict[str, str] = {}
     for r in rows:
@@ -647,10 +683,10 @@ def _trainer_settings(cfg: DictConfig) -> dict:
     settings = {
         "epochs": t.epochs, "batch_size": t.batch_size, "eval_batch_size": t.eval_batch_size,
         "eval_every": t.eval_every, "stop_after_epochs": t.stop_after_epochs,
-        "diagnostics_every": cfg.diagnostics_every,
+        "diagnostics_every": cfg.diagnostics_every, "eval_every_iterations": t.get("eval_every_iterations"),
     }
     for key, value in settings.items():
-        if value is None and key == "stop_after_epochs":
+        if value is None and key in ("stop_after_epochs", "eval_every_iterations"):
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise MtlrunError(f"trainer.{key} must be an integer >= 1, got {value!r}")
@@ -659,6 +695,14 @@ def _trainer_settings(cfg: DictConfig) -> dict:
         raise MtlrunError(f"trainer.checkpoint_every must be null or an integer >= 1 (iterations), got {every!r}")
     settings["checkpoint_every"] = every
     settings["dtype"] = t.get("dtype", "float32")
+    if settings["eval_every_iterations"] is not None and t.eval_every != 1:
+        raise MtlrunError(
+            f"trainer.eval_every={t.eval_every} (epochs) and trainer.eval_every_iterations="
+            f"{settings['eval_every_iterations']} both set a cadence: keep one (eval_every=1 is the default)"
+        )
+    settings["eval_at_end"] = t.get("eval_at_end", True)
+    if not isinstance(settings["eval_at_end"], bool):
+        raise MtlrunError(f"trainer.eval_at_end must be true or false, got {settings['eval_at_end']!r}")
     distributed.check_batch_size(t.batch_size)
     if t.progress not in ("auto", True, False):
         raise MtlrunError(f"trainer.progress must be auto, true or false, got {t.progress!r}")

@@ -75,6 +75,58 @@ def test_a_joint_task_averages_its_maps_and_leaves_out_a_class_absent_from_label
     assert values["pixel_acc"] == pytest.approx((100 * 56640 / 61440 + 100 + human_acc) / 3)
 
 
+def _authors_example() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Two maps (classes 0 and 1; label 2 is of neither, -1 unlabelled) on 2x4 images, in two evaluation
+    batches: [a1, a2] and [b1]."""
+    labels = torch.tensor([
+        [[0, 0, 0, 0], [2, 2, 2, -1]],  # a1: class 0 on the top row
+        [[1, 1, 2, 2], [2, 2, 2, 2]],  # a2: class 1 on two pixels
+        [[0, 0, 0, 0], [0, 0, 0, 0]],  # b1: class 0 everywhere
+    ], dtype=torch.int16)
+    map0 = torch.tensor([[[2, 2, -2, -2], [2, 2, -2, 2]], [[-2] * 4, [-2] * 4],
+                         [[1, 1, 1, 1], [1, 1, -1, -1]]])
+    map1 = torch.tensor([[[-1, -1, -1, 1], [-1] * 4], [[3, 1, 1, -1], [-1] * 4], [[2, -1, -1, -1], [-1] * 4]])
+    logits = torch.stack([map0, map1], dim=1).float()
+    return [labels[:2], labels[2:]], [logits[:2], logits[2:]]
+
+
+def test_the_authors_per_image_iou_and_argmax_pixel_accuracy_are_the_hand_counts_per_batch():
+    labels, logits = _authors_example()
+    meter = BinaryMaps("two", [0, 1]).meter()
+    for batch_labels, batch_logits in zip(labels, logits):
+        meter.update(batch_logits, batch_labels)
+    values = meter.compute()
+    # IoU per image. Map 0: batch 1, a1 predicts 4 labelled pixels (the unlabelled one does not count), 2 of
+    # the 4 of its class: 2 / 6; a2 holds no class 0 (IoU 0, not counted): 1/3. Batch 2, b1: 6 / 8 = 3/4.
+    # Mean over batches 13/24. Map 1: batch 1, a1's false positive on an image without class 1 costs
+    # nothing, a2: 2 / 3, one image with the class: 2/3; batch 2 holds no class 1 and is skipped: 2/3.
+    assert values["iou_per_image"] == pytest.approx(100 * (13 / 24 + 2 / 3) / 2)
+    # Arg-max map with background 0. Batch 1: a1 right at (0,0), (0,1) and (1,2): 3 of 7 labelled pixels
+    # ((0,3): map 1's sigmoid is the larger, class 2; (0,2): none >= 0.5, background); a2 right on 7 of 8
+    # ((0,2) predicts class 2 on background): 10 / 15. Batch 2: (0,0) takes map 1 (logit 2 > 1), (1,2) and
+    # (1,3) are background: 5 / 8. Mean over batches.
+    assert values["pixel_acc_argmax"] == pytest.approx(100 * (10 / 15 + 5 / 8) / 2)
+    # The split-wide counts differ: map 0 TP 8, FP 2, FN 4; map 1 TP 2 and 3 false positives, a1's included.
+    assert values["iou"] == pytest.approx(100 * (8 / 14 + 2 / 5) / 2)
+
+
+def test_the_authors_metrics_depend_on_the_evaluation_batches_as_theirs():
+    labels, logits = _authors_example()
+    meter = BinaryMaps("two", [0, 1]).meter()
+    meter.update(torch.cat(logits), torch.cat(labels))  # one batch of three images
+    values = meter.compute()
+    assert values["pixel_acc_argmax"] == pytest.approx(100 * 15 / 23)
+    # Map 0: (1/3 + 0 + 3/4) over its 2 images; map 1: (0 + 2/3 + 0) over its 1 image.
+    assert values["iou_per_image"] == pytest.approx(100 * ((1 / 3 + 3 / 4) / 2 + 2 / 3) / 2)
+
+
+def test_a_map_whose_class_no_image_holds_counts_zero_in_the_per_image_iou_as_theirs():
+    labels, logits = _authors_example()
+    meter = BinaryMaps("three", [0, 1, 5]).meter()  # class 5 is in no image
+    meter.update(torch.cat([logits[0], torch.full((2, 1, 2, 4), -1.0)], dim=1), labels[0])
+    assert meter.compute()["iou_per_image"] == pytest.approx(100 * (1 / 3 + 2 / 3 + 0) / 3)
+
+
 def test_the_loss_is_bce_over_labelled_pixels_and_ignored_pixels_get_no_gradient():
     labels = street_labels()
     g = torch.Generator().manual_seed(0)
@@ -99,7 +151,8 @@ def test_an_image_without_a_labelled_pixel_gives_a_zero_loss_not_nan():
 def test_metrics_directions_and_what_enters_delta_m():
     task = BinaryMaps("sky", [SKY])
     assert [(m.name, m.higher_is_better, m.in_delta_m) for m in task.metrics] == [
-        ("iou", True, True), ("f1", True, False), ("pixel_acc", True, True)]
+        ("iou", True, True), ("f1", True, False), ("pixel_acc", True, True), ("iou_per_image", True, False),
+        ("pixel_acc_argmax", True, False)]
     attributes = BinaryAttributes("Smiling", ["Smiling"])
     count_in_delta_m(attributes, ["f1"])
     assert [m.name for m in attributes.metrics if m.in_delta_m] == ["f1"]

@@ -357,6 +357,22 @@ def test_plots_say_why_a_figure_is_missing(tmp_path, capsys):
     assert_png(tmp_path / "figs" / "tradeoff.png")
 
 
+
+def test_training_curves_plot_evaluations_every_n_iterations_against_iteration(tmp_path, capsys, monkeypatch):
+    from mtlrun import plots
+
+    write_run(tmp_path / "g1", 0, {"seg/miou": 50, "depth/abs_err": 0.5}, "grouped", 1)
+    metrics = pd.read_csv(tmp_path / "g1" / "metrics.csv")
+    metrics.insert(1, "iteration", metrics["epoch"] * 5)  # as trainer.eval_every_iterations=5 writes it
+    metrics.to_csv(tmp_path / "g1" / "metrics.csv", index=False)
+    axes_x = []
+    drawn = plots.plot_mean_curves
+    monkeypatch.setattr(plots, "plot_mean_curves", lambda ax, frame, value, colour, x="epoch": (
+        axes_x.append((value, x)), drawn(ax, frame, value, colour, x))[1])
+    _, err = compare_cli(capsys, tmp_path, "--out", tmp_path / "cmp.csv", "--plot", tmp_path / "figs")
+    assert_png(tmp_path / "figs" / "training_curves.png")
+    assert set(axes_x) == {("value", "iteration"), ("loss/seg", "epoch"), ("loss/depth", "epoch")}
+
 TINY = ["dataset.num_train=32", "dataset.num_val=16", "dataset.num_test=16", "trainer.batch_size=16",
         "model.width=8", "trainer.epochs=2", "dataset.tasks=[segmentation,depth]"]
 

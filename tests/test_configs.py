@@ -81,3 +81,18 @@ def test_an_experiment_sets_its_published_settings_and_the_command_line_still_wi
     assert cfg.trainer.batch_size == 2 and list(cfg.dataset.augment.scales) == [1.0, 1.2, 1.5]
     assert cfg.trainer.epochs == 3  # overrides after the experiment apply on top of it
     assert _compose("experiment=nyuv2_resnet50").dataset.augment.flip is False  # LibMTL's --aug is off
+
+
+def test_pascal_nyuv2_trains_their_runnable_default_of_three_tasks_and_15_one_override_away():
+    joint = task_specs(_compose("experiment=pascal_nyuv2").dataset)
+    assert list(joint) == ["segmentation", "depth", "normal"]  # their default: the 13 maps as one task, T = 3
+    assert joint["segmentation"]["kind"] == "binary_map" and len(joint["segmentation"]["classes"]) == 13
+    per_class = task_names(_compose("experiment=pascal_nyuv2", "dataset.binary_maps=per_class").dataset)
+    assert len(per_class) == 15 and per_class[-2:] == ["depth", "normal"]
+
+
+@pytest.mark.parametrize(("preset", "every"), [("pascal_celeba", 636), ("pascal_cityscapes", 1000),
+                                               ("pascal_nyuv2", 500)])
+def test_pascal_presets_evaluate_at_the_authors_iterations_and_not_off_their_cadence(preset, every):
+    trainer = _compose(f"experiment={preset}").trainer
+    assert (trainer.eval_every_iterations, trainer.eval_at_end, trainer.eval_every) == (every, False, 1)

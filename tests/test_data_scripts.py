@@ -327,10 +327,10 @@ CITYSCAPES_IDS = [(0, -1, -1), (1, -1, -1), (6, -1, -1), (7, 0, 0), (8, 1, 0), (
 DISPARITY_PIXELS = np.array([0, 1, 257, 65535, 513, 1000, 2, 300], dtype=np.uint16)
 
 
-def _write_cityscapes_official(root: Path, cities: dict[str, list[str]], size=(4, 10)) -> dict:
+def _write_cityscapes_official(root: Path, cities: dict[str, list[str]], size=(4, 10), ids=None) -> dict:
     """The official tree: 8-bit RGB images, 8-bit labelIds and 16-bit disparity PNGs, named as released."""
     rng = np.random.default_rng(0)
-    ids = np.array([i for i, _, _ in CITYSCAPES_IDS], dtype=np.uint8)
+    ids = np.array([i for i, _, _ in CITYSCAPES_IDS] if ids is None else ids, dtype=np.uint8)
     written = {}
     for split, names in cities.items():
         for k, city in enumerate(names):
@@ -400,6 +400,55 @@ def test_cityscapes_official_resize_is_nearest_for_labels_and_disparity(tmp_path
         disparity = np.where(pixels > 0, (pixels - 1) / 256 * (10 / 20), 0).astype(np.float32)  # half the width
         assert np.array_equal(f["train/depth"][0], disparity)
     assert _options(out)["layout"] == "official"
+
+
+# Pascal et al.'s positives, from their cityscapes/dataset.py VALID_CLASSES: category -> its train labelIds.
+AUTHORS_CATEGORIES = {0: [7, 8], 1: [11, 12, 13], 2: [17, 19, 20], 3: [21, 22], 4: [23], 5: [24, 25],
+                      6: [26, 27, 28, 31, 32, 33]}
+
+
+def test_cityscapes_train_class_positives_make_every_other_id_a_labelled_negative(tmp_path):
+    ids = [*range(34), 255]  # every labelId, and one no table lists
+    raw = tmp_path / "raw"
+    written = _write_cityscapes_official(raw, {"train": ["aachen"], "val": ["lindau"]}, size=(5, 7), ids=ids)
+    out = tmp_path / "cityscapes.h5"
+    cityscapes.main(["--src", str(raw), "--size", "5x7", "--positives", "train_classes", "--out", str(out)])
+    category = {i: c for c, members in AUTHORS_CATEGORIES.items() for i in members}
+    label_ids = written[("train", "aachen_000000_000019")]["label_ids"]
+    expected = np.vectorize(lambda i: category.get(int(i), 7))(label_ids)
+    assert sorted(np.unique(label_ids)) == ids
+    with h5py.File(out, "r") as f:
+        assert np.array_equal(f["train/segmentation"][0], expected)
+        assert json.loads(f["train/segmentation"].attrs["class_names"]) == [
+            "flat", "construction", "object", "nature", "sky", "human", "vehicle", "other"]
+        assert np.array_equal(f["train/segmentation_19"][0], cityscapes.TO_TRAIN_ID[label_ids])  # unchanged
+    assert _options(out)["positives"] == "train_classes"
+    # The 7 binary maps (the pascal_cityscapes preset): every pixel is labelled, the 16 ids outside their
+    # lists (void, parking, rail track, guard rail, bridge, tunnel, polegroup, caravan, trailer, 255)
+    # negative.
+    data = _open("cityscapes", out, binary_maps="per_class", tasks=["segmentation"])
+    labels = data.splits["train"].targets["sky"][:1]
+    positive, labelled = next(t for t in data.tasks if t.name == "sky").binary_targets(labels)
+    assert labelled.all() and torch.equal(positive[0, 0], torch.from_numpy(label_ids == 23))
+    others = np.isin(label_ids, [i for i in ids if i not in category])
+    assert others.sum() == 16
+    every_map = torch.cat([t.binary_targets(labels)[0][0] for t in data.tasks])
+    assert not every_map[:, torch.from_numpy(others)].any()
+    with pytest.raises(MtlrunError, match="expects 7 classes but .* has 8: set .*num_classes=8"):
+        _open("cityscapes", out)  # cross-entropy over the categories must count `other` as a class
+    default = tmp_path / "default.h5"
+    cityscapes.main(["--src", str(raw), "--size", "5x7", "--out", str(default)])
+    assert _options(default)["positives"] == "category"
+    with h5py.File(default, "r") as f:  # cityscapesScripts' categories: parking (9) is flat, void ignored
+        assert np.array_equal(f["train/segmentation"][0], cityscapes.TO_CATEGORY[label_ids])
+        categories = f["train/segmentation"][0]
+        assert categories[label_ids == 9].tolist() == [0] and (categories[label_ids < 7] == -1).all()
+
+
+def test_cityscapes_train_class_positives_need_the_official_layout(tmp_path):
+    _write_cityscapes_npy(tmp_path / "raw", {"train": 2, "val": 1})
+    _fails(cityscapes.main, ["--src", str(tmp_path / "raw"), "--positives", "train_classes"],
+           tmp_path / "x.h5", r"--positives train_classes needs the official layout", "cityscapes")
 
 
 def test_cityscapes_official_errors_name_the_file(tmp_path):

@@ -69,15 +69,17 @@ def _read(run: Path) -> tuple[pd.DataFrame, pd.Series]:
 def test_pascal_cityscapes_trains_the_seven_categories_as_binary_tasks(runs):
     metrics, results = _read(runs["pascal_cityscapes"])
     assert list(dict.fromkeys(metrics.task)) == CATEGORIES
-    assert set(metrics.metric) == {"iou", "f1", "pixel_acc", "loss"} and np.isfinite(metrics.value).all()
+    assert set(metrics.metric) == {"iou", "f1", "pixel_acc", "iou_per_image", "pixel_acc_argmax", "loss"}
+    assert np.isfinite(metrics.value).all()
+    assert set(metrics.metric[metrics.in_delta_m]) == {"iou", "pixel_acc"}  # theirs beside, out of Δm%
     assert (results.dataset, results.model, results.lr) == ("cityscapes", "unet", 5e-4)
     assert results.steps_per_iteration == 2  # 7 tasks in groups of 5
 
 
-def test_pascal_nyuv2_trains_13_binary_maps_depth_and_normals(runs):
+def test_pascal_nyuv2_trains_13_binary_maps_as_one_task_beside_depth_and_normals(runs):
     metrics, results = _read(runs["pascal_nyuv2"])
-    assert list(dict.fromkeys(metrics.task)) == [*NYUV2_CLASSES, "depth", "normal"]
-    assert (results.dataset, results.steps_per_iteration) == ("nyuv2", 3) and np.isfinite(metrics.value).all()
+    assert list(dict.fromkeys(metrics.task)) == ["segmentation", "depth", "normal"]  # their default, T = 3
+    assert (results.dataset, results.steps_per_iteration) == ("nyuv2", 1) and np.isfinite(metrics.value).all()
 
 
 def test_pascal_celeba_trains_the_40_attributes_with_the_cnn(runs):

@@ -121,3 +121,40 @@ def test_single_task_baselines_are_read_at_their_selected_epochs_too(tmp_path):
                            selection=parse_selection("best:val/seg/miou"))
         row = comparison.table[comparison.table["strategy"] == "averaged"].iloc[0]
         assert row[f"{DELTA_M} mean"] == pytest.approx(0.0)  # same epoch 2 on both sides: no change
+
+
+# Evaluations every N iterations (trainer.eval_every_iterations): two in epoch 1, two in epoch 2 (the end).
+# iteration -> (epoch, val seg loss, val depth loss, test seg miou)
+BY_ITERATION = {3: (1, 1.0, 1.0, 30.0), 6: (1, 0.2, 0.3, 60.0), 9: (2, 0.4, 0.4, 50.0), 10: (2, 0.3, 0.3, 55.0)}
+
+
+def iteration_frame() -> pd.DataFrame:
+    rows = []
+    for iteration, (epoch, seg, depth, miou) in BY_ITERATION.items():
+        at = {"epoch": epoch, "iteration": iteration}
+        rows += [
+            {**at, "split": "val", "task": "seg", "metric": "loss", "value": seg, "higher_is_better": False,
+             "in_delta_m": False},
+            {**at, "split": "val", "task": "depth", "metric": "loss", "value": depth, "higher_is_better": False,
+             "in_delta_m": False},
+            {**at, "split": "test", "task": "seg", "metric": "miou", "value": miou, "higher_is_better": True,
+             "in_delta_m": True},
+        ]
+    return pd.DataFrame(rows)
+
+
+def test_evaluations_every_n_iterations_are_selected_by_iteration_not_merged_by_epoch(tmp_path):
+    frame = iteration_frame()
+    # Least summed validation loss: 0.5 at iteration 6 (by epoch, 2.5 and 1.4 would pick epoch 2).
+    assert selected_epochs(frame, parse_selection("best:val/loss")) == ([6], None)
+    assert selected_epochs(frame, parse_selection("mean_last:2"))[0] == [9, 10]
+    assert selected_epochs(frame, parse_selection("last"))[0] == [10]
+    run = tmp_path / "r0"
+    run.mkdir()
+    frame.to_csv(run / "metrics.csv", index=False)
+    pd.DataFrame([{"dataset": "shapes", "model": "convnet", "strategy": "averaged", "seed": 0, "config_id": "c1",
+                   "test/seg/miou": 55.0, "seconds_per_epoch": 1.0}]).to_csv(run / "results.csv", index=False)
+    best = build([tmp_path], None, "test", selection=parse_selection("best:val/loss"))
+    assert best.table["test/seg/miou mean"].iloc[0] == pytest.approx(60.0)  # iteration 6's alone
+    assert list(best.runs["selected_epochs"]) == ["1"] and list(best.runs["selected_iterations"]) == ["6"]
+    assert "selected_iterations" not in best.table  # a per-run column, not a setting that splits configurations
