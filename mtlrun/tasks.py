@@ -249,11 +249,12 @@ class BinaryMaps(Task):
         Metric("pixel_acc_argmax", True, in_delta_m=False),
     )
 
-    def __init__(self, name: str, classes: Sequence[int], ignore_index: int = -1) -> None:
+    def __init__(self, name: str, classes: Sequence[int], ignore_index: int = -1, group: str | None = None) -> None:
         if not classes or any(int(c) < 0 for c in classes):
             raise MtlrunError(f"task '{name}' needs `classes`: a list of label values >= 0, got {list(classes)}")
         self.name, self.classes, self.ignore_index = name, [int(c) for c in classes], ignore_index
         self.out_channels = len(self.classes)
+        self.group = group  # the segmentation task that `dataset.binary_maps=per_class` cut into this one
 
     def binary_targets(self, labels: Tensor) -> tuple[Tensor, Tensor]:
         """(positive, labelled) masks of shape N x K x H x W and N x 1 x H x W from N x H x W labels."""
@@ -395,6 +396,24 @@ class BinaryMeter(Meter):
         return {name: 100 * v.mean().item() for name, v in values.items()}
 
 
+def map_groups(tasks: Sequence[Task]) -> dict[str, BinaryMaps]:
+    """Per segmentation task cut into per-class tasks (`dataset.binary_maps=per_class`) of which two or more
+    are trained, one binary-map task holding those maps together, in the tasks' order: what an arg-max over
+    all of them is measured on (the authors' pixel accuracy, `JOINT_METRICS`)."""
+    members: dict[str, list[BinaryMaps]] = {}
+    for task in tasks:
+        if isinstance(task, BinaryMaps) and task.group is not None:
+            members.setdefault(task.group, []).append(task)
+    return {
+        group: BinaryMaps(group, [c for t in maps for c in t.classes], maps[0].ignore_index)
+        for group, maps in members.items() if len(maps) > 1
+    }
+
+
+# The metrics a group of per-class maps reports together (`map_groups`), out of Δm%.
+JOINT_METRICS = ("pixel_acc_argmax",)
+
+
 # --- building tasks from the dataset config --------------------------------------------------
 
 TASK_KINDS = ("segmentation", "binary_map", "depth", "normal", "binary")
@@ -406,7 +425,9 @@ def build_task(name: str, spec: dict, attribute_names: list[str] | None = None) 
     if kind == "segmentation":
         return Segmentation(name, int(spec["num_classes"]), int(spec.get("ignore_index", -1)))
     if kind == "binary_map":
-        return BinaryMaps(name, list(spec.get("classes") or []), int(spec.get("ignore_index", -1)))
+        return BinaryMaps(
+            name, list(spec.get("classes") or []), int(spec.get("ignore_index", -1)), spec.get("group")
+        )
     if kind == "depth":
         return Depth(name)
     if kind == "normal":

@@ -42,7 +42,7 @@ from mtlrun.precision import Precision, SkippedStep, full, run_dtype
 from mtlrun.rundirs import resume_hint
 from mtlrun.strategies import StepContext, Strategy, build_strategy
 from mtlrun.strategies.base import Counts
-from mtlrun.tasks import Task
+from mtlrun.tasks import JOINT_METRICS, Task, map_groups
 
 log = logging.getLogger("mtlrun")
 
@@ -557,10 +557,14 @@ def evaluate(
     precision: Precision | None = None,
 ) -> dict:
     """Every task's metrics over the whole split, and its training loss (the mean of the per-batch losses,
-    weighted by batch size; model selection reads it): {task: {metric: value, "loss": value}}."""
+    weighted by batch size; model selection reads it): {task: {metric: value, "loss": value}}; and, under the
+    name of each segmentation task cut into per-class tasks, their maps' metrics together (`map_groups`)."""
     model.eval()
     names = [t.name for t in tasks]
     meters = {t.name: t.meter() for t in tasks}
+    groups = map_groups(tasks)
+    members = {g: [t.name for t in tasks if getattr(t, "group", None) == g] for g in groups}
+    joint = {g: task.meter() for g, task in groups.items()}
     loss_sums: dict[str, Tensor | float] = dict.fromkeys(names, 0.0)  # summed on the device, read once
     samples = 0
     for raw in eval_batches(split, batch_size):
@@ -573,9 +577,14 @@ def evaluate(
         for task in tasks:
             meters[task.name].update(outputs[task.name], batch[task.name])
             loss_sums[task.name] += task.loss(outputs[task.name], batch[task.name]).double() * count
-    return {
+        for group, meter in joint.items():  # the sibling maps' labels are one label map
+            meter.update(torch.cat([outputs[t] for t in members[group]], dim=1), batch[members[group][0]])
+    scores = {
         name: {**meter.compute(), LOSS: float(loss_sums[name]) / max(samples, 1)} for name, meter in meters.items()
     }
+    for group, meter in joint.items():
+        scores[group] = {m: v for m, v in meter.compute().items() if m in JOINT_METRICS}
+    return scores
 
 
 def metric_rows(
@@ -586,6 +595,8 @@ def metric_rows(
     cadence is in iterations (`trainer.eval_every_iterations`), and only then is a column."""
     defined = {(t.name, m.name): (m.higher_is_better, m.in_delta_m) for t in tasks for m in t.metrics}
     defined.update({(t.name, LOSS): (False, False) for t in tasks})
+    defined.update({(g, m.name): (m.higher_is_better, False) for g, task in map_groups(tasks).items()
+                    for m in task.metrics})
     at = {"epoch": epoch} if iteration is None else {"epoch": epoch, "iteration": iteration}
     return [
         {**at, "split": split, "task": task, "metric": metric, "value": value,

@@ -228,7 +228,7 @@ def _binary_maps(cfg: DictConfig, specs: dict[str, dict]) -> tuple[dict[str, dic
                 f"dataset.binary_maps=per_class names a task after each class of '{name}', and {taken} is "
                 f"already a task: rename it in dataset.task_specs.{name}.class_names"
             )
-        out.update({c: {**common, "classes": [i], "class_names": [c]} for i, c in enumerate(classes)})
+        out.update({c: {**common, "classes": [i], "class_names": [c], "group": name} for i, c in enumerate(classes)})
         parts[name] = classes
     return out, parts
 
