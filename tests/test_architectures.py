@@ -579,11 +579,12 @@ def test_every_strategy_trains_two_iterations_on_the_architecture(workdir, case,
     monkeypatch.chdir(workdir)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         base = compose(config_name="config", overrides=[f"model={case.removesuffix('_tree')}", *SIZES])
+        settings = {s: compose(config_name="config", overrides=[f"strategy={s}"]).strategy for s in STRATEGIES}
     steps = {}
     for strategy in STRATEGIES:
         cfg = deepcopy(base)
         with open_dict(cfg):
-            cfg.strategy = OmegaConf.load(CONF_DIR / "strategy" / f"{strategy}.yaml")
+            cfg.strategy = settings[strategy]
             cfg.model.update(CASES[case])
         seed_everything(0, deterministic=False)
         run = build_run(cfg, torch.device("cpu"), epochs=1, batch_size=4)
