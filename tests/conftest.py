@@ -1,8 +1,9 @@
-"""Isolation between tests that run mtlrun in this process."""
+"""Isolation between tests that run mtlrun in this process, and the one-thread fixture tiny models use."""
 
 import logging
 
 import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)
@@ -15,3 +16,13 @@ def _drop_run_log_handlers():
         if isinstance(handler, logging.FileHandler):
             logging.getLogger().removeHandler(handler)
             handler.close()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train faster on one torch thread, and do not fight the other test processes for the cores
+    (`make test` sets OMP_NUM_THREADS=1 already; this holds for a plain pytest run too)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -35,6 +35,8 @@ from mtlrun.tasks import BinaryAttributes, Depth, Normal, Segmentation
 from mtlrun.train import EpochProgress, build_run, seed_everything, train_epoch
 from tests.test_cli import mtlrun
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 TASKS = [Segmentation("segmentation", 5), Depth("depth"), Normal("normal"), BinaryAttributes("attributes", ["a", "b", "c"])]
 NAMES = [t.name for t in TASKS]
 TINY = {"name": "convnet", "width": 4}
@@ -44,15 +46,6 @@ TREE = [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 1, 2]]
 CASES = {name: {} for name in ARCHITECTURES} | {"ltb_tree": {"tree": TREE}}
 # What MGDA-UB finds on the tiny convnet: a representation, or one line saying why there is none.
 NO_REPRESENTATION = {"mtan", "ple", "ltb", "ltb_tree"}  # ltb: the convnet's last stage reads a skip
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and do not fight the other tests for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(case: str, tasks=TASKS, backbone=TINY, seed: int = 0, **settings):

@@ -16,18 +16,11 @@ from mtlrun.data import build_shapes
 from mtlrun.errors import MtlrunError, StoppedBySignal
 from mtlrun.train import _trainer_settings, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 # 2 epochs of 8 iterations (32 images in batches of 4); batch norm makes a model left in eval mode show.
 RUN = ["dataset.image_size=32", "dataset.num_train=32", "dataset.num_val=8", "dataset.num_test=8",
        "trainer.batch_size=4", "trainer.eval_batch_size=8", "model.width=4", "trainer.epochs=2"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """A tiny model trains faster on one thread (and far faster on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,8 @@ from mtlrun.optim import MultiTaskOptimizer
 from mtlrun.strategies.base import StepContext
 from mtlrun.train import build_run
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 ATTRIBUTES = list(OmegaConf.load(CONF_DIR / "dataset/celeba.yaml").task_specs)
 CATEGORIES = ["flat", "construction", "object", "nature", "sky", "human", "vehicle"]
 # Each variant's command from the README (Experiments: The seed paper's experiments), with its learning rate.
@@ -276,15 +278,6 @@ def follow(folder: Path, experiment: str, command: str, iterations: int, *extra:
     finally:
         run.batches.close()
     return follower
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Hundreds of tiny float64 steps: one thread spends a tenth of the CPU time of two on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
