@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mtlrun import distributed
-from mtlrun.constraints import flag
+from mtlrun.constraints import flag, integer
 from mtlrun.data import MultiTaskData, open_dataset, task_names
 from mtlrun.data.augment import Augment
 from mtlrun.data.loading import BatchStream, Split, SplitSource, ToDevice, eval_batches, on_device
@@ -212,7 +212,9 @@ def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: in
     lr_factor(cfg.scheduler, 0, epochs)
     check_model(cfg.model)
     precision = Precision(cfg.trainer.get("precision", "fp32"), device.type)
-    channels_last, compile_ = (_flag(cfg.trainer, key) for key in ("channels_last", "compile"))
+    channels_last, compile_ = (
+        flag(f"trainer.{key}", cfg.trainer.get(key, False)) for key in ("channels_last", "compile")
+    )
     data = open_dataset(cfg.dataset, names)
     data.splits = on_device(data.splits, device, cfg.dataset.get("in_memory", True))
     with run_dtype("float32"):  # a float64 run (trainer.dtype) starts from the float32 run's initial weights
@@ -244,13 +246,6 @@ def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: in
     ctx = StepContext(model, data.tasks, optimizer, batches, to_device, precision)
     evaluation_to_device = ToDevice(device, data.mean, data.std, channels_last=channels_last)
     return Run(data, model, optimizer, strategy, batches, evaluation_to_device, augment, ctx, precision)
-
-
-def _flag(trainer: DictConfig, key: str) -> bool:
-    value = trainer.get(key, False)
-    if not isinstance(value, bool):
-        raise MtlrunError(f"trainer.{key} must be true or false, got {value!r}")
-    return value
 
 
 def _compile_backend(trainer: DictConfig) -> str:
@@ -699,8 +694,7 @@ def _trainer_settings(cfg: DictConfig) -> dict:
     for key, value in settings.items():
         if value is None and key in ("stop_after_epochs", "eval_every_iterations"):
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise MtlrunError(f"trainer.{key} must be an integer >= 1, got {value!r}")
+        integer(key if key == "diagnostics_every" else f"trainer.{key}", value, least=1)
     every = t.get("checkpoint_every")
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise MtlrunError(f"trainer.checkpoint_every must be null or an integer >= 1 (iterations), got {every!r}")
@@ -711,9 +705,7 @@ def _trainer_settings(cfg: DictConfig) -> dict:
             f"trainer.eval_every={t.eval_every} (epochs) and trainer.eval_every_iterations="
             f"{settings['eval_every_iterations']} both set a cadence: keep one (eval_every=1 is the default)"
         )
-    settings["eval_at_end"] = t.get("eval_at_end", True)
-    if not isinstance(settings["eval_at_end"], bool):
-        raise MtlrunError(f"trainer.eval_at_end must be true or false, got {settings['eval_at_end']!r}")
+    settings["eval_at_end"] = flag("trainer.eval_at_end", t.get("eval_at_end", True))
     distributed.check_batch_size(t.batch_size)
     if t.progress not in ("auto", True, False):
         raise MtlrunError(f"trainer.progress must be auto, true or false, got {t.progress!r}")
