@@ -25,11 +25,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from mtlrun.cli import CONF_DIR
+from mtlrun import CONF_DIR
 from mtlrun.data import task_names
 from mtlrun.data.hdf5 import write_dataset
 from mtlrun.errors import MtlrunError
-from mtlrun.train import Run, build_run, compiled_graphs, pick_device, seed_everything
+from mtlrun.train.build import Parts, build_run, compiled_graphs, pick_device, seed_everything
 
 # Image sizes (H, W) of the converted real datasets: the converters' defaults (data_scripts/*.py --size).
 REAL_SIZES = {"nyuv2": (288, 384), "cityscapes": (128, 256), "celeba": (64, 64)}
@@ -207,7 +207,7 @@ class WaitClock:
 class HandAveraged:
     """A plain PyTorch iteration on the run's model and batches: torch.optim.Adam on the mean of the task losses."""
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Parts) -> None:
         self.run, self.names = run, list(run.ctx.task_names)
         self.optimizers = [_adam([p for p in run.model.parameters() if p.requires_grad], run)]
 
@@ -228,7 +228,7 @@ class HandPerTask:
     """A plain PyTorch iteration of alternating steps: one torch.optim.Adam per task over the shared parameters
     and its own, one step per task on one batch, in the dataset's order."""
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Parts) -> None:
         self.run, self.names = run, list(run.ctx.task_names)
         shared = run.model.shared_parameters()
         self.optimizers = [_adam(shared + run.model.task_parameters(t), run) for t in self.names]
@@ -248,7 +248,7 @@ class HandPerTask:
 HandLoop = HandAveraged | HandPerTask
 
 
-def _adam(params: list[torch.nn.Parameter], run: Run) -> torch.optim.Adam:
+def _adam(params: list[torch.nn.Parameter], run: Parts) -> torch.optim.Adam:
     s = run.optimizer.settings
     if s.name != "adam":
         raise MtlrunError(f"bench: the hand-written loops use torch.optim.Adam; optimizer={s.name} has no counterpart "
@@ -302,7 +302,7 @@ def _tensor_bytes(state: object, seen: set[int]) -> int:
     return sum(_tensor_bytes(v, seen) for v in values)
 
 
-def optimizer_state_bytes(run: Run, iteration: Callable[[], None]) -> tuple[int, int]:
+def optimizer_state_bytes(run: Parts, iteration: Callable[[], None]) -> tuple[int, int]:
     """(all optimizer state, the part that per-task moments of the shared parameters add to one state)."""
     if isinstance(iteration, HandLoop):
         hand = iteration.optimizers
@@ -322,7 +322,7 @@ class Timed:
     timed blocks add up to."""
 
     case: Case
-    run: Run
+    run: Parts
     iteration: Callable[[], None]
     clock: WaitClock
     growth: int | None  # peak memory growth over the warm-up, bytes; None where it cannot be read
@@ -370,7 +370,7 @@ def interleave(blocks: Sequence[Callable[[], float]], repeats: int) -> list[list
     return results
 
 
-def forward_backward_ms(run: Run, batch: dict, device: torch.device, repeats: int) -> tuple[float, float]:
+def forward_backward_ms(run: Parts, batch: dict, device: torch.device, repeats: int) -> tuple[float, float]:
     """The ms of one forward pass of all tasks (with the graph built, as in training) and of one backward pass of
     their mean loss, on `batch`: the unit costs of the gradient methods' ideal."""
     model, tasks, names = run.model, run.ctx.tasks, list(run.ctx.task_names)
@@ -408,7 +408,7 @@ def _release(device: torch.device) -> None:
         pass
 
 
-def build_case(case: Case, overrides: list[str], device: torch.device) -> tuple[Run, Callable[[], None]]:
+def build_case(case: Case, overrides: list[str], device: torch.device) -> tuple[Parts, Callable[[], None]]:
     """The case's run, built from the seed as a training run is, and what one of its iterations is."""
     cfg = compose_config([*overrides, *case.overrides, f"optimizer.moments={case.moments}"])
     if cfg.trainer.compile:

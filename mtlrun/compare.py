@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from mtlrun.errors import MtlrunError
-from mtlrun.outputs import CHECKPOINT, METRICS_CSV, RESULTS_CSV, TRAIN_LOG_CSV
+from mtlrun.run.rundir import CHECKPOINT, METRICS_CSV, RESULTS_CSV, TRAIN_LOG_CSV
 from mtlrun.selection import Selection, parse_selection, select
 
 SINGLE_TASK = "single_task"

@@ -7,9 +7,9 @@ import itertools
 import torch
 from torch import Tensor
 
-from mtlrun import distributed
 from mtlrun.data.loading import Batch
 from mtlrun.models.base import MultiTaskModel
+from mtlrun.run import distributed
 from mtlrun.strategies import StepContext, Strategy
 
 

@@ -23,7 +23,7 @@ from mtlrun.compare import (
     table_settings,
     training_settings,
 )
-from mtlrun.outputs import DIAGNOSTICS_CSV, METRICS_CSV, TRAIN_LOG_CSV
+from mtlrun.run.rundir import DIAGNOSTICS_CSV, METRICS_CSV, TRAIN_LOG_CSV
 
 AVERAGED = "averaged"
 TRADEOFF_PNG = "tradeoff.png"

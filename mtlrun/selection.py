@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from mtlrun.errors import MtlrunError
-from mtlrun.outputs import METRICS_CSV
+from mtlrun.run.rundir import METRICS_CSV
 
 FORMS = "last, best:<split>/<task>/<metric>, best:<split>/mean/<metric>, best:<split>/loss or mean_last:<k>"
 MEAN = "mean"  # best:<split>/mean/<metric>: the metric's mean over every task that has it

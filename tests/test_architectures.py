@@ -18,7 +18,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from mtlrun.cli import CONF_DIR, config_groups
+from mtlrun import CONF_DIR
 from mtlrun.data import build_shapes
 from mtlrun.errors import MtlrunError
 from mtlrun.models import ARCHITECTURES, MODELS, convnet, resnet
@@ -28,11 +28,14 @@ from mtlrun.models.dselect_k import DSelectGate, smooth_step
 from mtlrun.models.ltb import LTB
 from mtlrun.models.mmoe import Gate
 from mtlrun.optim import MultiTaskOptimizer, OptimizerSettings
+from mtlrun.run.overrides import config_groups
+from mtlrun.run.state import EpochProgress
 from mtlrun.strategies import build_strategy
 from mtlrun.strategies.base import Counts, StepContext
 from mtlrun.strategies.mgda import MGDA
 from mtlrun.tasks import BinaryAttributes, Depth, Normal, Segmentation
-from mtlrun.train import EpochProgress, build_run, seed_everything, train_epoch
+from mtlrun.train.build import build_run, seed_everything
+from mtlrun.train.epoch import train_epoch
 from tests.test_cli import mtlrun
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

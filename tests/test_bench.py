@@ -13,7 +13,7 @@ import torch
 
 from mtlrun import bench
 from mtlrun.data import open_dataset
-from mtlrun.train import build_run, seed_everything
+from mtlrun.train.build import build_run, seed_everything
 
 TINY = ["dataset.num_train=64", "dataset.num_val=8", "dataset.num_test=8", "model.width=4", "trainer.batch_size=8"]
 

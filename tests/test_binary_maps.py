@@ -114,7 +114,7 @@ def test_per_class_tasks_report_the_authors_argmax_pixel_accuracy_over_their_map
     """Cityscapes as the authors train it: one task per class (`dataset.binary_maps=per_class`), their pixel
     accuracy an arg-max over all the maps; evaluate() reports it under the cut task's name, from the same
     hand counts as the two maps held by one task, while each class's own value is its one map's."""
-    from mtlrun import train
+    from mtlrun.train import evaluate as evaluation
 
     labels, logits = _authors_example()
     tasks = [BinaryMaps("one", [0], group="seg"), BinaryMaps("two", [1], group="seg")]
@@ -124,11 +124,11 @@ def test_per_class_tasks_report_the_authors_argmax_pixel_accuracy_over_their_map
             return {"one": image[:, :1], "two": image[:, 1:]}
 
     batches = [{"image": x, "one": y, "two": y} for x, y in zip(logits, labels)]
-    monkeypatch.setattr(train, "eval_batches", lambda split, size: iter(batches))
-    scores = train.evaluate(Fixed(), tasks, None, lambda b: b, 2)
+    monkeypatch.setattr(evaluation, "eval_batches", lambda split, size: iter(batches))
+    scores = evaluation.evaluate(Fixed(), tasks, None, lambda b: b, 2)
     assert scores["seg"] == {"pixel_acc_argmax": pytest.approx(100 * (10 / 15 + 5 / 8) / 2)}
     assert scores["one"]["pixel_acc_argmax"] != pytest.approx(scores["seg"]["pixel_acc_argmax"])
-    rows = train.metric_rows(scores, tasks, 1, "test")
+    rows = evaluation.metric_rows(scores, tasks, 1, "test")
     (joint,) = [r for r in rows if r["task"] == "seg"]
     assert joint["higher_is_better"] is True and joint["in_delta_m"] is False
 

@@ -7,13 +7,13 @@ from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
 from mtlrun import CONF_DIR
-from mtlrun.cli import _one_line, check_sweep_choices, check_top_level_keys
 from mtlrun.data import build_shapes, check_dataset, open_dataset, task_names
 from mtlrun.errors import MtlrunError
+from mtlrun.run.overrides import check_sweep_choices, check_top_level_keys, one_line
 from mtlrun.strategies import build_strategy
 from mtlrun.strategies.cagrad import CAGrad
 from mtlrun.strategies.grouped import Grouped
-from mtlrun.train import _trainer_settings
+from mtlrun.train.build import trainer_settings
 from tests.test_reliability import mtlrun, one_line_error
 
 TASKS = ["segmentation", "depth", "normal", "attributes"]
@@ -83,8 +83,8 @@ def test_class_names_that_differ_from_the_files_are_refused_with_both_lists(tmp_
 
 @pytest.mark.parametrize("key", ["deterministic", "diagnostics"])
 def test_flags_are_true_or_false(key):
-    refused(_trainer_settings, config(f"{key}=maybe"), match=f"{key} must be true or false, got 'maybe'")
-    assert _trainer_settings(config(f"{key}=true"))[key] is True
+    refused(trainer_settings, config(f"{key}=maybe"), match=f"{key} must be true or false, got 'maybe'")
+    assert trainer_settings(config(f"{key}=true"))[key] is True
 
 
 @pytest.mark.parametrize("overrides,expected", [
@@ -148,7 +148,7 @@ def test_a_sweep_launcher_or_sweeper_without_m_is_refused(choice):
 def test_an_override_hydra_cannot_read_says_how_to_quote_it(override, expected):
     with pytest.raises(OverrideParseException) as info:
         config(override)
-    line = _one_line(info.value)
+    line = one_line(info.value)
     assert expected in line and "\n" not in line and "LexerNoViableAltException" not in line
     if "î" not in override:  # the advice works: the quoted value composes
         key, value = override.split("=", 1)

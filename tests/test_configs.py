@@ -5,11 +5,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mtlrun.cli import CONF_DIR, config_groups
+from mtlrun import CONF_DIR
 from mtlrun.data import DATASETS, task_names, task_specs
 from mtlrun.data.shapes import ATTRIBUTE_NAMES
 from mtlrun.models import MODELS, build_model
 from mtlrun.optim import MultiTaskOptimizer, OptimizerSettings, lr_factor
+from mtlrun.run.overrides import config_groups
 from mtlrun.strategies import STRATEGIES, build_strategy
 from mtlrun.tasks import build_task
 

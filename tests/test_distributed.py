@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from mtlrun import CONF_DIR, distributed
 from mtlrun.data import build_shapes
 from mtlrun.errors import MtlrunError
-from mtlrun.train import _trainer_settings
+from mtlrun.train.build import trainer_settings
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +62,7 @@ def _check(process: subprocess.CompletedProcess) -> None:
 
 def _torchrun(*args: str, cwd: Path) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={_free_port()}", "-m", "mtlrun.cli", *args, *RUN]
+               f"--master_port={_free_port()}", "-m", "mtlrun.run.cli", *args, *RUN]
     _check(subprocess.run(command, cwd=cwd, env=ENV, text=True, capture_output=True, timeout=900))
 
 
@@ -185,4 +185,4 @@ def test_the_global_batch_must_split_evenly(monkeypatch):
         cfg = compose(config_name="config", overrides=["trainer.batch_size=7"])
     monkeypatch.setattr(distributed, "_world", distributed._World(rank=0, size=2, local_rank=0))
     with pytest.raises(MtlrunError, match="global batch, split evenly over the 2 processes"):
-        _trainer_settings(cfg)
+        trainer_settings(cfg)

@@ -5,15 +5,15 @@ import sys
 import pytest
 import torch
 
-import mtlrun.train
-from mtlrun import cli
+import mtlrun.train.loop
+from mtlrun.run import cli
 
 
 def test_out_of_memory_is_one_line_with_the_fix(tmp_path, monkeypatch):
-    def run_out(cfg, run_dir):
+    def run_out(*args):  # building the run allocates more than the GPU holds
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
 
-    monkeypatch.setattr(mtlrun.train, "train", run_out)
+    monkeypatch.setattr(mtlrun.train.loop, "build_run", run_out)
     monkeypatch.setattr(sys, "argv", ["mtlrun", f"hydra.run.dir={tmp_path / 'run'}"])
     with pytest.raises(SystemExit) as exit_info:
         cli.main()

@@ -11,10 +11,12 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from mtlrun import CONF_DIR
-from mtlrun import train as train_module
 from mtlrun.data import build_shapes
-from mtlrun.errors import MtlrunError, StoppedBySignal
-from mtlrun.train import _trainer_settings, train
+from mtlrun.errors import MtlrunError
+from mtlrun.run.signals import StoppedBySignal
+from mtlrun.train import evaluate as evaluate_module
+from mtlrun.train.build import trainer_settings
+from mtlrun.train.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -89,7 +91,7 @@ def test_a_run_stopped_after_a_mid_epoch_evaluation_resumes_to_the_same_numbers(
     overrides = ["trainer.eval_every_iterations=3"]
     full, full_log, _ = _train(data_dir, tmp_path / "full", *overrides)
     calls = []
-    evaluate = train_module.evaluate
+    evaluate = evaluate_module.evaluate
 
     def evaluate_then_stop(*args, **kwargs):
         calls.append(1)
@@ -97,10 +99,10 @@ def test_a_run_stopped_after_a_mid_epoch_evaluation_resumes_to_the_same_numbers(
             os.kill(os.getpid(), signal.SIGUSR1)
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "evaluate", evaluate_then_stop)
+    monkeypatch.setattr(evaluate_module, "evaluate", evaluate_then_stop)
     with pytest.raises(StoppedBySignal, match="in epoch 1 after iteration 6 of 8"):
         train(_config(data_dir, *overrides), tmp_path / "part")
-    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    monkeypatch.setattr(evaluate_module, "evaluate", evaluate)
     assert _evaluations(pd.read_csv(tmp_path / "part/metrics.csv")) == [(1, 3), (1, 6)]
     metrics, log, _ = _train(data_dir, tmp_path / "part", *overrides, "resume=true")
     pd.testing.assert_frame_equal(metrics, full)
@@ -116,4 +118,4 @@ def test_bad_cadences_are_one_line_errors(overrides, message):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     with pytest.raises(MtlrunError, match=message):
-        _trainer_settings(cfg)
+        trainer_settings(cfg)

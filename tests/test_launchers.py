@@ -17,8 +17,9 @@ from hydra import compose, initialize_config_dir
 from mtlrun import CONF_DIR
 from mtlrun.data import build_shapes
 from mtlrun.errors import MtlrunError
-from mtlrun.sweeps import check_objective, objective_value
-from mtlrun.train import RUN_CONTROL_KEYS, StopSignals, config_hash
+from mtlrun.run.identity import RUN_CONTROL_KEYS, config_hash
+from mtlrun.run.signals import StopSignals
+from mtlrun.run.sweeps import check_objective, objective_value
 
 BIN = Path(sys.executable).parent
 # 2 epochs of 16 iterations: long enough for a signal to land mid-epoch once training has started.
@@ -169,7 +170,7 @@ def test_the_objective_is_not_part_of_a_runs_identity():
 
 
 def test_a_submitit_job_that_never_returned_is_one_line(monkeypatch):
-    import mtlrun.cli
+    import mtlrun.run.cli
 
     utils = pytest.importorskip("submitit.core.utils")
 
@@ -177,10 +178,10 @@ def test_a_submitit_job_that_never_returned_is_one_line(monkeypatch):
         raise utils.UncompletedJobError("Job 42 (task: 0) with path /s/.submitit/42 has not produced any output\n"
                                         "Error stream produced:\n...")
 
-    monkeypatch.setattr(mtlrun.cli, "_run", killed)
+    monkeypatch.setattr(mtlrun.run.cli, "_job", killed)
     monkeypatch.setattr(sys, "argv", ["mtlrun", "-m", "hydra/launcher=local", "seed=0,1"])
     with pytest.raises(SystemExit) as info:
-        mtlrun.cli.main()
+        mtlrun.run.cli.main()
     assert info.value.code == ("mtlrun: error: a job of the sweep did not finish: Job 42 (task: 0) with path "
                                "/s/.submitit/42 has not produced any output (its log is in the sweep directory's "
                                ".submitit/)")
@@ -188,7 +189,7 @@ def test_a_submitit_job_that_never_returned_is_one_line(monkeypatch):
 
 def test_the_slurm_launcher_without_slurm_is_one_line_and_leaves_no_sweep_directory(tmp_path, monkeypatch):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    from mtlrun import cli
+    from mtlrun.run import cli
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no srun on it
     monkeypatch.setattr(sys, "argv", ["mtlrun", "-m", "hydra/launcher=slurm", "seed=0,1",

@@ -8,9 +8,9 @@ which is model-independent (and every strategy runs on every architecture in tes
 import pandas as pd
 import pytest
 
-from mtlrun.cli import config_groups
 from mtlrun.data import build_shapes
 from mtlrun.models import ARCHITECTURES
+from mtlrun.run.overrides import config_groups
 from tests.test_cli import mtlrun
 
 pytestmark = pytest.mark.slow

@@ -546,7 +546,7 @@ def test_state_dict_round_trip_reproduces_the_next_updates(name):
         original.iteration(ctx)
         original.epoch_end()
     original.iteration(ctx)
-    buffer = io.BytesIO()  # through a checkpoint file, read back as train.py does
+    buffer = io.BytesIO()  # through a checkpoint file, read back as a resumed run does
     torch.save(original.state_dict(), buffer)
     buffer.seek(0)
     resumed = build(name, **STATEFUL[name])

@@ -9,7 +9,7 @@ from mtlrun import CONF_DIR
 from mtlrun.data import build_shapes
 from mtlrun.errors import MtlrunError
 from mtlrun.precision import run_dtype
-from mtlrun.train import build_run, seed_everything
+from mtlrun.train.build import build_run, seed_everything
 
 # Strategies that keep tensors of their own (weights, log-variances, logits, random draws, solvers' inputs).
 STRATEGIES = ["alternating", "averaged", "uncertainty", "famo", "rlw", "mgda", "nash_mtl", "gradnorm", "dwa"]

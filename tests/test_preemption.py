@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from mtlrun import CONF_DIR
 from mtlrun.data import build_shapes
 from mtlrun.errors import MtlrunError
-from mtlrun.train import _trainer_settings
+from mtlrun.train.build import trainer_settings
 
 BIN = Path(sys.executable).parent
 # 2 epochs of 16 iterations; every kind of state a resume restores mid-epoch: the strategy's generator, a
@@ -94,20 +94,20 @@ def test_checkpoint_every_must_be_a_positive_integer():
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["trainer.checkpoint_every=0"])
     with pytest.raises(MtlrunError, match="trainer.checkpoint_every must be null or an integer >= 1"):
-        _trainer_settings(cfg)
+        trainer_settings(cfg)
 
 
 def test_the_stop_line_names_what_to_resume_a_run_or_a_sweep(tmp_path, monkeypatch, capsys):
-    import mtlrun.train
-    from mtlrun import cli
-    from mtlrun.errors import StoppedBySignal
+    import mtlrun.train.loop
+    from mtlrun.run import cli
+    from mtlrun.run.signals import StoppedBySignal
 
     def stopped(cfg, run):  # SIGTERM after iteration 3 of the first epoch, its checkpoint written
         run.claim(overwrite=False)
         run.accept()
         raise StoppedBySignal(signal.SIGTERM, run.path, 0, 3, 16)
 
-    monkeypatch.setattr(mtlrun.train, "train", stopped)
+    monkeypatch.setattr(mtlrun.train.loop, "train", stopped)
     run, sweep = tmp_path / "run", tmp_path / "sweep"
     for args, hint in [((f"hydra.run.dir={run}",), f"resume=true hydra.run.dir={run}"),
                        (("-m", "seed=0", f"hydra.sweep.dir={sweep}"),

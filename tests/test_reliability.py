@@ -17,16 +17,17 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-import mtlrun.cli
+import mtlrun.run.cli
 from mtlrun import CONF_DIR, compare
 from mtlrun.data import build_shapes, open_dataset, shapes, task_names
 from mtlrun.errors import MtlrunError
-from mtlrun.locks import FileLock
 from mtlrun.models import check_model
 from mtlrun.optim import OptimizerSettings
-from mtlrun.outputs import LOCK, RunDir, check_run_flags, hold, write_csv
-from mtlrun.rundirs import forget_new_directories, new_directory
-from mtlrun.train import _check_explosion, train
+from mtlrun.run.locks import FileLock
+from mtlrun.run.naming import forget_new_directories, new_directory
+from mtlrun.run.rundir import LOCK, RunDir, check_run_flags, hold, write_csv
+from mtlrun.train.epoch import _check_explosion
+from mtlrun.train.loop import train
 
 BIN = Path(sys.executable).parent
 TINY = ["dataset.image_size=32", "dataset.num_train=32", "dataset.num_val=8", "dataset.num_test=16",
@@ -142,7 +143,7 @@ def test_a_file_marked_incomplete_is_refused(tmp_path):
 HOLDER = """
 import sys, time
 from pathlib import Path
-from mtlrun.locks import FileLock
+from mtlrun.run.locks import FileLock
 FileLock(Path(sys.argv[1])).acquire(wait=False)
 print("held", flush=True)
 time.sleep(600)
@@ -183,7 +184,7 @@ def test_a_second_run_into_a_directory_in_use_is_refused_in_one_line(workdir):
 # --- 3. default run directories never collide ---------------------------------------------------------------
 
 def test_long_overrides_that_differ_past_the_cut_get_different_names():
-    from mtlrun.cli import _dirname
+    from mtlrun.run.cli import _dirname
 
     a, b = ("x" * 200 + ",seed=0"), ("x" * 200 + ",seed=1")
     assert _dirname(a) != _dirname(b) and len(_dirname(a)) == 120
@@ -224,7 +225,7 @@ def test_temporary_files_are_unique_per_writer(tmp_path):
         inner_done.append(True)
         pd.DataFrame([{"seed": 0}]).to_csv(tmp, index=False)
 
-    from mtlrun.outputs import _replace
+    from mtlrun.run.rundir import _replace
 
     _replace(path, outer)
     assert inner_done and pd.read_csv(path).seed.tolist() == [0]
@@ -238,7 +239,7 @@ def test_two_runs_started_in_the_same_second_with_long_overrides_get_their_own_d
     default = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml").hydra.run)["dir"]
     frozen = default.replace("${now:%Y-%m-%d_%H-%M-%S}", "2020-01-01_00-00-00")
     assert frozen != default
-    from mtlrun.cli import _dirname
+    from mtlrun.run.cli import _dirname
 
     long = [*TINY, "optimizer.lr=0.001", "optimizer.weight_decay=0.0", "optimizer.eps=1.0e-08",
             "trainer.eval_batch_size=64"]
@@ -368,31 +369,31 @@ def test_a_sweep_reports_each_bad_job_in_one_line_and_still_ends_with_its_summar
 
 
 def test_ctrl_c_names_the_run_directory_to_resume_as_it_must_be_typed(tmp_path, monkeypatch):
-    import mtlrun.train
+    import mtlrun.train.loop
 
     def interrupted(cfg, run):  # after a first checkpoint
         (run.path / "checkpoint.pt").write_bytes(b"a checkpoint")
         raise KeyboardInterrupt
 
     run_dir = tmp_path / "lr=0.1,seed=0"
-    monkeypatch.setattr(mtlrun.train, "train", interrupted)
+    monkeypatch.setattr(mtlrun.train.loop, "train", interrupted)
     monkeypatch.setattr(sys, "argv", ["mtlrun", f"hydra.run.dir='{run_dir}'"])
     with pytest.raises(SystemExit) as info:
-        mtlrun.cli.main()
+        mtlrun.run.cli.main()
     assert str(info.value.code).endswith(f"re-run the same command with resume=true 'hydra.run.dir=\"{run_dir}\"' "
                                          f"to continue")
 
 
 def test_a_sweep_job_failing_from_a_bug_is_reported_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
-    import mtlrun.train
+    import mtlrun.train.loop
 
     def bug(cfg, run):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(mtlrun.train, "train", bug)
+    monkeypatch.setattr(mtlrun.train.loop, "train", bug)
     monkeypatch.setattr(sys, "argv", ["mtlrun", "-m", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     with pytest.raises(SystemExit) as info:
-        mtlrun.cli.main()
+        mtlrun.run.cli.main()
     assert info.value.code == "mtlrun: 2 job(s) of the sweep failed (see above): job 0, job 1"
     assert capsys.readouterr().err.count("unexpected ZeroDivisionError: a bug") == 2
 
@@ -400,7 +401,7 @@ def test_a_sweep_job_failing_from_a_bug_is_reported_and_the_sweep_goes_on(tmp_pa
 # --- 6. output_root is not part of a run's identity ---------------------------------------------------------
 
 def test_where_a_run_writes_is_not_part_of_its_identity(workdir):
-    from mtlrun.train import RUN_CONTROL_KEYS, config_hash
+    from mtlrun.run.identity import RUN_CONTROL_KEYS, config_hash
 
     ids = {config_hash(compose(workdir, *o), ("seed", *RUN_CONTROL_KEYS))
            for o in [(), ("output_root=elsewhere",), ("logger=tensorboard",), ("trainer.progress=false",)]}
@@ -452,7 +453,7 @@ def test_shapes_script_refuses_to_overwrite_without_force(tmp_path, monkeypatch)
 
 def cli(monkeypatch, *args: str) -> object:
     """`mtlrun ARGS` in this process: its exit code (0, or the one line it exits with)."""
-    from mtlrun import cli as command  # `mtlrun` here is the subprocess helper above
+    from mtlrun.run import cli as command  # `mtlrun` here is the subprocess helper above
 
     monkeypatch.setattr(sys, "argv", ["mtlrun", *args])
     try:
@@ -530,7 +531,7 @@ def test_a_full_disk_while_saving_is_one_line_for_a_fresh_run_and_mid_run(workdi
                                                                            capsys):
     import torch
 
-    from mtlrun.outputs import WriteFailed
+    from mtlrun.run.rundir import WriteFailed
 
     fresh, mid = tmp_path / "fresh", tmp_path / "mid"
     monkeypatch.setattr(torch, "save", full_disk_save)
@@ -677,14 +678,14 @@ def test_a_sweep_into_an_output_root_that_cannot_be_made_is_one_line_without_a_w
 
 
 def test_ctrl_c_before_any_checkpoint_says_there_is_nothing_to_resume(tmp_path, monkeypatch):
-    import mtlrun.train
+    import mtlrun.train.loop
 
     def interrupted(cfg, run):
         run.claim(overwrite=False)
         run.accept()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mtlrun.train, "train", interrupted)
+    monkeypatch.setattr(mtlrun.train.loop, "train", interrupted)
     line = cli(monkeypatch, f"hydra.run.dir={tmp_path / 'run'}")
     assert line == ("mtlrun: interrupted before any checkpoint was written: nothing to resume; run the "
                     "command again to start over")
@@ -693,7 +694,7 @@ def test_ctrl_c_before_any_checkpoint_says_there_is_nothing_to_resume(tmp_path, 
 
 
 def test_a_failed_run_records_its_error_in_its_log(tmp_path, monkeypatch):
-    import mtlrun.train
+    import mtlrun.train.loop
 
     def fails(error):
         def train(cfg, run):
@@ -702,12 +703,12 @@ def test_a_failed_run_records_its_error_in_its_log(tmp_path, monkeypatch):
             raise error
         return train
 
-    monkeypatch.setattr(mtlrun.train, "train", fails(MtlrunError("the loss of task 'depth' became nan")))
+    monkeypatch.setattr(mtlrun.train.loop, "train", fails(MtlrunError("the loss of task 'depth' became nan")))
     line = cli(monkeypatch, f"hydra.run.dir={tmp_path / 'run'}")
     assert line == "mtlrun: error: the loss of task 'depth' became nan"
     log = (tmp_path / "run/mtlrun.log").read_text()
     assert "[ERROR] - mtlrun: error: the loss of task 'depth' became nan" in log
-    monkeypatch.setattr(mtlrun.train, "train", fails(ZeroDivisionError("a bug")))
+    monkeypatch.setattr(mtlrun.train.loop, "train", fails(ZeroDivisionError("a bug")))
     with pytest.raises(ZeroDivisionError):
         cli(monkeypatch, f"hydra.run.dir={tmp_path / 'bug'}")
     log = (tmp_path / "bug/mtlrun.log").read_text()
@@ -722,7 +723,7 @@ def dead_pid() -> int:
 
 
 def test_temporaries_of_dead_writers_are_removed_by_the_next_run_and_live_ones_kept(tmp_path, monkeypatch):
-    import mtlrun.train
+    import mtlrun.train.loop
 
     def accepted(cfg, run):
         run.claim(overwrite=False, resume=True)
@@ -737,7 +738,7 @@ def test_temporaries_of_dead_writers_are_removed_by_the_next_run_and_live_ones_k
         path.write_bytes(b"half a file")
     refused = cli(monkeypatch, f"hydra.run.dir={run_dir}", "overwrite=true", "resume=true")
     assert "contradict" in refused and all(p.exists() for p in leftovers)  # a refused command changes nothing
-    monkeypatch.setattr(mtlrun.train, "train", accepted)
+    monkeypatch.setattr(mtlrun.train.loop, "train", accepted)
     assert cli(monkeypatch, f"hydra.run.dir={run_dir}", "resume=true") == 0
     assert not any(p.exists() for p in leftovers) and all(p.exists() for p in live)
 

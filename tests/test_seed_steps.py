@@ -22,7 +22,7 @@ from mtlrun.data.loading import ToDevice
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.optim import MultiTaskOptimizer
 from mtlrun.strategies.base import StepContext
-from mtlrun.train import build_run
+from mtlrun.train.build import build_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

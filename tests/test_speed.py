@@ -15,7 +15,7 @@ from mtlrun.precision import LossScaler, Precision, run_dtype
 from mtlrun.strategies import STRATEGIES, LossCombiner, build_strategy
 from mtlrun.strategies.alternating import Alternating
 from mtlrun.strategies.base import StepContext
-from mtlrun.train import build_run, compiled_graphs, seed_everything
+from mtlrun.train.build import build_run, compiled_graphs, seed_everything
 from tests.helpers import Regression, batches, linear_model
 
 TASKS = ["a", "b", "c"]

@@ -176,7 +176,7 @@ def test_bad_settings_are_refused(cfg, message):
 
 
 def test_every_strategy_has_a_conf_file():
-    from mtlrun.cli import config_groups
+    from mtlrun.run.overrides import config_groups
 
     assert sorted(STRATEGIES) == config_groups()["strategy"]
 

@@ -18,7 +18,7 @@ from mtlrun.constraints import flag, integer, numbers
 from mtlrun.data.hdf5 import DatasetFile, write_dataset
 from mtlrun.data.loading import IN_MEMORY, LazySplit, Split, SplitSource, TargetTransform
 from mtlrun.errors import MtlrunError
-from mtlrun.locks import FileLock, remove_dead_writers_files
+from mtlrun.run.locks import FileLock, remove_dead_writers_files
 from mtlrun.tasks import Task, build_task, count_in_delta_m
 
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 
-from mtlrun import distributed
 from mtlrun.data.loading import Batch
 from mtlrun.errors import MtlrunError
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.optim import MultiTaskOptimizer, flatten
 from mtlrun.precision import Precision, SkippedStep, full
+from mtlrun.run import distributed
 from mtlrun.tasks import Task
 
 
@@ -27,6 +27,13 @@ class Counts:
     forward_passes: int = 0
     backward_passes: int = 0
     skipped_steps: int = 0  # fp16 steps skipped for non-finite gradients (not in optimizer_steps)
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
 
 
 @dataclass

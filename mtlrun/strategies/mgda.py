@@ -9,9 +9,9 @@ import torch
 from scipy.optimize import nnls
 from torch import Tensor
 
-from mtlrun import distributed
 from mtlrun.errors import MtlrunError
 from mtlrun.optim import flatten
+from mtlrun.run import distributed
 from mtlrun.strategies.base import StepContext
 from mtlrun.strategies.gradient import GramWeighting
 

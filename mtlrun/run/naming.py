@@ -8,8 +8,8 @@ import os
 import re
 from pathlib import Path
 
-from mtlrun import distributed
 from mtlrun.errors import MtlrunError
+from mtlrun.run import distributed
 
 _made: dict[str, str] = {}  # base path -> the directory made for it, in this invocation
 _created: list[Path] = []  # the run and sweep directories this invocation made

@@ -13,8 +13,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from mtlrun import distributed
 from mtlrun.errors import MtlrunError
+from mtlrun.run import distributed
 
 FAILED_DIR = ".mtlrun_failed_jobs"  # in the sweep directory; removed once the launching command has read it
 # The objective by default: the sum over tasks of the validation loss, the quantity equal weighting minimises,

@@ -1,7 +1,10 @@
-"""Why a checkpoint cannot be resumed with a config: the keys whose values differ, run-control keys left out."""
+"""A run's identity: the config id its seeds share, the resume id a checkpoint must match, and why a checkpoint
+cannot be resumed with a config (the keys whose values differ, run-control keys left out)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -36,3 +39,32 @@ def different_configuration(checkpoint: Path, state: dict, cfg: DictConfig, igno
     more = f" and {len(found) - SHOWN} more" if len(found) > SHOWN else ""
     return (f"{checkpoint} was written by a different configuration" + (f" ({shown}{more})" if shown else "")
             + ": resume with the same settings, or start over with overwrite=true")
+
+
+# Keys that change how a run is executed or reported, or where it writes, but not what it computes.
+RUN_CONTROL_KEYS = (
+    "resume", "overwrite", "trainer.progress", "trainer.stop_after_epochs", "trainer.device", "trainer.workers",
+    "dataset.in_memory", "output_root", "logger", "trainer.checkpoint_every", "objective",
+)
+
+
+def config_hash(cfg: DictConfig, ignore: tuple[str, ...]) -> str:
+    """A short hash of the resolved config without the `ignore` keys."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for key in ignore:
+        node = container
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    return hashlib.sha1(json.dumps(container, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def config_id(cfg: DictConfig) -> str:
+    """What runs of one configuration share, whatever their seed: mtlrun-compare groups seeds by it."""
+    return config_hash(cfg, ignore=("seed", *RUN_CONTROL_KEYS))
+
+
+def resume_id(cfg: DictConfig) -> str:
+    """What a checkpoint must have been written with for `cfg` to resume it."""
+    return config_hash(cfg, ignore=RUN_CONTROL_KEYS)

@@ -13,9 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mtlrun import distributed
 from mtlrun.errors import MtlrunError
-from mtlrun.locks import FileLock, remove_dead_writers_files
+from mtlrun.run import distributed
+from mtlrun.run.locks import FileLock, remove_dead_writers_files
 
 if TYPE_CHECKING:
     import torch
