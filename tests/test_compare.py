@@ -10,7 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mtlrun.compare import DELTA_M, build, main
+from mtlrun.report.build import build
+from mtlrun.report.cli import main
+from mtlrun.report.runs import DELTA_M
 
 # The toy runs' two task metrics: miou (higher is better) and abs_err (lower is better).
 DIRECTIONS = {"seg/miou": True, "depth/abs_err": False}
@@ -359,7 +361,7 @@ def test_plots_say_why_a_figure_is_missing(tmp_path, capsys):
 
 
 def test_training_curves_plot_evaluations_every_n_iterations_against_iteration(tmp_path, capsys, monkeypatch):
-    from mtlrun import plots
+    from mtlrun.report import plots
 
     write_run(tmp_path / "g1", 0, {"seg/miou": 50, "depth/abs_err": 0.5}, "grouped", 1)
     metrics = pd.read_csv(tmp_path / "g1" / "metrics.csv")
@@ -427,7 +429,7 @@ def test_delta_m_takes_another_models_single_task_runs_where_its_own_are_missing
 
 
 def test_affinity_heat_map_averages_each_configuration(tmp_path):
-    from mtlrun.plots import affinity_matrices
+    from mtlrun.report.plots import affinity_matrices
 
     for seed, value in ((0, 0.1), (1, 0.3)):
         run = tmp_path / f"g{seed}"
@@ -444,7 +446,7 @@ def test_affinity_heat_map_averages_each_configuration(tmp_path):
 
 
 def test_running_affinity_heat_map_takes_each_runs_last_row(tmp_path):
-    from mtlrun.plots import affinity_matrices, plot_affinity
+    from mtlrun.report.plots import affinity_matrices, plot_affinity
 
     for seed, last in ((0, 0.2), (1, 0.4)):
         run = tmp_path / f"g{seed}"

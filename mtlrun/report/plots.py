@@ -10,19 +10,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mtlrun.compare import (
-    DELTA_M,
-    SINGLE_TASK,
-    Comparison,
-    mean_std,
-    plain,
-    read_csv,
-    relative_change,
-    run_file,
-    same,
-    table_settings,
-    training_settings,
-)
+from mtlrun.report.delta import relative_change
+from mtlrun.report.runs import DELTA_M, SINGLE_TASK, read_csv, run_file, same, training_settings
+from mtlrun.report.table import Comparison, mean_std, plain, table_settings
 from mtlrun.outputs import DIAGNOSTICS_CSV, METRICS_CSV, TRAIN_LOG_CSV
 
 AVERAGED = "averaged"
