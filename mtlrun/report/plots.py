@@ -6,77 +6,43 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mtlrun.report.delta import relative_change
-from mtlrun.report.runs import DELTA_M, SINGLE_TASK, read_csv, run_file, same, training_settings
-from mtlrun.report.table import Comparison, mean_std, plain, table_settings
 from mtlrun.outputs import DIAGNOSTICS_CSV, METRICS_CSV, TRAIN_LOG_CSV
+from mtlrun.report.affinity import plot_affinity
+from mtlrun.report.delta import relative_change
+from mtlrun.report.figures import colours, direction, plot_mean_curves, run_frames
+from mtlrun.report.runs import SINGLE_TASK, same, training_settings
+from mtlrun.report.table import Comparison, mean_std, table_settings
+from mtlrun.report.tradeoff import plot_budget_curves, plot_tradeoff
 
 AVERAGED = "averaged"
 TRADEOFF_PNG = "tradeoff.png"
+BUDGET_PNG = "budget_curves.png"
 PER_TASK_PNG = "per_task_vs_averaged.png"
 CURVES_PNG = "training_curves.png"
 DIAGNOSTICS_PNG = "diagnostics.png"
 AFFINITY_PNG = "affinity.png"
 
 
-def write_plots(comparison: Comparison, out_dir: Path, metric: str | None = None) -> list[str]:
-    """Write the figures into `out_dir`; return one line per figure: where it went, or why not."""
+def write_plots(comparison: Comparison, out_dir: Path, metric: str | None = None,
+                cost: str = "train_seconds") -> list[tuple[Path | None, str]]:
+    """Write the figures into `out_dir`; return per figure its path (None where not written) and one line:
+    where it went, or why not."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [
-        plot_tradeoff(comparison, out_dir / TRADEOFF_PNG, metric),
-        plot_against_averaged(comparison, out_dir / PER_TASK_PNG),
-        plot_curves(comparison, out_dir / CURVES_PNG),
-        plot_diagnostics(comparison, out_dir / DIAGNOSTICS_PNG),
-        plot_affinity(comparison, out_dir / AFFINITY_PNG),
-    ]
-
-
-def direction(higher_is_better: bool | None) -> str:
-    return {True: "higher is better", False: "lower is better", None: "direction unknown"}[higher_is_better]
-
-
-def colours(comparison: Comparison) -> dict[str, str]:
-    """One colour per configuration label, the same in every figure and subplot."""
-    return {label: f"C{i % 10}" for i, label in enumerate(comparison.labels())}
-
-
-def plot_tradeoff(comparison: Comparison, path: Path, metric: str | None) -> str:
-    """Δm% (or `metric`) against seconds per epoch, one point per configuration with error bars over seeds,
-    labelled by group size: what grouping tasks gains against what it costs."""
-    table, column = comparison.table, metric or DELTA_M
-    if "seconds_per_epoch mean" not in table:
-        return f"{path.name} not written: the results have no seconds_per_epoch"
-    shown = table[table[f"{column} mean"].notna() & table["seconds_per_epoch mean"].notna()]
-    if shown.empty:
-        what = "Δm% (see above); choose a metric with --plot-metric" if metric is None else metric
-        return f"{path.name} not written: no configuration has {what}"
-    labels = comparison.labels()
-    fig = Figure(figsize=(7.5, 5), layout="constrained")
-    ax = fig.subplots()
-    for strategy, group in shown.groupby("strategy", sort=False):
-        x, y = group["seconds_per_epoch mean"], group[f"{column} mean"]
-        ax.errorbar(x, y, xerr=group["seconds_per_epoch std"], yerr=group[f"{column} std"], fmt="o", capsize=3,
-                    label=strategy)
-        for i, row in group.iterrows():
-            text = labels[i].removeprefix(str(strategy)).strip()
-            if "k=" not in text and row["strategy"] != SINGLE_TASK and not pd.isna(row["group_size"]):
-                text = f"k={plain(row['group_size'])} {text}".strip()
-            ax.annotate(text, (x[i], y[i]), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    if metric is None:
-        ax.axhline(0, color="grey", linewidth=0.8, linestyle="--", label="single-task level")
-        ax.set_ylabel("Δm% against single-task (%, higher is better)")
-    else:
-        ax.set_ylabel(f"{metric} ({direction(comparison.higher_is_better(metric))})")
-    ax.set_xlabel("seconds per epoch (s, lower is cheaper)")
-    ax.set_title(f"Δm% against compute\n({comparison.split} split; mean ± std over seeds; k = group size)"
-                 if metric is None else f"{metric} against compute\n(mean ± std over seeds; k = group size)")
-    ax.legend(title="strategy")
-    fig.savefig(path, dpi=120)
-    return f"wrote {path}"
+    written = []
+    for name, draw in (
+        (TRADEOFF_PNG, lambda path: plot_tradeoff(comparison, path, metric, cost)),
+        (BUDGET_PNG, lambda path: plot_budget_curves(comparison, path, metric, cost)),
+        (PER_TASK_PNG, lambda path: plot_against_averaged(comparison, path)),
+        (CURVES_PNG, lambda path: plot_curves(comparison, path)),
+        (DIAGNOSTICS_PNG, lambda path: plot_diagnostics(comparison, path)),
+        (AFFINITY_PNG, lambda path: plot_affinity(comparison, path)),
+    ):
+        line = draw(out_dir / name)
+        written.append((out_dir / name if line.startswith("wrote") else None, line))
+    return written
 
 
 def task_change(comparison: Comparison, config_id: str, reference: pd.Series, task: str) -> tuple[float, float]:
@@ -134,26 +100,6 @@ def plot_against_averaged(comparison: Comparison, path: Path) -> str:
         return (f"wrote {path}; no averaged configuration has the other settings of {', '.join(fallback)}, "
                 f"so they are compared with the first one ({first})")
     return f"wrote {path}"
-
-
-def run_frames(comparison: Comparison, name: str) -> pd.DataFrame:
-    """The `name` CSV of every run that has one, with its configuration's label in a `label` column and its
-    directory in `run`."""
-    frames = []
-    for label, config_id in zip(comparison.labels(), comparison.table["config_id"]):
-        for run_dir in comparison.runs.loc[comparison.runs["config_id"] == config_id, "run_dir"]:
-            path = run_file(run_dir, name)
-            if path is not None:
-                frames.append(read_csv(path).assign(label=label, run=str(run_dir)))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["label", "run", "epoch"])
-
-
-def plot_mean_curves(ax: Axes, frame: pd.DataFrame, value: str, colour: dict[str, str], x: str = "epoch") -> None:
-    """One line per configuration: `value` against `x`, mean over the configuration's seeds."""
-    for label, rows in frame.groupby("label", sort=False):
-        curve = rows.groupby(x)[value].mean().dropna()
-        if len(curve):
-            ax.plot(curve.index, curve.values, marker="o", markersize=3, label=label, color=colour[label])
 
 
 def plot_curves(comparison: Comparison, path: Path) -> str:
@@ -226,78 +172,3 @@ def plot_diagnostics(comparison: Comparison, path: Path) -> str:
     return f"wrote {path}"
 
 
-AFFINITY_KINDS = {  # column prefix in diagnostics.csv -> what its heat map shows
-    "affinity/": "lookahead (Fifty et al.), run mean",
-    "running_affinity/": "running (grouping=affinity), last row",
-}
-
-
-def affinity_matrices(comparison: Comparison, prefix: str = "affinity/") -> dict[str, pd.DataFrame]:
-    """Per configuration, the `<prefix><s>/<t>` columns of its runs' diagnostics.csv as a matrix (rows s,
-    columns t), mean over seeds of each run's mean over its rows (`affinity/`, a per-interval measurement)
-    or of its last row (`running_affinity/`, already a running average)."""
-    frame = run_frames(comparison, DIAGNOSTICS_CSV)
-    columns = [c for c in frame.columns if c.startswith(prefix)]
-    matrices = {}
-    for label, rows in frame.groupby("label", sort=False):
-        rows = rows.dropna(subset=columns, how="all")
-        if rows.empty:
-            continue
-        per_run = rows.groupby("run", sort=False)[columns]
-        means = (per_run.mean() if prefix == "affinity/" else per_run.last()).mean()
-        pairs = {
-            tuple(c.removeprefix(prefix).split("/")): means[c] for c in columns if not np.isnan(means[c])
-        }
-        tasks = list(dict.fromkeys(t for pair in pairs for t in pair))
-        matrix = pd.DataFrame(np.nan, index=tasks, columns=tasks)
-        for (source, target), value in pairs.items():
-            matrix.loc[source, target] = value
-        matrices[label] = matrix
-    return matrices
-
-
-def plot_affinity(comparison: Comparison, path: Path) -> str:
-    """Heat maps of inter-task affinity, one column per configuration: the lookahead affinity of every run
-    with diagnostics (top) and the running affinity of grouping=affinity runs (bottom). Row s, column t:
-    how a step on s changes t's loss (> 0: s helps t). Each map has its own colour scale, set by the
-    off-diagonal entries (a task's effect on itself, far larger, saturates)."""
-    kinds = {prefix: affinity_matrices(comparison, prefix) for prefix in AFFINITY_KINDS}
-    kinds = {prefix: matrices for prefix, matrices in kinds.items() if matrices}
-    if not kinds:
-        return (f"{path.name} not written: no run has affinity columns in its {DIAGNOSTICS_CSV} "
-                f"(train with diagnostics=true)")
-    labels = list(dict.fromkeys(label for matrices in kinds.values() for label in matrices))
-    size = max(len(m) for matrices in kinds.values() for m in matrices.values())
-    annotate = size <= 6
-    side = min(max(5.0, (0.9 if annotate else 0.28) * size + 2.5), 14.0)
-    fig = Figure(figsize=(side * len(labels), side * len(kinds)), layout="constrained")
-    axes = fig.subplots(len(kinds), len(labels), squeeze=False)
-    for row, (prefix, matrices) in enumerate(kinds.items()):
-        for col, label in enumerate(labels):
-            ax = axes[row][col]
-            if label not in matrices:
-                ax.set_axis_off()
-                continue
-            values = matrices[label].to_numpy()
-            off_diagonal = values[~np.eye(len(values), dtype=bool)]
-            finite = np.abs(off_diagonal[np.isfinite(off_diagonal)])
-            if finite.size and finite.max() > 0:
-                bound = float(finite.max())
-            else:
-                bound = float(np.nanmax(np.abs(values))) or 1.0
-            image = ax.imshow(values, cmap="RdBu", vmin=-bound, vmax=bound)
-            ticks = range(len(values))
-            font = 8 if len(values) <= 12 else 5
-            ax.set_xticks(ticks, matrices[label].columns, rotation=90, fontsize=font)
-            ax.set_yticks(ticks, matrices[label].index, fontsize=font)
-            if annotate:
-                for (i, j), value in np.ndenumerate(values):
-                    ink = "white" if abs(value) > 0.6 * bound else "black"
-                    ax.text(j, i, f"{value:.1e}", ha="center", va="center", fontsize=6, color=ink)
-            ax.set_title(f"{label}\n{AFFINITY_KINDS[prefix]}", fontsize=9)
-            ax.set_xlabel("task t (loss measured)")
-            ax.set_ylabel("task s (step taken)")
-            fig.colorbar(image, ax=ax, shrink=0.8, label="affinity (> 0: s helps t)")
-    fig.suptitle("Inter-task affinity 1 - L_t(after a step on s) / L_t(before), mean over seeds")
-    fig.savefig(path, dpi=120)
-    return f"wrote {path}"

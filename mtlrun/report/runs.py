@@ -15,6 +15,8 @@ COST_COLUMNS = (
     "steps_per_iteration", "passes_per_iteration", "backward_passes_per_iteration", "seconds_per_epoch",
     "peak_memory_mb",
 )
+# A run's totals at its end (results.csv, the cost columns contract; runs written before it lack them).
+TOTAL_COLUMNS = ("backward_passes", "forward_passes", "images", "train_seconds")
 # Columns that describe one run but not its configuration.
 PER_RUN_COLUMNS = ("seed", "run_dir", "config_id", "device", "iterations", "optimizer_steps", "selected_epochs",
                    "selected_iterations")
@@ -195,7 +197,7 @@ def metric_columns(df: pd.DataFrame) -> list[str]:
 
 
 def setting_columns(runs: pd.DataFrame) -> list[str]:
-    numbers = set(metric_columns(runs)) | {DELTA_M, *COST_COLUMNS, *PER_RUN_COLUMNS}
+    numbers = set(metric_columns(runs)) | {DELTA_M, *COST_COLUMNS, *TOTAL_COLUMNS, *PER_RUN_COLUMNS}
     return [c for c in runs.columns if c not in numbers]
 
 

@@ -8,8 +8,12 @@ import numpy as np
 import pandas as pd
 
 from mtlrun.report.runs import (
-    COST_COLUMNS, DELTA_M, SINGLE_TASK, metric_columns, plain, same, setting_columns,
+    COST_COLUMNS, DELTA_M, SINGLE_TASK, TOTAL_COLUMNS, metric_columns, plain, same, setting_columns,
 )
+
+# The columns of a comparison table that are not settings: parts of a number's statistics, and per-row facts.
+NUMBER_PARTS = (" mean", " std", " ci_low", " ci_high", " diff", " diff_low", " diff_high", " p", " p_holm", " verdict")
+PER_CONFIGURATION = ("config_id", "n_seeds", "seeds", "test", "wins", "ties", "losses", "reference", "lr kept")
 
 
 def mean_std(values: pd.Series) -> tuple[float, float]:
@@ -22,7 +26,7 @@ def mean_std(values: pd.Series) -> tuple[float, float]:
 
 def compare(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration: its settings, config_id, the seeds, and mean and std of every number."""
-    numbers = metric_columns(runs) + [c for c in (DELTA_M, *COST_COLUMNS) if c in runs.columns]
+    numbers = metric_columns(runs) + [c for c in (DELTA_M, *COST_COLUMNS, *TOTAL_COLUMNS) if c in runs.columns]
     settings = setting_columns(runs)
     rows = []
     for config_id, group in runs.groupby("config_id", sort=False):
@@ -73,8 +77,7 @@ class Comparison:
 
 def table_settings(table: pd.DataFrame) -> list[str]:
     """The settings columns of a comparison table."""
-    per_configuration = ("config_id", "n_seeds", "seeds")
-    return [c for c in table.columns if not c.endswith((" mean", " std")) and c not in per_configuration]
+    return [c for c in table.columns if not c.endswith(NUMBER_PARTS) and c not in PER_CONFIGURATION]
 
 
 def grouping_keys(table: pd.DataFrame) -> list[str]:
