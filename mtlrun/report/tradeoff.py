@@ -89,17 +89,22 @@ def seed_curves(comparison: Comparison, config_id: str, panel: str, cost: str) -
     return curves, how
 
 
-def draw_band(ax: Axes, curves: list[pd.Series], label: str, colour: str) -> None:
-    """One seed: its curve. Several: each interpolated onto a grid over the cost range all of them reach,
-    the mean drawn with its 95% interval (Student t over seeds) as a band."""
-    if len(curves) == 1:
-        ax.plot(curves[0].index, curves[0].values, marker="o", markersize=3, label=label, color=colour)
-        return
+def band(curves: list[pd.Series]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeds' curves (value indexed by cost) interpolated linearly onto GRID points over the cost range all of
+    them reach: the grid, the mean over seeds and the half width of its 95% interval (Student t)."""
     low, high = max(c.index.min() for c in curves), min(c.index.max() for c in curves)
     grid = np.linspace(low, high, GRID) if high > low else np.array([low])
     values = np.array([np.interp(grid, c.index.to_numpy(float), c.to_numpy(float)) for c in curves])
-    mean, std = values.mean(axis=0), values.std(axis=0, ddof=1)
-    half = np.array([t_half_width(s, len(curves), len(curves) - 1) for s in std])
+    std = values.std(axis=0, ddof=1)
+    return grid, values.mean(axis=0), np.array([t_half_width(s, len(curves), len(curves) - 1) for s in std])
+
+
+def draw_band(ax: Axes, curves: list[pd.Series], label: str, colour: str) -> None:
+    """One seed: its curve. Several: their mean on a common cost grid with its 95% band (`band`)."""
+    if len(curves) == 1:
+        ax.plot(curves[0].index, curves[0].values, marker="o", markersize=3, label=label, color=colour)
+        return
+    grid, mean, half = band(curves)
     ax.plot(grid, mean, label=label, color=colour)
     ax.fill_between(grid, mean - half, mean + half, color=colour, alpha=0.2, linewidth=0)
 
@@ -146,8 +151,8 @@ def plot_budget_curves(comparison: Comparison, path: Path, metric: str | None, c
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
     fig.legend(list(handles.values()), list(handles.keys()), loc="outside right upper")
-    fig.suptitle(f"Value against cumulative {AXIS_LABELS[cost]}: mean over seeds, each interpolated onto a common "
-                 f"cost grid, band = {LEVEL:.0%} interval (Student t)")
+    fig.suptitle(f"Value against cumulative {AXIS_LABELS[cost]}\n(mean over seeds, each seed interpolated onto "
+                 f"a common cost grid; band: {LEVEL:.0%} interval, Student t)")
     fig.savefig(path, dpi=120)
     found = f"; {cost} {' and '.join(sorted(how))} (runs written before metrics.csv recorded it)" if how else ""
     return f"wrote {path}{found}"
