@@ -9,6 +9,7 @@ import pytest
 
 from mtlrun.report.build import build
 from mtlrun.report.costs import cumulative_costs, run_totals
+from mtlrun.report.delta import evaluation_delta_m
 from mtlrun.report.tradeoff import band, budget_panels
 from tests.test_compare import assert_png, cli_error, compare_cli, write_multi_task, write_run, write_single_task
 
@@ -91,3 +92,20 @@ def test_tradeoff_and_budget_curves_from_the_cli(tmp_path, capsys):
     assert "budget_curves.png; optimizer_steps per epoch from train_log.csv" in err
     assert "mtlrun-compare: error: argument --plot-cost: invalid choice: 'joules'" in cli_error(
         capsys, runs, "--plot", figures, "--plot-cost", "joules")
+
+
+def test_delta_m_at_every_evaluation_against_the_final_baselines(tmp_path):
+    runs = write_multi_task(tmp_path / "sweep")
+    write_single_task(runs)
+    comparison = build([runs], None, "test")
+    assert budget_panels(comparison, None)[0] == "test/Δm%"
+    found = comparison.runs
+    run = found[(found["strategy"] == "grouped") & (found["group_size"] == 1) & (found["seed"] == 1)].iloc[0]
+    metrics = pd.read_csv(Path(run["run_dir"]) / "metrics.csv")
+    values = evaluation_delta_m(comparison, run, metrics, "test")
+    # baselines miou 50, abs_err 0.5; epoch 1 holds 0.9 x the final values 54 and 0.7:
+    # epoch 1: (48.6 - 50) / 50 = -2.8%, -(0.63 - 0.5) / 0.5 = -26% -> -14.4; epoch 2: (+8 - 40) / 2 = -16
+    assert list(metrics.loc[values.index, "epoch"]) == [1, 2]
+    assert list(values) == pytest.approx([-14.4, -16.0])
+    single = found[found["strategy"] == "single_task"].iloc[0]
+    assert evaluation_delta_m(comparison, single, metrics, "test").empty

@@ -72,8 +72,10 @@ def build(
         notes.append(f"{len(lacking)} run(s) have no {METRICS_CSV} beside their results: "
                      f"{', '.join(lacking)}{effect}")
     runs[DELTA_M], said = delta_m(runs, baselines, definitions, split, where)
+    restated = frozenset(definitions["name"][~definitions["in_delta_m"].astype(bool)])
+    single_task = compare(baselines) if len(baselines) else pd.DataFrame()
     if mean_over_tasks:
         runs, definitions = average_tasks(runs, definitions)
-    return Comparison(runs, compare(runs), metric_directions(definitions), split, notes + said)
+    return Comparison(runs, compare(runs), metric_directions(definitions), split, notes + said, single_task, restated)
 
 

@@ -7,7 +7,8 @@ import pandas as pd
 
 from mtlrun.outputs import METRICS_CSV
 from mtlrun.report.runs import SINGLE_TASK, metric_columns, metric_directions, same, training_settings
-from mtlrun.report.table import compare, table_settings
+from mtlrun.report.selection import evaluation_column
+from mtlrun.report.table import Comparison, compare, table_settings
 
 
 def relative_change(value: pd.Series, reference: float, higher_is_better: bool) -> pd.Series:
@@ -103,3 +104,27 @@ def delta_m(runs: pd.DataFrame, baselines: pd.DataFrame, definitions: pd.DataFra
     configurations = f"{failed} of {multi.ngroups} multi-task configuration(s)"
     return values, [*notes, f"Δm% cannot be computed for {configurations}: " + "; ".join(reasons)]
 
+
+def evaluation_delta_m(comparison: Comparison, run: pd.Series, metrics: pd.DataFrame, split: str) -> pd.Series:
+    """Δm% of one multi-task run at each of its evaluations of `split` (from its metrics.csv, against the same
+    single-task baselines as its final Δm%), indexed by the metrics.csv row of each evaluation's first metric;
+    empty where a baseline, a direction or a metric is missing."""
+    if comparison.single_task.empty or run.get("strategy") == SINGLE_TASK:
+        return pd.Series(dtype=float)
+    rows = metrics[metrics["split"] == split]
+    names = rows["task"].astype(str) + "/" + rows["metric"].astype(str)
+    rows = rows[~names.isin(comparison.restated)]
+    key = evaluation_column(rows)
+    changes = []
+    for (task, metric), found in rows.groupby(["task", "metric"], sort=False):
+        direction = comparison.directions.get(f"{task}/{metric}")
+        reference, _ = baseline_value(run, comparison.single_task, f"{split}/{task}/{metric}")
+        if direction is None or np.isnan(reference) or reference == 0:
+            return pd.Series(dtype=float)
+        change = relative_change(found["value"].astype(float), reference, direction)
+        changes.append(pd.Series(change.to_numpy(), index=found[key].to_numpy()))
+    if not changes:
+        return pd.Series(dtype=float)
+    first_rows = rows.groupby(key, sort=False).apply(lambda r: r.index[0], include_groups=False)
+    per_evaluation = pd.concat(changes, axis=1).mean(axis=1, skipna=False).dropna()
+    return pd.Series(per_evaluation.to_numpy(), index=first_rows[per_evaluation.index].to_numpy())

@@ -49,6 +49,8 @@ class Comparison:
     directions: dict[str, bool]  # task/metric -> higher is better
     split: str
     notes: list[str] = field(default_factory=list)  # what the report must say about these runs
+    single_task: pd.DataFrame = field(default_factory=pd.DataFrame)  # the Δm% baselines' configurations
+    restated: frozenset[str] = frozenset()  # task/metric names left out of Δm% (in_delta_m false)
 
     def higher_is_better(self, column: str) -> bool | None:
         """A metric's (split/task/metric) direction, None if unknown; Δm% higher; None for other columns."""

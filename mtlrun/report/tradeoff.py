@@ -11,6 +11,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from mtlrun.outputs import METRICS_CSV
+from mtlrun.report.delta import evaluation_delta_m
 from mtlrun.report.costs import AXIS_LABELS, cumulative_costs, run_totals
 from mtlrun.report.figures import colours, direction
 from mtlrun.report.runs import DELTA_M, SINGLE_TASK, plain, read_csv, run_file
@@ -18,6 +19,7 @@ from mtlrun.report.stats import LEVEL, mean_interval, t_half_width
 from mtlrun.report.table import Comparison
 
 GRID = 50  # points of the common cost grid each seed's curve is interpolated onto
+DELTA_M_PANEL = "Δm%"  # budget_curves.png's panel of Δm% at every evaluation, against the final baselines
 
 
 def error(values: pd.Series) -> tuple[float, list[float]]:
@@ -72,16 +74,15 @@ def plot_tradeoff(comparison: Comparison, path: Path, metric: str | None, cost: 
 def seed_curves(comparison: Comparison, config_id: str, panel: str, cost: str) -> tuple[list[pd.Series], set[str]]:
     """Each run's `panel` metric (split/task/metric) against its cumulative `cost`, from its metrics.csv, and
     how costs were found where rows do not carry them."""
-    split, task, metric = panel.split("/")
     curves, how = [], set()
     for _, run in comparison.runs[comparison.runs["config_id"] == config_id].iterrows():
         path = run_file(run["run_dir"], METRICS_CSV)
         if path is None:
             continue
         metrics = read_csv(path)
-        rows = metrics[(metrics["split"] == split) & (metrics["task"] == task) & (metrics["metric"] == metric)]
+        values = panel_values(comparison, run, metrics, panel)
         x, found = cumulative_costs(run, metrics, cost)
-        curve = pd.Series(rows["value"].to_numpy(float), index=x[rows.index].to_numpy()).dropna()
+        curve = pd.Series(values.to_numpy(float), index=x[values.index].to_numpy()).dropna()
         curve = curve[curve.index.notna()].groupby(level=0).last().sort_index()
         if len(curve):
             curves.append(curve)
@@ -99,6 +100,16 @@ def band(curves: list[pd.Series]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return grid, values.mean(axis=0), np.array([t_half_width(s, len(curves), len(curves) - 1) for s in std])
 
 
+def panel_values(comparison: Comparison, run: pd.Series, metrics: pd.DataFrame, panel: str) -> pd.Series:
+    """A panel's value at each evaluation of a run, indexed by its metrics.csv row: `<split>/Δm%` or a metric."""
+    split, rest = panel.split("/", 1)
+    if rest == DELTA_M_PANEL:
+        return evaluation_delta_m(comparison, run, metrics, split)
+    task, metric = rest.split("/")
+    rows = metrics[(metrics["split"] == split) & (metrics["task"] == task) & (metrics["metric"] == metric)]
+    return rows["value"].astype(float)
+
+
 def draw_band(ax: Axes, curves: list[pd.Series], label: str, colour: str) -> None:
     """One seed: its curve. Several: their mean on a common cost grid with its 95% band (`band`)."""
     if len(curves) == 1:
@@ -110,12 +121,14 @@ def draw_band(ax: Axes, curves: list[pd.Series], label: str, colour: str) -> Non
 
 
 def budget_panels(comparison: Comparison, metric: str | None) -> list[str]:
-    """`metric`, else per task the first validation metric (the shown split's where no run has val)."""
+    """`metric`, else Δm% (where the runs have it) and per task the first validation metric (the shown split's
+    where no run has val)."""
     if metric is not None:
         return [metric]
     columns = [c for c in comparison.runs.columns if c.count("/") == 2]
     split = "val" if any(c.startswith("val/") for c in columns) else comparison.split
-    first: dict[str, str] = {}
+    has_delta_m = DELTA_M in comparison.runs and comparison.runs[DELTA_M].notna().any()
+    first: dict[str, str] = {"": f"{split}/{DELTA_M_PANEL}"} if has_delta_m else {}
     for c in columns:
         if c.startswith(f"{split}/") and not c.endswith("/loss"):
             first.setdefault(c.split("/")[1], c)
@@ -145,7 +158,8 @@ def plot_budget_curves(comparison: Comparison, path: Path, metric: str | None, c
             draw_band(ax, curves, label, colour[label])
         ax.set_title(panel)
         ax.set_xlabel(f"cumulative {AXIS_LABELS[cost]}")
-        ax.set_ylabel(f"{panel.split('/', 1)[1]} ({direction(comparison.higher_is_better(panel))})")
+        delta = panel.endswith(DELTA_M_PANEL)
+        ax.set_ylabel(f"{panel.split('/', 1)[1]} ({direction(True if delta else comparison.higher_is_better(panel))})")
     handles: dict[str, object] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
