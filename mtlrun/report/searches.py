@@ -17,7 +17,7 @@ from mtlrun.sweeps import objective_value
 LR = "lr"
 SEARCHED = "optimizer.lr"
 BEST = "optimization_results.yaml"  # written by the Optuna sweeper when the search ends
-SWEEP = "multirun.yaml"  # written by Hydra when a sweep starts
+JOB_HYDRA = ".hydra/hydra.yaml"  # a job's Hydra settings, the sweeper's among them
 DEFAULT_OBJECTIVE = "val/loss_sum"
 NOT_COMPARED = (LR, "skipped_steps", "compiled_graphs")  # what may differ between the trials of one configuration
 
@@ -41,20 +41,25 @@ def read_yaml(path: Path) -> dict:
         raise MtlrunError(f"{path} is not readable YAML ({type(e).__name__}); remove it or re-run the search") from None
 
 
+def sweeper_of(path: Path) -> dict:
+    """`hydra.sweeper` of a job's .hydra/hydra.yaml; {} where it is not an Optuna sweeper."""
+    if "optuna" not in path.read_text(errors="replace"):  # most runs: no YAML to parse
+        return {}
+    sweeper = (read_yaml(path).get("hydra") or {}).get("sweeper") or {}
+    return sweeper if "optuna" in str(sweeper.get("_target_", "")) else {}
+
+
 def search_dirs(paths: list[Path]) -> list[Path]:
-    """The lr search sweeps at or under `paths`: sweep directories whose search space or result is optimizer.lr."""
+    """The lr search sweeps at or under `paths`: sweep directories whose Optuna sweeper searched optimizer.lr,
+    known by its optimization_results.yaml (a finished search) or its trials' .hydra/hydra.yaml (also while
+    it runs)."""
     found = []
     for path in paths:
         if not path.is_dir():
             continue
-        for marker in (*path.rglob(BEST), *path.rglob(SWEEP)):
-            if marker.name == BEST:
-                searched = SEARCHED in (read_yaml(marker).get("best_params") or {})
-            else:
-                sweeper = (read_yaml(marker).get("hydra") or {}).get("sweeper") or {}
-                searched = SEARCHED in (sweeper.get("params") or {})
-            if searched:
-                found.append(marker.parent)
+        found += [m.parent for m in path.rglob(BEST) if SEARCHED in (read_yaml(m).get("best_params") or {})]
+        found += [m.parent.parent.parent for m in path.rglob(JOB_HYDRA)
+                  if SEARCHED in (sweeper_of(m).get("params") or {})]
     return sorted(set(found))
 
 
@@ -64,10 +69,10 @@ def objective_of(run_dir: object) -> str:
     return str(read_yaml(path).get("objective", DEFAULT_OBJECTIVE)) if path.is_file() else DEFAULT_OBJECTIVE
 
 
-def direction_of(sweep: Path) -> str:
-    path = sweep / SWEEP
-    sweeper = ((read_yaml(path).get("hydra") or {}).get("sweeper") or {}) if path.is_file() else {}
-    return str(sweeper.get("direction", "minimize"))
+def direction_of(trials: pd.DataFrame) -> str:
+    """The search's direction, from its first trial's .hydra/hydra.yaml (minimize where it does not say)."""
+    path = Path(str(trials["run_dir"].iloc[0])) / JOB_HYDRA
+    return str(sweeper_of(path).get("direction", "minimize")) if path.is_file() else "minimize"
 
 
 def searches(sweep: Path) -> list[Search]:
@@ -78,7 +83,7 @@ def searches(sweep: Path) -> list[Search]:
         return []
     trials = load_runs(files)
     keys = [c for c in setting_columns(trials) if c not in NOT_COMPARED]
-    maximize = direction_of(sweep) == "maximize"
+    maximize = direction_of(trials) == "maximize"
     found = []
     for _, group in trials.groupby(keys, sort=False, dropna=False):
         objective = objective_of(group["run_dir"].iloc[0])
