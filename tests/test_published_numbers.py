@@ -1,7 +1,8 @@
-"""The published numbers docs/experiments.md quotes (copied from ../shared/reference/published.md) are consistent: each
-method's row, against the single-task row, gives back the paper's Δm% through mtlrun-compare's own Δm% (with
-the directions mtlrun's tasks declare), or the paper's Δp (DB-MTL: a mean per task first, then over tasks),
-within what the rounding of the printed inputs allows; FAMO's CelebA reference is its author's list."""
+"""The published numbers docs/experiments.md quotes (copied from ../shared/reference/published.md) are
+consistent: each method's row, against the single-task row, gives back the paper's Δm% through mtlrun-compare's
+own Δm% (with the directions mtlrun's tasks declare), or the paper's Δp (DB-MTL: a mean per task first, then
+over tasks), within what the rounding of the printed inputs allows; FAMO's CelebA reference is its author's
+list."""
 
 from pathlib import Path
 
