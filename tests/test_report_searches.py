@@ -6,7 +6,7 @@ import pandas as pd
 import yaml
 
 from mtlrun.report.searches import search_dirs, searches
-from tests.test_compare import compare_cli, write_run
+from tests.test_compare import cli_error, compare_cli, write_run
 
 VALUES = {"seg/miou": 50.0, "depth/abs_err": 0.5}
 
@@ -97,3 +97,11 @@ def test_compare_names_the_kept_rate_of_each_configuration(tmp_path, capsys):
     # The search itself among the paths: each trial is a row, each names the rate its search kept.
     compare_cli(capsys, grouped, "--out", tmp_path / "s.csv")
     assert list(pd.read_csv(tmp_path / "s.csv")["lr kept"]) == ["0.01 (of 3 tried)"] * 3
+
+
+def test_a_search_without_learning_rates_is_one_line(tmp_path, capsys):
+    sweep = grouped_search(tmp_path)
+    for results in sweep.rglob("results.csv"):
+        pd.read_csv(results).drop(columns=["tasks"]).to_csv(results, index=False)
+    message = cli_error(capsys, sweep, "--out", tmp_path / "c.csv")
+    assert f"the runs under the lr search {sweep} have no lr or tasks column" in message

@@ -82,6 +82,9 @@ def searches(sweep: Path) -> list[Search]:
     if not files:
         return []
     trials = load_runs(files)
+    if LR not in trials or "tasks" not in trials:
+        raise MtlrunError(f"the runs under the lr search {sweep} have no lr or tasks column in their results.csv "
+                          f"(written by an older mtlrun): re-run the search")
     keys = [c for c in setting_columns(trials) if c not in NOT_COMPARED]
     maximize = direction_of(trials) == "maximize"
     found = []
