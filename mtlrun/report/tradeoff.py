@@ -1,5 +1,4 @@
-"""What a configuration buys with what it spends: tradeoff.png (final value against total cost) and
-budget_curves.png (value against cumulative cost), both with 95% intervals over seeds."""
+"""tradeoff.png and budget_curves.png: what each configuration buys with what it spends, intervals over seeds."""
 
 from __future__ import annotations
 
