@@ -7,9 +7,6 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mtlrun"
-# compare.py imports plots.py at the top and plots.py imports compare.py inside a function: the report branch
-# (mtlrun/report/) removes this circle, and this one exception with it.
-KNOWN_CIRCLES = [{"mtlrun.compare", "mtlrun.plots"}]
 
 
 def modules() -> dict[str, Path]:
@@ -138,5 +135,5 @@ def test_no_import_circle_at_module_level():
 
 def test_no_import_circle_through_imports_in_functions():
     """Deferred imports (torch-heavy modules loaded only once needed) keep the one-way order too."""
-    found = [c for c in circles(graph(in_functions=True)) if set(c) not in KNOWN_CIRCLES]
+    found = circles(graph(in_functions=True))
     assert not found, "import circle: " + "; ".join(" -> ".join(c) for c in found)
