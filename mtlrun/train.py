@@ -33,7 +33,7 @@ from mtlrun.data.loading import BatchStream, Split, SplitSource, ToDevice, eval_
 from mtlrun.diagnostics import Diagnostics
 from mtlrun.errors import MtlrunError, RunFinished, StoppedBySignal
 from mtlrun.identity import different_configuration
-from mtlrun.loggers import CsvOnly, build_logger
+from mtlrun.loggers import Loggers, build_logger
 from mtlrun.models import build_model, check_model
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.optim import MultiTaskOptimizer, OptimizerSettings, lr_factor
@@ -396,7 +396,7 @@ def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals, cleanup: 
     if opened == "resumed" and not distributed.is_main():
         state.load_state_dict(run.load_checkpoint(device), run.checkpoint)
 
-    logger = build_logger(cfg.logger, run_dir) if distributed.is_main() else CsvOnly()
+    logger = build_logger(cfg, run_dir, resumed=opened == "resumed") if distributed.is_main() else Loggers({})
     epochs, stop_after, start_epoch = settings["epochs"], settings["stop_after_epochs"], history.epoch
     train_log, metrics = history.train_log, history.metrics
     log.info("training %d epoch(s) of %d iterations in %s", epochs, batches.batches_per_pass, run_dir)
@@ -428,12 +428,13 @@ def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals, cleanup: 
         stop.received = distributed.agreed_signal(stop.received)
         if stop.received is not None and epoch + 1 < epochs:
             raise StoppedBySignal(stop.received, run_dir, history.epoch, 0, batches.batches_per_pass)
-    logger.close()
     if not distributed.is_main():
         return None
 
     results = results_row(cfg, run_dir, config_id, strategy, data.tasks, train_log, metrics, ctx.counts, device)
     run.write_results(results)
+    logger.log_results(results)
+    logger.close()
     final = last_evaluation(metrics)
     at = f", iteration {final[0]['iteration']}" if "iteration" in final[0] else ""
     log.info("final metrics (epoch %d%s):\n%s", final[0]["epoch"], at, summary_table(final))
