@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mtlrun.cli import CONF_DIR
+from mtlrun.cli import CONF_DIR, check_group_choices, check_top_level_keys
 from mtlrun.data import build_shapes
 from mtlrun.errors import MtlrunError
 from mtlrun.loggers import Loggers, build_logger, flat_config, logger_names
@@ -85,6 +85,16 @@ def test_a_list_of_loggers_composes_and_each_keeps_its_settings():
     assert logger_names(_config()) == ["csv"] and logger_names(_config("logger=[]")) == []
     flat = flat_config(_config("trainer.epochs=3"))
     assert flat["trainer.epochs"] == 3 and flat["strategy.name"] == "alternating"
+
+
+def test_the_cli_takes_a_list_of_loggers_and_names_a_wrong_one():
+    check_group_choices(["logger=[csv,mlflow]", "-m", "logger=[csv,wandb],tensorboard"])
+    with pytest.raises(MtlrunError, match="logger=mlfow is not an option of 'logger'; valid: csv, mlflow, "):
+        check_group_choices(["logger=[csv,mlfow]"])
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["logger=[csv,mlflow]"], return_hydra_config=True)
+    assert "logger" not in cfg.hydra.runtime.choices  # Hydra records no choice for a list
+    check_top_level_keys(cfg, cfg.hydra.runtime.choices)
 
 
 def test_mlflow_mirrors_config_scalars_results_and_resumes_the_same_run(tmp_path):
