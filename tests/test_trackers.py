@@ -20,8 +20,8 @@ from tests.test_cli import TINY, mtlrun
 
 pytest.importorskip("wandb")
 pytest.importorskip("mlflow")
-from mlflow import MlflowClient  # noqa: E402
-from wandb.proto import wandb_internal_pb2  # noqa: E402
+from mlflow import MlflowClient
+from wandb.proto import wandb_internal_pb2
 
 TRAIN = {"epoch": 1, "lr": 0.001, "loss/depth": 0.5, "seconds": 2.0}
 METRICS = [{"epoch": 1, "split": "val", "task": "depth", "metric": "abs_err", "value": 0.25}]
@@ -180,7 +180,7 @@ def test_a_failing_logger_warns_once_and_is_dropped_while_the_others_go_on(tmp_p
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "logger=wandb failed (OSError" in warnings[0] and "dropped" in warnings[0]
     assert failing.calls == 2 and list(logger.loggers) == ["mlflow"]
-    client, run = _mlflow_run(tmp_path, mlflow.run_id)
+    client, _ = _mlflow_run(tmp_path, mlflow.run_id)
     assert [m.step for m in client.get_metric_history(mlflow.run_id, "train/lr")] == [1, 2, 3]
 
 
