@@ -105,7 +105,7 @@ class Mlflow:
             uri = (Path(cfg.output_root).resolve() / "mlruns").as_uri()
         self.client = MlflowClient(tracking_uri=uri)
         saved = saved_ids(run_dir).get("mlflow", {}) if resumed else {}
-        if saved.get("tracking_uri") == uri:
+        if saved.get("tracking_uri") == uri and self._exists(saved["run_id"]):
             self.run_id = saved["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
         else:
@@ -118,6 +118,14 @@ class Mlflow:
                 self.client.log_batch(self.run_id, params=params[i:i + MLFLOW_BATCH])
         self.status = "KILLED"
         atexit.register(self._at_exit)  # an invocation that ends by an exception still ends its tracker run
+
+    def _exists(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:  # deleted from the store since (or only marked deleted): the resumed run starts a new tracker run
+            return self.client.get_run(run_id).info.lifecycle_stage == "active"
+        except MlflowException:
+            return False
 
     def _experiment(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)

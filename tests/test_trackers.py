@@ -123,6 +123,19 @@ def test_mlflow_mirrors_config_scalars_results_and_resumes_the_same_run(tmp_path
     assert run.data.tags["results.strategy"] == "alternating"
 
 
+def test_a_resumed_run_whose_mlflow_run_is_gone_starts_a_new_one(tmp_path):
+    run_dir = tmp_path / "runs/r"
+    run_dir.mkdir(parents=True)
+    cfg = _config("logger=mlflow", root=tmp_path)
+    first = build_logger(cfg, run_dir).loggers["mlflow"]
+    first.close()
+    first.client.delete_run(first.run_id)
+    second = build_logger(cfg, run_dir, resumed=True).loggers["mlflow"]
+    second.close()
+    assert second.run_id != first.run_id
+    assert json.loads((run_dir / "trackers.json").read_text())["mlflow"]["run_id"] == second.run_id
+
+
 def test_wandb_offline_mirrors_config_scalars_results_under_the_run_name(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     run_dir = tmp_path / "runs/2026-12-07_mine"
