@@ -56,7 +56,8 @@ class Wandb:
     def __init__(self, settings: DictConfig, cfg: DictConfig, run_dir: Path, resumed: bool) -> None:
         mode = settings.mode or os.environ.get("WANDB_MODE") or "offline"
         if mode not in WANDB_MODES:
-            raise MtlrunError(f"logger.wandb.mode={mode} is not a wandb mode; valid: {', '.join(WANDB_MODES)}")
+            given = f"logger.wandb.mode={mode}" if settings.mode else f"WANDB_MODE={mode} (environment)"
+            raise MtlrunError(f"{given} is not a wandb mode; valid: {', '.join(WANDB_MODES)}")
         wandb = _import("wandb")
         saved = saved_ids(run_dir).get("wandb", {}) if resumed else {}
         run_id = saved.get("id") or uuid.uuid4().hex[:12]

@@ -219,6 +219,9 @@ def test_a_missing_package_is_one_line_naming_the_install(tmp_path, monkeypatch)
         build_logger(_config("logger=wandb", root=tmp_path), tmp_path)
     with pytest.raises(MtlrunError, match="logger.wandb.mode=cloud is not a wandb mode"):
         build_logger(_config("logger=wandb", "logger.wandb.mode=cloud", root=tmp_path), tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    with pytest.raises(MtlrunError, match=r"WANDB_MODE=dryrun \(environment\) is not a wandb mode"):
+        build_logger(_config("logger=wandb", root=tmp_path), tmp_path)
 
 
 @pytest.mark.slow
