@@ -1,5 +1,4 @@
-"""Loggers beside the CSVs (`logger=<name>` or `logger=[csv,mlflow]`): the CSVs stay the source of truth, a
-logger only mirrors them, and one that fails is dropped with a warning, never taking the run with it."""
+"""Loggers that mirror a run's CSVs (logger=tensorboard|wandb|mlflow, or a list); a failing one is dropped."""
 
 from __future__ import annotations
 
@@ -25,19 +24,6 @@ class Logger(Protocol):
 
     def close(self) -> None:
         ...
-
-
-class CsvOnly:
-    """Writes nothing more: the run directory's CSVs are the record."""
-
-    def log_epoch(self, epoch: int, train_row: dict, metric_rows: list[dict], diagnostic_rows: list[dict]) -> None:
-        pass
-
-    def log_results(self, results: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def epoch_scalars(
@@ -129,8 +115,9 @@ def logger_names(cfg: DictConfig) -> list[str]:
 
 
 def build_logger(cfg: DictConfig, run_dir: Path, resumed: bool = False) -> Loggers:
-    """Every logger the run's config chose, for rank 0. `resumed`: the run continues from its checkpoint, so
-    trackers continue the tracker run whose id the run directory keeps."""
+    """Every logger the run's config chose, for rank 0 (`csv` adds none: the run directory's CSVs are the
+    record). `resumed`: the run continues from its checkpoint, so trackers continue the tracker run whose id
+    the run directory keeps."""
     from mtlrun import trackers
 
     loggers: dict[str, Logger] = {}

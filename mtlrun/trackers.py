@@ -1,5 +1,4 @@
-"""Experiment trackers as loggers (`logger=wandb`, `logger=mlflow`): a run's config, every epoch's scalars and its
-results row, as a tracker run named after the run directory whose id the directory keeps for resuming."""
+"""wandb and MLflow as loggers: config, epoch scalars and results, one tracker run per run directory."""
 
 from __future__ import annotations
 
