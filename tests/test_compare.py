@@ -10,7 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mtlrun.compare import DELTA_M, build, main
+from mtlrun.report.build import build
+from mtlrun.report.cli import main
+from mtlrun.report.runs import DELTA_M
 
 # The toy runs' two task metrics: miou (higher is better) and abs_err (lower is better).
 DIRECTIONS = {"seg/miou": True, "depth/abs_err": False}
@@ -256,8 +258,9 @@ def test_markdown_table_shape_and_direction_aware_bold(runs, tmp_path, capsys):
     assert all(set(cell) <= set("-:") for cell in split[1])
     rows = {(r[header.index("strategy")], r[header.index("group_size")]): r for r in split[2:]}
     miou, abs_err, delta = header.index("seg/miou ↑"), header.index("depth/abs_err ↓"), header.index("Δm% ↑")
-    assert rows["grouped", "1"][miou] == "**52.00 ± 2.83**"  # highest miou
-    assert rows["grouped", "2"][abs_err] == "**0.3250 ± 0.0354**"  # lowest abs_err: lower is better
+    # bold covers mean ± std; the 95% interval follows: 52 ± t(0.975, 1) * 2.83 / sqrt(2) = 52 ± 25.41
+    assert rows["grouped", "1"][miou] == "**52.00 ± 2.83** [26.59, 77.41]"  # highest miou
+    assert rows["grouped", "2"][abs_err] == "**0.3250 ± 0.0354** [0.0073, 0.6427]"  # lowest: lower is better
     assert rows["grouped", "2"][delta].startswith("**13.50")
     bold = [cell for r in split[2:] for cell in r if cell.startswith("**")]
     assert len(bold) == 3  # best of each of the three metric columns, none elsewhere
@@ -274,7 +277,7 @@ def test_latex_structure_and_bold_best(runs, tmp_path, capsys):
     columns = [cell.strip() for cell in header.removesuffix(r"\\").split("&")]
     k2 = next(line for line in body if line.startswith("grouped & 2"))
     cells = [cell.strip() for cell in k2.removesuffix(r"\\").split("&")]
-    assert cells[columns.index(r"depth/abs\_err $\downarrow$")] == r"\textbf{0.3250 $\pm$ 0.0354}"
+    assert cells[columns.index(r"depth/abs\_err $\downarrow$")] == r"\textbf{0.3250 $\pm$ 0.0354} [0.0073, 0.6427]"
     assert out.count(r"\textbf") == 3
 
 
@@ -346,7 +349,7 @@ def test_plots_from_hand_made_runs(runs, tmp_path, capsys):
 def test_plots_say_why_a_figure_is_missing(tmp_path, capsys):
     write_run(tmp_path / "g1", 0, {"seg/miou": 50, "depth/abs_err": 0.5}, "grouped", 1)
     _, err = compare_cli(capsys, tmp_path, "--out", tmp_path / "cmp.csv", "--plot", tmp_path / "figs")
-    assert "tradeoff.png not written: no configuration has Δm%" in err
+    assert "tradeoff.png not written: no configuration has both Δm%" in err
     assert "per_task_vs_averaged.png not written: no averaged configuration" in err
     assert "diagnostics.png not written: no run has a diagnostics.csv" in err
     assert "affinity.png not written: no run has affinity columns" in err
@@ -359,7 +362,7 @@ def test_plots_say_why_a_figure_is_missing(tmp_path, capsys):
 
 
 def test_training_curves_plot_evaluations_every_n_iterations_against_iteration(tmp_path, capsys, monkeypatch):
-    from mtlrun import plots
+    from mtlrun.report import plots
 
     write_run(tmp_path / "g1", 0, {"seg/miou": 50, "depth/abs_err": 0.5}, "grouped", 1)
     metrics = pd.read_csv(tmp_path / "g1" / "metrics.csv")
@@ -427,7 +430,7 @@ def test_delta_m_takes_another_models_single_task_runs_where_its_own_are_missing
 
 
 def test_affinity_heat_map_averages_each_configuration(tmp_path):
-    from mtlrun.plots import affinity_matrices
+    from mtlrun.report.affinity import affinity_matrices
 
     for seed, value in ((0, 0.1), (1, 0.3)):
         run = tmp_path / f"g{seed}"
@@ -444,7 +447,7 @@ def test_affinity_heat_map_averages_each_configuration(tmp_path):
 
 
 def test_running_affinity_heat_map_takes_each_runs_last_row(tmp_path):
-    from mtlrun.plots import affinity_matrices, plot_affinity
+    from mtlrun.report.affinity import affinity_matrices, plot_affinity
 
     for seed, last in ((0, 0.2), (1, 0.4)):
         run = tmp_path / f"g{seed}"

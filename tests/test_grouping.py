@@ -353,7 +353,7 @@ def test_affinity_grouping_runs_from_the_cli(tmp_path):
     tasks = row.tasks.split()
     for kind in ("affinity", "running_affinity"):
         assert diagnostics[[f"{kind}/{s}/{t}" for s in tasks for t in tasks]].notna().all().all()
-    from mtlrun.compare import build
-    from mtlrun.plots import plot_affinity
+    from mtlrun.report.build import build
+    from mtlrun.report.affinity import plot_affinity
 
     assert plot_affinity(build([tmp_path / "run"], None, "test"), tmp_path / "a.png") == f"wrote {tmp_path / 'a.png'}"

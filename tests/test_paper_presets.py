@@ -10,7 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from mtlrun import CONF_DIR
-from mtlrun.compare import DELTA_M, build
+from mtlrun.report.build import build
+from mtlrun.report.runs import DELTA_M
 from mtlrun.data.hdf5 import write_dataset
 from tests.test_cli import mtlrun
 

@@ -12,7 +12,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from mtlrun import CONF_DIR
-from mtlrun.compare import DELTA_M, build, relative_change
+from mtlrun.report.build import build
+from mtlrun.report.delta import relative_change
+from mtlrun.report.runs import DELTA_M
 from mtlrun.tasks import Depth, Normal, Segmentation
 from tests.test_compare import write_run
 

@@ -18,7 +18,8 @@ import pytest
 from omegaconf import OmegaConf
 
 import mtlrun.cli
-from mtlrun import CONF_DIR, compare
+from mtlrun import CONF_DIR
+from mtlrun.report import build as compare_build, cli as compare_cli
 from mtlrun.data import build_shapes, open_dataset, shapes, task_names
 from mtlrun.errors import MtlrunError
 from mtlrun.locks import FileLock
@@ -417,7 +418,7 @@ def test_compare_says_what_it_skips_and_refuses_a_truncated_results_file(workdir
     write_run(tmp_path / "b", 1, {"seg/miou": 52, "depth/abs_err": 0.4}, "averaged", 2)
     (tmp_path / "b/metrics.csv").unlink()
     (tmp_path / "failed/.hydra").mkdir(parents=True)
-    notes = compare.build([tmp_path], None, "test").notes
+    notes = compare_build.build([tmp_path], None, "test").notes
     assert any("skipping 1 run director(ies) without results.csv or checkpoint.pt" in n and
                str(tmp_path / "failed") in n for n in notes)
     assert any("1 run(s) have no metrics.csv beside their results" in n and str(tmp_path / "b") in n for n in notes)
@@ -425,7 +426,7 @@ def test_compare_says_what_it_skips_and_refuses_a_truncated_results_file(workdir
     for cut in (text[: len(text) // 2], text[: text.index(b"\n") + 1]):
         (tmp_path / "a/results.csv").write_bytes(cut)
         with pytest.raises(SystemExit) as info:
-            compare.main([str(tmp_path / "a"), "--out", str(tmp_path / "c.csv")])
+            compare_cli.main([str(tmp_path / "a"), "--out", str(tmp_path / "c.csv")])
         message = str(info.value.code)
         assert message.startswith(f"mtlrun-compare: error: {tmp_path / 'a/results.csv'} is ") and "\n" not in message
 

@@ -3,9 +3,11 @@
 import pandas as pd
 import pytest
 
-from mtlrun.compare import DELTA_M, build, main
+from mtlrun.report.build import build
+from mtlrun.report.cli import main
+from mtlrun.report.runs import DELTA_M
 from mtlrun.errors import MtlrunError
-from mtlrun.selection import Selection, parse_selection, selected_epochs
+from mtlrun.report.selection import Selection, parse_selection, selected_epochs
 
 # val miou (higher better) and val losses (lower better) per epoch; test miou per epoch
 VAL_MIOU = {1: 40.0, 2: 55.0, 3: 55.0, 4: 50.0}

@@ -1,0 +1,1 @@
+"""Comparing finished runs (`mtlrun-compare`): reading them, the table, statistics, figures and the report page."""
