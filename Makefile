@@ -14,7 +14,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(CONSTRAINTS) -e '.[test,cluster,search]'
+	$(BIN)/python -m pip install --quiet $(CONSTRAINTS) -e '.[test,cluster,search,trackers]'
 	touch $@
 
 run: install

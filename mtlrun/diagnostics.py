@@ -78,6 +78,8 @@ class Diagnostics:
         for i, task in enumerate(ctx.task_names):
             loss = ctx.tasks[task].loss(outputs[task], self.probe[task])
             losses[task] = loss.detach()
+            # Not through StepContext.grad: a measurement is no part of the run's work (uncounted), runs in full
+            # precision outside autocast (nothing to scale) and on the same probe on every rank (nothing to average).
             g = torch.autograd.grad(loss, shared, retain_graph=i < len(ctx.task_names) - 1, allow_unused=True)
             grads[task] = torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1) for x, p in zip(g, shared)])
         stats = self._lookahead_affinity(ctx, grads, losses)

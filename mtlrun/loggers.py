@@ -1,22 +1,45 @@
-"""Loggers beside the CSVs (`logger=<name>`): the CSVs stay the source of truth, a logger only mirrors them."""
+"""Loggers that mirror a run's CSVs (logger=tensorboard|wandb|mlflow, or a list); a failing one is dropped."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Protocol
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mtlrun.errors import MtlrunError
 
+log = logging.getLogger("mtlrun")
 
-class CsvOnly:
-    """Writes nothing more: the run directory's CSVs are the record."""
+
+class Logger(Protocol):
+    """What the loop calls: once per epoch, once with the results row, and at the end of the invocation."""
 
     def log_epoch(self, epoch: int, train_row: dict, metric_rows: list[dict], diagnostic_rows: list[dict]) -> None:
-        pass
+        ...
+
+    def log_results(self, results: dict) -> None:
+        ...
 
     def close(self) -> None:
-        pass
+        ...
+
+
+def epoch_scalars(
+    epoch: int, train_row: dict, metric_rows: list[dict], diagnostic_rows: list[dict]
+) -> list[tuple[str, float, str, int]]:
+    """(name, value, axis, step) for every scalar of an epoch, axis "epoch" or "iteration": train losses, lr
+    and seconds at the epoch; metrics at their iteration where the evaluation cadence is in iterations, else
+    at the epoch; diagnostics at their iteration. The one naming every logger shares."""
+    scalars = [(f"train/{key}", float(value), "epoch", epoch) for key, value in train_row.items() if key != "epoch"]
+    for row in metric_rows:
+        axis, step = ("iteration", row["iteration"]) if "iteration" in row else ("epoch", epoch)
+        scalars.append((f"{row['split']}/{row['task']}/{row['metric']}", float(row["value"]), axis, step))
+    for row in diagnostic_rows:
+        scalars += [(f"diagnostics/{key}", float(value), "iteration", row["iteration"])
+                    for key, value in row.items() if key not in ("epoch", "iteration")]
+    return scalars
 
 
 class TensorBoard:
@@ -32,28 +55,94 @@ class TensorBoard:
         self.writer = SummaryWriter(log_dir=str(log_dir))
 
     def log_epoch(self, epoch: int, train_row: dict, metric_rows: list[dict], diagnostic_rows: list[dict]) -> None:
-        for key, value in train_row.items():
-            if key != "epoch":
-                self.writer.add_scalar(f"train/{key}", value, epoch)
-        for row in metric_rows:  # an evaluation every N iterations is logged at its iteration, as diagnostics
-            step = row.get("iteration", epoch)
-            self.writer.add_scalar(f"{row['split']}/{row['task']}/{row['metric']}", row["value"], step)
-        for row in diagnostic_rows:
-            for key, value in row.items():
-                if key not in ("epoch", "iteration"):
-                    self.writer.add_scalar(f"diagnostics/{key}", value, row["iteration"])
+        for name, value, _, step in epoch_scalars(epoch, train_row, metric_rows, diagnostic_rows):
+            self.writer.add_scalar(name, value, step)
         self.writer.flush()
+
+    def log_results(self, results: dict) -> None:
+        pass  # TensorBoard has no place for a run's summary beside its scalars; results.csv holds it
 
     def close(self) -> None:
         self.writer.close()
 
 
-LOGGERS = ("csv", "tensorboard")
+class Loggers:
+    """Several loggers as one. A logger whose call raises (disk full, server down) is named in one warning and
+    dropped for the rest of the run; the loop, and the CSVs it writes, go on."""
+
+    def __init__(self, loggers: dict[str, Logger]) -> None:
+        self.loggers = dict(loggers)
+
+    def _each(self, call: str, *args: object) -> None:
+        for name, logger in list(self.loggers.items()):
+            try:
+                getattr(logger, call)(*args)
+            except Exception as e:  # a mirror's failure, whatever its kind, must not end the run
+                del self.loggers[name]
+                log.warning("logger=%s failed (%s: %s) and is dropped for the rest of this run; the run and its "
+                            "CSVs go on", name, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                if call != "close":
+                    _close_quietly(logger)
+
+    def log_epoch(self, epoch: int, train_row: dict, metric_rows: list[dict], diagnostic_rows: list[dict]) -> None:
+        self._each("log_epoch", epoch, train_row, metric_rows, diagnostic_rows)
+
+    def log_results(self, results: dict) -> None:
+        self._each("log_results", results)
+
+    def close(self) -> None:
+        self._each("close")
 
 
-def build_logger(cfg: DictConfig, run_dir: Path) -> CsvOnly | TensorBoard:
-    if cfg.name == "csv":
-        return CsvOnly()
-    if cfg.name == "tensorboard":
-        return TensorBoard(run_dir / cfg.get("subdir", "tensorboard"))
-    raise MtlrunError(f"logger {cfg.name!r} is unknown; valid: {', '.join(LOGGERS)}")
+def _close_quietly(logger: Logger) -> None:
+    try:
+        logger.close()
+    except Exception:  # already reported as failed once
+        pass
+
+
+LOGGERS = ("csv", "mlflow", "tensorboard", "wandb")
+
+
+def logger_names(cfg: DictConfig) -> list[str]:
+    """The loggers chosen: the keys of `logger` (one per option of the group selected; none: csv alone)."""
+    chosen = cfg.get("logger")
+    names = [str(name) for name in chosen] if isinstance(chosen, DictConfig) else []
+    for name in names:
+        if name not in LOGGERS:
+            raise MtlrunError(f"logger {name!r} is unknown; valid: {', '.join(LOGGERS)} (several: logger=[csv,mlflow])")
+    return names
+
+
+def build_logger(cfg: DictConfig, run_dir: Path, resumed: bool = False) -> Loggers:
+    """Every logger the run's config chose, for rank 0 (`csv` adds none: the run directory's CSVs are the
+    record). `resumed`: the run continues from its checkpoint, so trackers continue the tracker run whose id
+    the run directory keeps."""
+    from mtlrun import trackers
+
+    loggers: dict[str, Logger] = {}
+    for name in logger_names(cfg):
+        settings = cfg.logger[name]
+        if name == "tensorboard":
+            loggers[name] = TensorBoard(run_dir / settings.get("subdir", "tensorboard"))
+        elif name in ("wandb", "mlflow"):
+            tracker = trackers.start(name, settings, cfg, run_dir, resumed)
+            if tracker is not None:
+                loggers[name] = tracker
+    return Loggers(loggers)
+
+
+def flat_config(cfg: DictConfig) -> dict[str, object]:
+    """The run's resolved config as `a.b.c: value` pairs (lists as their text), Hydra's own node left out."""
+    flat: dict[str, object] = {}
+
+    def walk(node: object, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = str(node) if isinstance(node, list) else node
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    walk({k: v for k, v in container.items() if k != "hydra"}, "")
+    return flat

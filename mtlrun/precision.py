@@ -103,7 +103,9 @@ class Precision:
             return torch.autograd.grad(output, inputs, retain_graph=retain_graph, allow_unused=True)
         scale = self.scaler.scale
         grads = torch.autograd.grad(output * scale, inputs, retain_graph=retain_graph, allow_unused=True)
-        return tuple(g / scale if g is not None else None for g in grads)
+        # Unscaled in full precision: a gradient with respect to fp16 activations (MGDA-UB's representation
+        # gradients) divided in fp16 would flush its small entries to zero.
+        return tuple(full(g) / scale if g is not None else None for g in grads)
 
     def check(self, grads: Sequence[Tensor]) -> None:
         """Under loss scaling, raise SkippedStep (the scale lowered) unless every gradient is finite."""

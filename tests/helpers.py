@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -48,3 +51,33 @@ def context(model: MultiTaskModel, tasks: list[str], data: list[dict], **optimiz
     settings = OptimizerSettings(**{"name": "sgd", "lr": 0.1, **optimizer})
     opt = MultiTaskOptimizer(model.shared_parameters(), {t: model.task_parameters(t) for t in tasks}, settings)
     return StepContext(model, [Regression(t) for t in tasks], opt, iter(data), lambda b: b)
+
+
+def per_batch_float64(model: MultiTaskModel, batch: dict, tasks: list[str]) -> tuple:
+    """Each task's loss, shared-parameter gradient (float64 row) and head gradient on `batch`, on a copy."""
+    model = copy.deepcopy(model).double()
+    outputs = model(batch["image"].double(), tasks)
+    losses, rows, heads = [], [], {}
+    for t in tasks:
+        loss = ((outputs[t].squeeze(-1) - batch[t].double()) ** 2).mean()
+        g_w, g_h = torch.autograd.grad(loss, [model.encoder.weight, model.heads[t].weight], retain_graph=True)
+        losses.append(loss.item())
+        rows.append(g_w.flatten())
+        heads[t] = g_h
+    return np.array(losses), torch.stack(rows).numpy(), heads
+
+
+def snapshot(model, tasks):
+    heads = {t: model.heads[t].weight.detach().double().clone() for t in tasks}
+    return model.encoder.weight.detach().double().clone(), heads
+
+
+def assert_sgd_step(model, before, shared, heads, lr=0.1):
+    """The model moved by one SGD step: the encoder along `shared` (flat), each head along `heads[t]`."""
+    W, H = before
+    expected = W - lr * torch.as_tensor(shared).view_as(W)
+    np.testing.assert_allclose(model.encoder.weight.detach().numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    for t, g in heads.items():
+        expected = H[t] - lr * g
+        got = model.heads[t].weight.detach().numpy()
+        np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-6)

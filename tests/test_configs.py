@@ -41,7 +41,9 @@ def test_groups_mirror_the_tables():
 @pytest.mark.parametrize("group,option", OPTIONS)
 def test_every_option_composes_and_builds(group, option):
     cfg = _compose(f"{group}={option}", *REQUIRED.get((group, option), []))
-    if group != "experiment":  # an experiment is a set of overrides of other groups, not a node of its own
+    if group == "logger":  # loggers combine (logger=[csv,mlflow]): each one's settings lie under its name
+        assert list(cfg.logger) == [option]
+    elif group != "experiment":  # an experiment is a set of overrides of other groups, not a node of its own
         assert cfg[group].name == option  # each file's name matches its option
     names = task_names(cfg.dataset)
     specs = task_specs(cfg.dataset)  # after dataset.binary_maps has cut segmentation into binary maps

@@ -1,10 +1,9 @@
 """Each gradient method's defining property, on hand-worked cases and small random Jacobians, and its step."""
 
 import copy
-import inspect
-import io
 import math
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -12,26 +11,31 @@ from omegaconf import OmegaConf
 from mtlrun import CONF_DIR
 from mtlrun.errors import MtlrunError
 from mtlrun.models.base import MultiTaskModel
+from mtlrun.precision import LossScaler, Precision
+from mtlrun.strategies.aggregation import fair_weights, min_norm_weights, sdmgrad_weights
 from mtlrun.strategies.aligned_mtl import AlignedMTL
 from mtlrun.strategies.base import SeededStrategy
 from mtlrun.strategies.cagrad import CAGrad
 from mtlrun.strategies.fairgrad import FairGrad
 from mtlrun.strategies.graddrop import GradDrop
 from mtlrun.strategies.gradvac import GradVac
-from mtlrun.strategies.grouped import Grouped
 from mtlrun.strategies.imtl import IMTL
-from mtlrun.strategies.mgda import MGDA, min_norm_weights
+from mtlrun.strategies.mgda import MGDA
+from mtlrun.strategies.moco import MoCo
+from mtlrun.strategies.modo import MoDo
 from mtlrun.strategies.nash_mtl import NashMTL
 from mtlrun.strategies.pcgrad import PCGrad
+from mtlrun.strategies.sdmgrad import SDMGrad
 from mtlrun.strategies.upgrad import UPGrad
-from tests.helpers import batches, context, linear_model
+from tests.helpers import assert_sgd_step, batches, context, linear_model, per_batch_float64, snapshot
+from tests.test_simplex import project_by_bisection
 
 TASKS = ["a", "b", "c"]
 CLASSES = {
     "mgda": MGDA, "pcgrad": PCGrad, "gradvac": GradVac, "cagrad": CAGrad, "nash_mtl": NashMTL,
     "imtl": IMTL, "aligned_mtl": AlignedMTL, "graddrop": GradDrop, "upgrad": UPGrad,
 }
-BUILDABLE = {**CLASSES, "fairgrad": FairGrad}  # FairGrad's own properties: tests/test_new_methods.py
+BUILDABLE = {**CLASSES, "fairgrad": FairGrad, "moco": MoCo, "modo": MoDo, "sdmgrad": SDMGrad}  # own tests below
 # Every method with its conf defaults, plus the variants with a code path of their own.
 VARIANTS = [(name, {}) for name in CLASSES] + [
     ("mgda", {"rep_grad": True}),
@@ -59,19 +63,16 @@ def _random_jacobian(rows: int, cols: int, seed: int) -> torch.Tensor:
     return torch.randn(rows, cols, generator=g, dtype=torch.float64)
 
 
-# --- conf files --------------------------------------------------------------------------------------------
+def _spread(rows: int, ratio: float) -> torch.Tensor:
+    """Row scales from 1 to `ratio`, log-spaced: gradient norms that far apart."""
+    return torch.logspace(0, math.log10(ratio), rows, dtype=torch.float64)[:, None]
 
 
-@pytest.mark.parametrize("name", CLASSES)
-def test_conf_file_cites_the_paper_and_gives_every_constructor_default(name):
-    path = CONF_DIR / "strategy" / f"{name}.yaml"
-    first = path.read_text().splitlines()[0]
-    assert first.startswith("# ") and any(year in first for year in ("2018", "202", "2406"))
-    cfg = OmegaConf.to_container(OmegaConf.load(path))
-    params = inspect.signature(CLASSES[name]).parameters
-    defaults = {k: p.default for k, p in params.items() if k not in ("tasks", "seed")}
-    assert {k: v for k, v in cfg.items() if k != "name"} == defaults
-    assert CLASSES[name].name == name == cfg["name"]
+def _loss_values(values) -> dict[str, torch.Tensor]:
+    return {t: torch.tensor(float(v)) for t, v in zip(TASKS, values)}
+
+
+# --- settings ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -85,6 +86,14 @@ def test_conf_file_cites_the_paper_and_gives_every_constructor_default(name):
         ("nash_mtl", {"update_weights_every": 0}, "strategy.update_weights_every"),
         ("nash_mtl", {"max_norm": -1.0}, "strategy.max_norm"),
         ("mgda", {"heads": "shared"}, "strategy.heads='shared' is invalid; valid: own, weighted"),
+        ("fairgrad", {"alpha": -1.0}, "strategy.alpha"),
+        ("fairgrad", {"max_norm": -1.0}, "strategy.max_norm"),
+        ("moco", {"beta": 0.0}, "strategy.beta"),
+        ("moco", {"gamma_sigma": -1.0}, "strategy.gamma_sigma"),
+        ("modo", {"gamma": 0.0}, "strategy.gamma"),
+        ("sdmgrad", {"lamda": -0.1}, "strategy.lamda"),
+        ("sdmgrad", {"inner_steps": 0}, "strategy.inner_steps"),
+        ("sdmgrad", {"momentum": 1.0}, "strategy.momentum"),
     ],
 )
 def test_bad_settings_are_refused(name, setting, message):
@@ -189,6 +198,51 @@ def test_mgda_ub_weights_come_from_the_representation_and_the_step_is_their_weig
         torch.testing.assert_close(model.heads[t].weight.detach().double()[0], expected, rtol=1e-5, atol=1e-6)
     assert 0 < w1 < 1 and ctx.counts.optimizer_steps == 1 and ctx.counts.forward_passes == 1
     assert ctx.counts.backward_passes == 3  # one per task through its head, one through the encoder
+
+
+def _scaled_context(model, tasks, data, scale: float):
+    """A step context whose fp16 loss scaler (`Precision.grad`, as on a GPU) records every scale it applies."""
+    precision = Precision(scaler=LossScaler(scale=scale))
+    ctx = context(model, tasks, data, lr=0.1)
+    ctx.precision, ctx.scales = precision, []
+    door = precision.grad
+
+    def recorded(output, inputs, retain_graph=False):
+        ctx.scales.append(precision.scaler.scale)
+        return door(output, inputs, retain_graph)
+
+    precision.grad = recorded
+    return ctx
+
+
+def test_mgda_ub_under_fp16_loss_scaling_scales_every_pass_and_unscales_exactly():
+    """fp16 with strategy.rep_grad=true: the T passes through the heads and the one through the encoder are
+    loss-scaled as every other backward pass; a power-of-two scale unscales exactly (the fp32 run's bits)."""
+    tasks = ["a", "b", "c"]
+    data = batches(tasks, count=3)
+    plain, scaled = linear_model(tasks), linear_model(tasks)
+    plain_ctx, scaled_ctx = context(plain, tasks, data, lr=0.1), _scaled_context(scaled, tasks, data, 2.0**12)
+    for model, ctx in ((plain, plain_ctx), (scaled, scaled_ctx)):
+        method = build("mgda", tasks, rep_grad=True)
+        for _ in data:
+            method.iteration(ctx)
+    assert scaled_ctx.scales == [2.0**12] * 12 and scaled_ctx.counts.backward_passes == 12
+    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), scaled.parameters()))
+
+
+def test_mgda_ub_skips_a_step_whose_scaled_representation_gradients_overflow():
+    """Task b's targets make its gradient finite unscaled (~1e36) but not once scaled: what fp16 overflow looks
+    like. The step is skipped whole (nothing moves, the scale halves), as any other method's."""
+    tasks = ["a", "b"]
+    data = batches(tasks, count=1)
+    data[0]["b"] = torch.full_like(data[0]["b"], 1e37)
+    model = linear_model(tasks)
+    before = [p.detach().clone() for p in model.parameters()]
+    ctx = _scaled_context(model, tasks, data, 1024.0)
+    build("mgda", tasks, rep_grad=True).iteration(ctx)
+    assert ctx.counts.skipped_steps == 1 and ctx.counts.optimizer_steps == 0
+    assert ctx.precision.scaler.scale == 512.0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
 class _TwoFeatures(torch.nn.Module):
@@ -498,7 +552,7 @@ def test_weighted_heads_make_the_step_the_gradient_of_the_weighted_loss(name, ov
         assert torch.equal(model.heads["b"].weight, heads["b"])
 
 
-@pytest.mark.parametrize("name", [n for n in BUILDABLE if n != "graddrop"])
+@pytest.mark.parametrize("name", [n for n in [*CLASSES, "fairgrad"] if n != "graddrop"])
 def test_weighted_heads_differ_from_own_heads(name):
     model = linear_model(TASKS)
     steps = {}
@@ -532,49 +586,196 @@ def test_combine_on_a_subset_steps_only_those_tasks(name, overrides):
         assert set(method.task_weights()) <= set(TASKS)
 
 
-@pytest.mark.parametrize("name,overrides", VARIANTS)
-def test_grouped_applies_the_method_inside_each_group(name, overrides):
-    model = linear_model(TASKS)
-    ctx = context(model, TASKS, batches(TASKS, count=2), lr=0.1, name="adam", moments="per_task")
-    grouped = Grouped(TASKS, seed=3, group_size=2, combiner=build(name, **overrides))
-    for _ in range(2):
-        grouped.iteration(ctx)
-    assert ctx.counts.optimizer_steps == 4 and all(p.isfinite().all() for p in model.parameters())
+# --- FairGrad -----------------------------------------------------------------------------------------------
+
+ADVERSARIAL = {
+    "random": lambda T, s: _random_jacobian(T, 12, s),
+    "norms 1e5 apart": lambda T, s: _random_jacobian(T, 12, s) * _spread(T, 1e5),
+    "near-parallel": lambda T, s: _random_jacobian(1, 12, s) + 1e-3 * _random_jacobian(T, 12, s + 100),
+    "tiny": lambda T, s: 1e-7 * _random_jacobian(T, 12, s),
+}
 
 
-# --- state ------------------------------------------------------------------------------------------------
+def _fair_residual(G: torch.Tensor, w: torch.Tensor, alpha: float) -> float:
+    """|(G w)_t - w_t^(-1/alpha)| relative to the size of its terms, in float64."""
+    target = w ** (-1 / alpha)
+    return float(((G @ w - target).abs() / (G.abs() @ w + target)).max())
 
 
-def _run(method, model, data, optimizer_state=None):
-    ctx = context(model, TASKS, data, lr=0.1, name="adam")
-    if optimizer_state is not None:
-        ctx.optimizer.load_state_dict(optimizer_state)
-    for _ in data:
+@pytest.mark.parametrize("case", ADVERSARIAL)
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0, 5.0])
+def test_fairgrad_weights_solve_the_fairness_condition(case, alpha):
+    for T in (2, 3, 5):
+        for seed in range(4):
+            J = ADVERSARIAL[case](T, seed)
+            G = J @ J.T
+            w = fair_weights(G, alpha)
+            assert (w > 0).all() and _fair_residual(G, w, alpha) < 1e-9
+
+
+def test_fairgrad_closed_forms_for_orthogonal_gradients_and_alpha_one_is_nash():
+    """Orthogonal g_t: (G w)_t = n_t^2 w_t = w_t^(-1/alpha), so w_t = n_t^(-2 alpha / (1 + alpha)); at
+    alpha = 1 that is Nash-MTL's 1 / ||g_t|| and every task improves by g_t . d = 1 / w_t = ||g_t||."""
+    J = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 20.0]], dtype=torch.float64)
+    norms = torch.tensor([3.0, 0.5, 20.0], dtype=torch.float64)
+    for alpha in (0.5, 1.0, 2.0, 5.0):
+        torch.testing.assert_close(fair_weights(J @ J.T, alpha), norms ** (-2 * alpha / (1 + alpha)))
+    d = build("fairgrad", max_norm=0.0, alpha=1.0).aggregate(J, _loss_values([1, 1, 1]))
+    torch.testing.assert_close(J @ d, norms)
+    # two conflicting tasks at alpha = 1: G = [[1, -0.5], [-0.5, 4]] and G w = 1 / w
+    G = torch.tensor([[1.0, -0.5], [-0.5, 4.0]], dtype=torch.float64)
+    w = fair_weights(G, 1.0)
+    torch.testing.assert_close(G @ w, 1 / w, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fairgrad_update_maximises_the_alpha_fair_utility(seed):
+    """d is the maximiser of sum_t u_alpha(g_t . d) - ||d||^2 / 2 (whose stationarity condition is the
+    fairness condition): no perturbation does better, and each improvement is w_t^(-1/alpha) > 0."""
+    J = _random_jacobian(3, 6, seed) * torch.tensor([[1.0], [4.0], [0.3]], dtype=torch.float64)
+    for alpha in (0.5, 1.0, 2.0):
+        method = build("fairgrad", alpha=alpha, max_norm=0.0)
+        d = method.aggregate(J, _loss_values([1, 2, 3]))
+        w = torch.tensor([method.weights[t] for t in TASKS], dtype=torch.float64)
+        torch.testing.assert_close(J @ d, w ** (-1 / alpha), rtol=1e-8, atol=0)
+
+        def objective(x):
+            improvements = J @ x
+            utility = improvements.log() if alpha == 1 else improvements ** (1 - alpha) / (1 - alpha)
+            return float(utility.sum() - x @ x / 2)
+
+        perturbations = _random_jacobian(50, 6, seed + 10)
+        for v in perturbations:
+            x = d + 1e-3 * v * d.norm()
+            assert not (J @ x > 0).all() or objective(x) <= objective(d) + 1e-12
+
+
+def test_fairgrad_alpha_to_zero_gives_equal_weights_and_alpha_zero_the_sum():
+    J = _random_jacobian(3, 6, 1) * torch.tensor([[1.0], [3.0], [0.5]], dtype=torch.float64)
+    ones = torch.ones(3, dtype=torch.float64)
+    torch.testing.assert_close(fair_weights(J @ J.T, 1e-4), ones, rtol=0, atol=1e-2)
+    d = build("fairgrad", alpha=0.0, max_norm=0.0).aggregate(J, _loss_values([1, 1, 1]))
+    torch.testing.assert_close(d, J.sum(dim=0))
+
+
+def test_fairgrad_zero_gradient_clipping_and_a_pareto_stationary_point():
+    J = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+    method = build("fairgrad", alpha=2.0, max_norm=0.0)
+    method.aggregate(J, _loss_values([1, 1, 1]))
+    assert method.weights["b"] == 0 and method.weights["a"] > 0 and method.weights["c"] > 0
+    clipped = build("fairgrad", max_norm=0.01).aggregate(J, _loss_values([1, 1, 1]))
+    assert float(clipped.norm()) == pytest.approx(0.01)
+    opposite = torch.tensor([[1.0, -2.0], [-1.0, 2.0]], dtype=torch.float64)  # no direction improves both
+    d = build("fairgrad", alpha=1.0, max_norm=0.0).aggregate(opposite, _loss_values([1, 1]))
+    assert d.isfinite().all() and float(d.norm()) < 1e-3
+
+
+# --- MoCo ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_moco_tracks_each_gradient_and_takes_projected_steps_on_the_simplex(rescale):
+    beta, beta_sigma, gamma, gamma_sigma, rho = 0.5, 0.5, 0.3, 0.5, 0.1
+    method = build("moco", beta=beta, beta_sigma=beta_sigma, gamma=gamma, gamma_sigma=gamma_sigma, rho=rho,
+                   rescale_to_loss=rescale)
+    y, lam = np.zeros((3, 5)), np.full(3, 1 / 3)
+    for k in (1, 2, 3):
+        J = _random_jacobian(3, 5, k) * torch.tensor([[1.0], [10.0], [0.1]], dtype=torch.float64)
+        loss_values = np.array([0.5, 2.0, 1.5]) * k
+        d = method.aggregate(J, _loss_values(loss_values))
+        g = J.numpy()
+        h = g * (loss_values / (np.linalg.norm(g, axis=1) + 1e-8))[:, None] if rescale else g
+        y = y - beta / k**beta_sigma * (y - h)  # y_{k+1} = y_k - beta_k (y_k - h_k), exactly
+        lam = project_by_bisection(lam - gamma / k**gamma_sigma * ((y @ y.T + rho * np.eye(3)) @ lam))
+        tracked = np.stack([method.tracked[t].numpy() for t in TASKS])
+        np.testing.assert_allclose(tracked, y, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose([method.weights[t] for t in TASKS], lam, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(d.numpy(), lam @ y, rtol=1e-9, atol=1e-12)
+        assert lam.min() >= 0 and lam.sum() == pytest.approx(1.0)
+    assert not np.allclose(lam, 1 / 3)
+
+
+def test_moco_keeps_tracked_gradients_per_task_and_weights_per_task_set():
+    method = build("moco", rescale_to_loss=False)
+    J = _random_jacobian(3, 4, 0)
+    method.aggregate(J, _loss_values([1, 1, 1]))
+    method.aggregate(J[[0, 2]], {"a": torch.tensor(1.0), "c": torch.tensor(1.0)})
+    assert method.steps == {"a": 2, "b": 1, "c": 2}
+    assert set(method.lambdas.weights) == {("a", "b", "c"), ("a", "c")}
+    # y_a after two steps of beta_k = 0.5 / sqrt(k) towards the same gradient: 1 - (1 - 0.5)(1 - 0.5 / sqrt 2)
+    torch.testing.assert_close(method.tracked["a"], (1 - 0.5 * (1 - 0.5 / math.sqrt(2))) * J[0])
+    torch.testing.assert_close(method.tracked["b"], 0.5 * J[1])
+
+
+# --- MoDo and SDMGrad: three batches a step -----------------------------------------------------------------
+
+
+def _three_batches_setup(tasks=("a", "b")):
+    tasks = list(tasks)
+    model = linear_model(tasks)
+    data = batches(tasks, count=6)
+    ctx = context(model, tasks, data, lr=0.1)
+    return model, data, ctx, tasks
+
+
+def test_modo_steps_lambda_with_two_fresh_batches_and_the_model_with_the_first():
+    model, data, ctx, tasks = _three_batches_setup()
+    method = MoDo(tasks, gamma=0.05, rho=0.1)
+    lam = np.full(2, 0.5)
+    for it in range(2):
+        before = snapshot(model, tasks)
+        samples = [per_batch_float64(model, data[3 * it + i], tasks) for i in range(3)]
+        logged = method.iteration(ctx)
+        J0, J1, J2 = (s[1] for s in samples)
+        lam = project_by_bisection(lam - 0.05 * (J1 @ J2.T @ lam + 0.1 * lam))
+        np.testing.assert_allclose([method.weights[t] for t in tasks], lam, rtol=1e-6)
+        assert lam.min() >= 0 and lam.sum() == pytest.approx(1.0)
+        heads = {t: sum(s[2][t] for s in samples) / 3 for t in tasks}
+        assert_sgd_step(model, before, lam @ J0, heads)
+        np.testing.assert_allclose([v.item() for v in logged.values()], samples[0][0], rtol=1e-6)
+        wrong = project_by_bisection(np.full(2, 0.5) - 0.05 * (J0 @ J0.T @ np.full(2, 0.5) + 0.1 * np.full(2, 0.5)))
+        assert it > 0 or not np.allclose(wrong, lam)  # the update batch's own product gives other weights
+    counts = ctx.counts
+    assert (counts.forward_passes, counts.backward_passes, counts.optimizer_steps) == (6, 12, 2)
+
+
+def _sdmgrad_w(product: np.ndarray, w: np.ndarray, lamda: float, steps: int, lr: float, momentum: float):
+    a = product / (np.sqrt(np.maximum(np.diag(product), 0)).mean() ** 2 + 1e-8)
+    velocity = None
+    for _ in range(steps):
+        grad = a @ w + lamda * a.mean(axis=1)  # A w + lamda A 1 / T
+        velocity = grad if velocity is None else momentum * velocity + grad
+        w = project_by_bisection(w - lr * velocity)
+    return w
+
+
+def test_sdmgrad_weights_from_two_fresh_batches_and_direction_from_the_first():
+    model, data, ctx, tasks = _three_batches_setup()
+    method = SDMGrad(tasks, lamda=0.3, inner_steps=5, inner_lr=0.5, momentum=0.5)
+    w = np.full(2, 0.5)
+    for it in range(2):
+        before = snapshot(model, tasks)
+        samples = [per_batch_float64(model, data[3 * it + i], tasks) for i in range(3)]
         method.iteration(ctx)
-    return ctx
+        J0, J1, J2 = (s[1] for s in samples)
+        w = _sdmgrad_w(J1 @ J2.T, w, 0.3, 5, 0.5, 0.5)
+        c = (w + 0.3 / 2) / 1.3
+        np.testing.assert_allclose([method.weights[t] for t in tasks], c, rtol=1e-6)
+        heads = {t: sum(s[2][t] for s in samples) / 3 for t in tasks}
+        assert_sgd_step(model, before, c @ J0, heads)
+    assert ctx.counts.forward_passes == 6 and ctx.counts.backward_passes == 12
 
 
-@pytest.mark.parametrize("name,overrides", [(n, o) for n, o in VARIANTS if n in STATEFUL])
-def test_state_dict_round_trip_reproduces_the_next_update(name, overrides):
-    data = batches(TASKS, count=4)
-    model = linear_model(TASKS)
-    method = build(name, seed=1, **overrides)
-    ctx = _run(method, model, data[:3])
-    buffer = io.BytesIO()
-    torch.save(method.state_dict(), buffer)  # as a checkpoint: loaded back with weights_only=True
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=True)
-    snapshot, optimizer_state = copy.deepcopy(model), copy.deepcopy(ctx.optimizer.state_dict())
-
-    resumed = build(name, seed=2, **overrides)
-    resumed.load_state_dict(state)
-    fresh = build(name, seed=2, **overrides)
-    outcomes = []
-    for candidate in (method, resumed, fresh):
-        replica = copy.deepcopy(snapshot)
-        _run(candidate, replica, data[3:], copy.deepcopy(optimizer_state))
-        outcomes.append(replica.encoder.weight.detach())
-    torch.testing.assert_close(outcomes[1], outcomes[0], rtol=0, atol=0)
-    if name == "nash_mtl" and overrides.get("update_weights_every", 1) == 1:
-        return  # weights solved exactly each step: the warm start speeds the solve, never changes it
-    assert not torch.equal(outcomes[2], outcomes[0])  # the state matters: without it the update differs
+def test_sdmgrad_lamda_pulls_the_direction_to_the_mean_and_zero_gives_mgda():
+    J = _random_jacobian(3, 6, 4) * torch.tensor([[1.0], [3.0], [0.5]], dtype=torch.float64)
+    G = J @ J.T
+    mean = J.mean(dim=0)
+    spread = float((J - mean).norm(dim=1).max())
+    start = torch.full((3,), 1 / 3, dtype=torch.float64)
+    for lamda in (0.3, 10.0, 1000.0):
+        w = sdmgrad_weights(G, start, lamda, 20, 5.0, 0.5)
+        d = ((w + lamda / 3) / (1 + lamda)) @ J
+        torch.testing.assert_close(d - mean, (w @ J - mean) / (1 + lamda))
+        assert float((d - mean).norm()) <= spread / (1 + lamda) + 1e-12
+    w = sdmgrad_weights(G, start, 0.0, 3000, 0.05, 0.5)  # a small step: the inner problem is solved
+    torch.testing.assert_close(w @ J, min_norm_weights(G) @ J, rtol=0, atol=1e-6)

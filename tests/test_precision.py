@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from mtlrun import CONF_DIR
 from mtlrun.data import build_shapes
 from mtlrun.errors import MtlrunError
-from mtlrun.precision import run_dtype
+from mtlrun.precision import LossScaler, Precision, run_dtype
 from mtlrun.train.build import build_run, seed_everything
 
 # Strategies that keep tensors of their own (weights, log-variances, logits, random draws, solvers' inputs).
@@ -89,3 +89,14 @@ def test_dtype_settings_are_checked(tiny_data):
     with pytest.raises(MtlrunError, match="trainer.precision=bf16 autocasts a float32 run"):
         _build(tiny_data, "float64", "trainer.precision=bf16")
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_loss_scaled_gradients_of_fp16_activations_are_unscaled_in_full_precision():
+    """A gradient w.r.t. an fp16 tensor (MGDA-UB's representation under autocast) is representable once scaled
+    (1e-9 * 2**16 = 6.6e-5) but not after dividing in fp16 (1e-9 is under fp16's smallest subnormal, 6e-8):
+    unscaled in full precision it keeps its value."""
+    z = torch.ones(3, dtype=torch.float16, requires_grad=True)
+    precision = Precision("fp16", "cpu", LossScaler(scale=2.0**16))
+    (grad,) = precision.grad((z.float() * 1e-9).sum(), [z])
+    assert grad.dtype == torch.float32
+    assert torch.allclose(grad, torch.full((3,), 1e-9), rtol=1e-3) and (grad > 0).all()

@@ -405,7 +405,8 @@ def test_where_a_run_writes_is_not_part_of_its_identity(workdir):
     from mtlrun.run.identity import RUN_CONTROL_KEYS, config_hash
 
     ids = {config_hash(compose(workdir, *o), ("seed", *RUN_CONTROL_KEYS))
-           for o in [(), ("output_root=elsewhere",), ("logger=tensorboard",), ("trainer.progress=false",)]}
+           for o in [(), ("output_root=elsewhere",), ("logger=tensorboard",), ("logger=[csv,mlflow,wandb]",),
+                     ("trainer.progress=false",)]}
     assert len(ids) == 1
     assert config_hash(compose(workdir, "optimizer.lr=0.5"), RUN_CONTROL_KEYS) not in ids
 

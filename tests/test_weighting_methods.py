@@ -1,28 +1,26 @@
 """Loss-weighting methods: each update checked by hand on tiny linear models, plus what every method must do
 (one optimizer step per call, any subset of tasks, state that resumes identically, no NaN when degenerate)."""
 
-import copy
-import inspect
-import io
 import math
 
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
+from scipy.special import logsumexp
 
-from mtlrun import CONF_DIR
 from mtlrun.errors import MtlrunError
 from mtlrun.strategies.base import SeededStrategy
 from mtlrun.strategies.db_mtl import DBMTL
 from mtlrun.strategies.dwa import DWA
+from mtlrun.strategies.excess_mtl import ExcessMTL
 from mtlrun.strategies.famo import FAMO
 from mtlrun.strategies.gls import GLS
 from mtlrun.strategies.gradnorm import GradNorm, weight_gradient
-from mtlrun.strategies.grouped import Grouped
 from mtlrun.strategies.rlw import RLW
-from mtlrun.strategies.uncertainty import TaskScalars, Uncertainty
-from tests.helpers import batches, context, linear_model
+from mtlrun.strategies.stch import STCH, smooth_tchebycheff
+from mtlrun.strategies.task_scalars import TaskScalars
+from mtlrun.strategies.uncertainty import Uncertainty
+from tests.helpers import assert_sgd_step, batches, context, linear_model, per_batch_float64, snapshot
 
 TASKS = ["a", "b", "c"]
 METHODS = {cls.name: cls for cls in (Uncertainty, DWA, RLW, GradNorm, FAMO, DBMTL, GLS)}
@@ -314,26 +312,6 @@ def test_gls_loss_is_the_geometric_mean_and_its_gradient_by_hand():
 
 # ---- what every method must do ----
 
-BACKWARD_PASSES = {"gradnorm": 1 + len(TASKS), "db_mtl": len(TASKS)}  # per iteration; 1 for the others
-FORWARD_PASSES = {"famo": 2}
-
-
-@pytest.mark.parametrize("name", METHODS)
-def test_two_iterations_take_exactly_one_optimizer_step_each(name):
-    model = linear_model(TASKS)
-    before = [p.detach().clone() for p in model.parameters()]
-    ctx = context(model, TASKS, batches(TASKS), name="adam", lr=0.01)
-    strategy = _make(name, TASKS)
-    for i in range(2):
-        logged = strategy.iteration(ctx)
-        assert list(logged) == TASKS and all(not v.requires_grad for v in logged.values())
-        assert ctx.counts.optimizer_steps == i + 1
-    assert ctx.counts.forward_passes == 2 * FORWARD_PASSES.get(name, 1)
-    assert ctx.counts.backward_passes == 2 * BACKWARD_PASSES.get(name, 1)
-    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
-    assert strategy.group_size == len(TASKS)
-
-
 def _subset_state_ok(name, strategy) -> bool:
     """After one step on tasks a and c: task b's state is as it started, the group's weights are the group's."""
     state = strategy.state_dict()
@@ -369,126 +347,6 @@ def test_combine_on_a_subset_steps_only_its_tasks(name):
         assert sum(strategy.task_weights()[t] for t in "ac") == pytest.approx(2.0)
 
 
-def _assert_same(a, b):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            _assert_same(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_same(x, y)
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    else:
-        assert a == b
-
-
-def _continue(strategy, model_state, optimizer_state, data):
-    """The rest of the epoch (one iteration), then one iteration of the next."""
-    model = linear_model(TASKS)
-    model.load_state_dict(model_state)
-    ctx = context(model, TASKS, data, name="adam", lr=0.01)
-    ctx.optimizer.load_state_dict(copy.deepcopy(optimizer_state))
-    strategy.iteration(ctx)
-    strategy.epoch_end()
-    strategy.iteration(ctx)
-    return [p.detach().clone() for p in model.parameters()]
-
-
-@pytest.mark.parametrize("name", METHODS)
-def test_state_dict_round_trip_reproduces_the_next_update(name):
-    data = batches(TASKS, count=8)
-    model = linear_model(TASKS)
-    ctx = context(model, TASKS, data, name="adam", lr=0.01)
-    original = _make(name, TASKS)
-    for _ in range(3):  # three epochs of one iteration: DWA's weights are no longer uniform
-        original.iteration(ctx)
-        original.epoch_end()
-    original.iteration(ctx)  # saved in the middle of an epoch
-    buffer = io.BytesIO()  # through a checkpoint file, read back as a resumed run does
-    torch.save(original.state_dict(), buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    model_state, optimizer_state = copy.deepcopy(model.state_dict()), copy.deepcopy(ctx.optimizer.state_dict())
-    resumed = _make(name, TASKS, seed=99)
-    resumed.load_state_dict(saved)
-
-    expected = _continue(original, model_state, optimizer_state, data[4:])
-    got = _continue(resumed, model_state, optimizer_state, data[4:])
-    for p, q in zip(expected, got):
-        assert torch.equal(p, q)
-    _assert_same(original.state_dict(), resumed.state_dict())
-    if name != "gls":  # a fresh strategy (nothing loaded) would not reproduce it: the state matters
-        fresh = _continue(_make(name, TASKS, seed=99), model_state, optimizer_state, data[4:])
-        assert not all(torch.equal(p, q) for p, q in zip(expected, fresh))
-
-
-@pytest.mark.parametrize("name", METHODS)
-def test_grouped_applies_the_method_inside_each_group(name):
-    model = linear_model(TASKS)
-    ctx = context(model, TASKS, batches(TASKS), name="adam", lr=0.01)
-    grouped = Grouped(TASKS, seed=0, group_size=2, combiner=_make(name, TASKS))
-    for _ in range(2):
-        grouped.iteration(ctx)
-        grouped.epoch_end()
-    # two groups per iteration, each one forward pass (famo: one more to re-evaluate its group's losses)
-    assert ctx.counts.optimizer_steps == 4 and ctx.counts.forward_passes == 4 * FORWARD_PASSES.get(name, 1)
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-
-
-def _zero_loss_setup():
-    model = linear_model(TASKS)
-    with torch.no_grad():
-        model.encoder.weight.zero_()
-    data = [{"image": torch.randn(8, 3), **{t: torch.zeros(8) for t in TASKS}} for _ in range(4)]
-    return model, TASKS, data
-
-
-def _one_task_setup():
-    return linear_model(["a"]), ["a"], batches(["a"], count=4)
-
-
-def _finite(value) -> bool:
-    if isinstance(value, dict):
-        return all(_finite(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return all(_finite(v) for v in value)
-    if isinstance(value, torch.Tensor):
-        return bool(torch.isfinite(value.float()).all())
-    if isinstance(value, float):
-        return math.isfinite(value)
-    return True
-
-
-@pytest.mark.parametrize("setup", [_zero_loss_setup, _one_task_setup], ids=["zero_loss", "one_task"])
-@pytest.mark.parametrize("name", METHODS)
-def test_degenerate_inputs_give_no_nan(name, setup):
-    model, tasks, data = setup()
-    ctx = context(model, tasks, data, name="adam", lr=0.01)
-    strategy = _make(name, tasks)
-    for _ in range(4):  # DWA's ratios are used from the third epoch on
-        strategy.iteration(ctx)
-        strategy.epoch_end()
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert _finite(strategy.state_dict()) and _finite(strategy.task_weights())
-    assert ctx.counts.optimizer_steps == 4
-
-
-@pytest.mark.parametrize("name", METHODS)
-def test_conf_file_cites_the_paper_and_gives_the_constructor_defaults(name):
-    path = CONF_DIR / "strategy" / f"{name}.yaml"
-    assert path.read_text().startswith("# ")
-    conf = OmegaConf.to_container(OmegaConf.load(path))
-    cls = METHODS[name]
-    assert conf.pop("name") == cls.name == name
-    params = inspect.signature(cls.__init__).parameters
-    defaults = {k: p.default for k, p in params.items() if k not in ("self", "tasks", "seed")}
-    assert conf == defaults
-    strategy = cls(TASKS, seed=0, **conf) if issubclass(cls, SeededStrategy) else cls(TASKS, **conf)
-    assert strategy.name == name
-
-
 @pytest.mark.parametrize(
     "cls,settings,message",
     [
@@ -498,8 +356,122 @@ def test_conf_file_cites_the_paper_and_gives_the_constructor_defaults(name):
         (GradNorm, {"alpha": -1.0}, "strategy.alpha must be >= 0"),
         (FAMO, {"gamma": -0.1}, "strategy.gamma must be >= 0"),
         (DBMTL, {"beta": 1.0}, r"strategy.beta must lie in \[0, 1\)"),
+        (STCH, {"mu": 0.0}, "strategy.mu"),
+        (STCH, {"warmup_epochs": 1.5}, "strategy.warmup_epochs"),
+        (ExcessMTL, {"robust_step_size": 0.0}, "strategy.robust_step_size"),
+        (ExcessMTL, {"baseline_epochs": -1}, "strategy.baseline_epochs"),
     ],
 )
 def test_bad_settings_are_refused(cls, settings, message):
     with pytest.raises(MtlrunError, match=message):
         cls(TASKS, **settings)
+
+
+# --- STCH ---------------------------------------------------------------------------------------------------
+
+
+def _stch_weights(f: torch.Tensor, mu: float) -> torch.Tensor:
+    x = f.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(smooth_tchebycheff(x, mu), x)
+    return grad
+
+
+def test_smooth_tchebycheff_tends_to_the_max_and_to_the_mean():
+    f = torch.tensor([0.3, -1.2, 0.9, 0.85], dtype=torch.float64)
+    for mu in (1e-3, 0.1, 1.0, 10.0):
+        value = float(smooth_tchebycheff(f, mu))
+        assert 0.9 <= value <= 0.9 + mu * math.log(4) + 1e-12
+        assert value == pytest.approx(mu * logsumexp(f.numpy() / mu), rel=1e-12)  # scipy's, independently
+        weights = _stch_weights(f, mu)
+        assert (weights >= 0).all() and float(weights.sum()) == pytest.approx(1.0)
+    assert float(smooth_tchebycheff(f, 1e-4)) == pytest.approx(0.9, abs=1e-3)
+    one_hot = torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(_stch_weights(f, 1e-4), one_hot, atol=1e-6, rtol=0)
+    mu = 1e6  # mu log sum exp(f / mu) = mean(f) + mu log T + O(1 / mu)
+    assert float(smooth_tchebycheff(f, mu)) - mu * math.log(4) == pytest.approx(float(f.mean()), abs=1e-6)
+    equal = torch.full((4,), 0.25, dtype=torch.float64)
+    torch.testing.assert_close(_stch_weights(f, mu), equal, atol=1e-6, rtol=0)
+
+
+def test_stch_warm_up_nadir_epoch_and_smooth_tchebycheff_steps_by_hand():
+    tasks = ["a", "b"]
+    model = linear_model(tasks)
+    ctx = context(model, tasks, batches(tasks, count=6), lr=0.1)
+    recorded, step = [], ctx.step
+    ctx.step = lambda names, loss: (recorded.append(loss.item()), step(names, loss))
+    method = STCH(tasks, mu=0.5, warmup_epochs=1)
+    logged = []
+    for epoch in range(3):  # warm-up, nadir, STCH; two iterations each
+        for _ in range(2):
+            logged.append(np.array([v.item() for v in method.iteration(ctx).values()], dtype=np.float64))
+        method.epoch_end()
+    for it in range(4):  # the mean log-loss
+        assert recorded[it] == pytest.approx(np.log(logged[it] + 1e-20).mean(), rel=1e-6)
+    nadir = (logged[2] + logged[3]) / 2  # the nadir epoch's mean losses
+    np.testing.assert_allclose([method.nadir[t].item() for t in tasks], nadir, rtol=1e-6)
+    for it in (4, 5):
+        f = np.log(logged[it] / nadir + 1e-20)
+        assert recorded[it] == pytest.approx(0.5 * np.log(np.exp(f / 0.5).sum()), rel=1e-5, abs=1e-6)
+    weights = np.exp(f / 0.5) / np.exp(f / 0.5).sum()  # the last step's
+    np.testing.assert_allclose(list(method.task_weights().values()), weights, rtol=1e-5)
+
+
+# --- ExcessMTL ----------------------------------------------------------------------------------------------
+
+
+def test_excess_mtl_weights_rise_for_the_task_with_the_larger_normalised_excess_risk():
+    method = ExcessMTL(["a", "b"], robust_step_size=0.5)
+    sums, log_w, baselines = np.zeros((2, 3)), np.zeros(2), None
+    rows = [
+        [[1.0, 2.0, 0.0], [0.5, 0.0, 1.0]],
+        [[1.0, 2.0, 0.0], [0.05, 0.0, 0.1]],
+        [[3.0, 0.0, 1.0], [0.05, 0.1, 0.0]],
+    ]
+    for step, J in enumerate(rows):
+        J = np.array(J)
+        method.update(torch.tensor(J, dtype=torch.float32), ["a", "b"])
+        sums += J**2
+        estimates = (J**2 / np.sqrt(sums + 1e-7)).sum(axis=1)  # g^T diag(1 / sqrt(S)) g
+        baselines = estimates if baselines is None else baselines
+        log_w += 0.5 * estimates / baselines
+        w = np.exp(log_w) / np.exp(log_w).sum()
+        np.testing.assert_allclose(list(method.task_weights().values()), w, rtol=1e-5)
+        if step == 0:
+            np.testing.assert_allclose(w, [0.5, 0.5])  # the first step is the baseline: no change
+    assert w[0] > 0.5  # task b's gradients shrank ten-fold: it is nearer convergence, a gains weight
+
+
+def test_excess_mtl_step_is_the_gradient_of_the_weighted_loss():
+    tasks = ["a", "b"]
+    model = linear_model(tasks)
+    data = batches(tasks, count=2)
+    ctx = context(model, tasks, data, lr=0.1)
+    method = ExcessMTL(tasks, robust_step_size=2.0)
+    sums, log_w, baselines = np.zeros((2, 9)), np.zeros(2), None
+    for it in range(2):
+        before = snapshot(model, tasks)
+        _, J, heads = per_batch_float64(model, data[it], tasks)
+        method.iteration(ctx)
+        sums += J**2
+        estimates = (J**2 / np.sqrt(sums + 1e-7)).sum(axis=1)
+        baselines = estimates if baselines is None else baselines
+        log_w += 2.0 * estimates / baselines
+        w = np.exp(log_w) / np.exp(log_w).sum()
+        assert_sgd_step(model, before, w @ J, {t: wt * heads[t] for t, wt in zip(tasks, w)})
+    assert not np.allclose(w, 0.5)
+
+
+def test_excess_mtl_baseline_epochs_keep_equal_weights_and_average_the_baseline():
+    method = ExcessMTL(["a", "b"], robust_step_size=1.0, baseline_epochs=1)
+    J = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    method.update(J, ["a", "b"])
+    method.update(2 * J, ["a", "b"])
+    assert method.task_weights() == {"a": 0.5, "b": 0.5}
+    method.epoch_end()
+    method.update(J, ["a", "b"])
+    # per coordinate: S = 1, 5, 6 (times the row's scale^2); estimates 1, 4/sqrt5, 1/sqrt6 (times the scale)
+    first, second = np.array([1.0, 2.0]), np.array([4.0, 8.0]) / math.sqrt(5)
+    third = np.array([1.0, 2.0]) / math.sqrt(6)
+    ratios = third / ((first + second) / 2)
+    w = np.exp(ratios) / np.exp(ratios).sum()
+    np.testing.assert_allclose(list(method.task_weights().values()), w, rtol=1e-5)

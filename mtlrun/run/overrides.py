@@ -33,7 +33,7 @@ def check_group_choices(args: list[str]) -> None:
         key = key.lstrip("+~")
         if key not in groups or "(" in value:
             continue
-        for option in value.split(","):
+        for option in value.replace("[", "").replace("]", "").split(","):  # logger=[csv,mlflow]: several
             if option not in groups[key]:
                 raise MtlrunError(
                     f"{key}={option} is not an option of '{key}'; valid: {', '.join(groups[key])} "
@@ -59,7 +59,8 @@ def check_sweep_choices(choices: Mapping[str, object]) -> None:
 def check_top_level_keys(cfg: DictConfig, choices: Mapping[str, object]) -> None:
     """Refuse a key added at the top of the config (`+foo=1`): nothing reads it, so it is a typo or a
     misplaced setting. Known: conf/config.yaml's keys and every config group chosen (`+case=x` adds one)."""
-    known = set(OmegaConf.load(CONF_DIR / "config.yaml")) | {g for g in choices if "/" not in g} | {"hydra"}
+    # Every group counts: one chosen as a list (logger=[csv,mlflow]) is not among Hydra's choices.
+    known = set(OmegaConf.load(CONF_DIR / "config.yaml")) | set(config_groups()) | set(choices) | {"hydra"}
     unknown = [str(k) for k in cfg if k not in known]
     if unknown:
         keys = ", ".join(str(k) for k in cfg if k in known and k != "hydra")

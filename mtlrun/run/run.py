@@ -38,6 +38,7 @@ class Run:
         self.signals = StopSignals()
         self.start_epoch = 0
         self.iterations_per_epoch = 0
+        self.resumed = False  # from a checkpoint (set by `open`)
 
     @property
     def main(self) -> bool:
@@ -76,7 +77,7 @@ class Run:
             )
         if opened == "resumed" and not self.main:
             self.state.load_state_dict(self.directory.load_checkpoint(device), self.directory.checkpoint)
-        self.start_epoch = self.history.epoch
+        self.start_epoch, self.resumed = self.history.epoch, opened == "resumed"
 
     def _resume_or_claim(self, device: torch.device) -> str:
         """"resumed", "new", or "finished" (a resume of a finished run: nothing to do)."""

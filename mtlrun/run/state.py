@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from mtlrun.errors import MtlrunError
-from mtlrun.strategies.base import Counts
+from mtlrun.strategies.context import Counts
 
 
 class Stateful(Protocol):

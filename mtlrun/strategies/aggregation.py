@@ -1,5 +1,6 @@
-"""The solvers the gradient methods use (torchjd's aggregators, CAGrad's dual, UPGrad's projections), behind
-small functions: the one module importing torchjd.
+"""The solvers the gradient methods use, as pure functions of the Gram matrix (torchjd's aggregators, MGDA's min-norm
+point, CAGrad's dual, UPGrad's projections, FairGrad's and Nash-MTL's conditions, SDMGrad's inner steps): the one
+module importing torchjd.
 
 torchjd is pinned (pyproject.toml) because its API changes between minor releases. The weightings read
 the T x T Gram matrix J J^T of the task gradients (float64, on any device) and return one weight per
@@ -18,8 +19,10 @@ import cvxpy as cp
 import numpy as np
 import torch
 import torchjd.aggregation as tjd
-from scipy.optimize import nnls
+from scipy.optimize import least_squares, nnls
 from torch import Tensor
+
+from mtlrun.strategies.simplex import project_onto_simplex
 
 # CLARABEL's tolerances for CAGrad's dual: its optimum is needed to the last digits when the worst task's
 # improvement is 1e-5 of the others' (gradient norms 1e5 apart); the defaults (1e-8) give ~1e-7 relative.
@@ -29,6 +32,12 @@ CLARABEL_TIGHT = {
 NASH_TOLERANCE = 1e-12  # |a_i (G a)_i - 1| at which the bargaining condition counts as solved
 NASH_MAX_STEPS = 100  # Newton steps; a solvable condition needs a handful from a warm start
 ZERO_DIRECTION = 1e-12  # CAGrad's g_w below this fraction of the largest gradient norm is the zero vector
+# Largest residual accepted as solved, relative to the size of its terms:
+# |(G w)_t - w_t^(-1/alpha)| / ((|G| w)_t + w_t^(-1/alpha)) (plain relative residuals cannot be met in float64
+# where (G w)_t is a near-cancellation, e.g. a small alpha and a conflicting gradient 1e5 times smaller).
+FAIR_TOLERANCE = 1e-10  # FairGrad's condition
+FAIR_NEWTON_STEPS = 100
+SDMGRAD_EPS = 1e-8  # added to the squared scale that divides the weights' problem, as LibMTL
 
 
 @contextmanager
@@ -52,16 +61,48 @@ def pcgrad_weights(gram: Tensor) -> Tensor:
     return tjd.PCGradWeighting()(gram)
 
 
+def gram_root(gram: Tensor) -> Tensor:
+    """Rows x_t with x_i . x_j = G_ij (float64, on the CPU): the gradients in a T-dimensional basis of their span,
+    from the eigendecomposition G = V diag(lambda) V^T as V diag(sqrt(max(lambda, 0)))."""
+    eigenvalues, vectors = torch.linalg.eigh(gram.detach().cpu().double())
+    return vectors * eigenvalues.clamp(min=0).sqrt()
+
+
+def relative_gram_root(gram: np.ndarray) -> np.ndarray:
+    """`gram_root`'s rows, each accurate relative to its own norm however far apart the norms are: the
+    eigendecomposition is taken of the correlation matrix D^-1 G D^-1 (D the norms), whose entries lie in
+    [-1, 1] (UPGrad's). Kept in numpy, as UPGrad has always computed it: torch's and numpy's LAPACKs differ
+    in the last bits, so computing it through `gram_root` would move UPGrad's updates by ~1e-15."""
+    norms = np.sqrt(np.clip(np.diag(gram), 0, None))
+    norms = np.where(norms > 0, norms, 1.0)
+    eigenvalues, vectors = np.linalg.eigh(gram / norms[:, None] / norms[None, :])
+    return norms[:, None] * vectors * np.sqrt(np.clip(eigenvalues, 0, None))
+
+
+def min_norm_weights(gram: Tensor) -> Tensor:
+    """The weights w on the simplex minimising w^T G w: sum_t w_t g_t is the min-norm point of the convex
+    hull of the rows whose Gram matrix is G (MGDA's).
+
+    Solved exactly (Lawson-Hanson active set) as the non-negative least squares
+    min_{u >= 0} ||R^T u||^2 + (1 - sum u)^2 with R R^T = G: for u = s w the best s gives
+    ||x_w||^2 / (1 + ||x_w||^2), increasing in ||x_w||, so w = u / sum u.
+    """
+    root = gram_root(gram).numpy()  # row t: a point with task t's inner products
+    n = root.shape[0]
+    u, _ = nnls(np.vstack([root.T, np.ones((1, n))]), np.eye(n + 1)[-1])
+    return torch.as_tensor(u / u.sum(), device=gram.device)
+
+
 def upgrad_weights(gram: Tensor) -> Tensor:
     """UPGrad's weights (float64): (1/T) sum_i (e_i + lambda_i), where g_i + J^T lambda_i is g_i projected
     onto the dual cone {x : J x >= 0}.
 
     The projection's dual, lambda_i = argmin_{lambda >= 0} ||g_i + J^T lambda||, is a non-negative least
-    squares problem in the T-dimensional basis of `_gram_root`, solved exactly (Lawson-Hanson) with each
+    squares problem in the T-dimensional basis of `relative_gram_root`, solved exactly (Lawson-Hanson) with each
     column scaled to unit norm. torchjd's UPGradWeighting solves a QP on the Gram matrix with 1e-4 added to
     its (trace-normalised) diagonal, which moves the update by half its norm on near-opposite gradients.
     """
-    rows = _gram_root(gram.detach().double().cpu().numpy())
+    rows = relative_gram_root(gram.detach().double().cpu().numpy())
     norms = np.linalg.norm(rows, axis=1)
     norms = np.where(norms > 0, norms, 1.0)
     columns = rows.T / norms  # column j is g_j / ||g_j||: lambda_j = solution_j / ||g_j||
@@ -70,16 +111,6 @@ def upgrad_weights(gram: Tensor) -> Tensor:
         solution, _ = nnls(columns, -row)
         weights[i] += solution / norms
     return torch.from_numpy(weights.mean(axis=0)).to(gram.device)
-
-
-def _gram_root(gram: np.ndarray) -> np.ndarray:
-    """Rows x_t with x_i . x_j = G_ij (the gradients in a T-dimensional basis of their span), each accurate
-    relative to its own norm however far apart the norms are: the eigendecomposition is taken of the
-    correlation matrix D^-1 G D^-1 (D the norms), whose entries lie in [-1, 1]."""
-    norms = np.sqrt(np.clip(np.diag(gram), 0, None))
-    norms = np.where(norms > 0, norms, 1.0)
-    eigenvalues, vectors = np.linalg.eigh(gram / norms[:, None] / norms[None, :])
-    return norms[:, None] * vectors * np.sqrt(np.clip(eigenvalues, 0, None))
 
 
 def imtl_g_weights(gram: Tensor) -> Tensor:
@@ -104,8 +135,7 @@ def cagrad_weights(gram: Tensor, c: float) -> Tensor:
     """
     gram = gram.detach().double().cpu()
     n = len(gram)
-    values, vectors = torch.linalg.eigh(gram)
-    root = (vectors * values.clamp(min=0).sqrt()).numpy()  # gram = root @ root.T
+    root = gram_root(gram).numpy()
     mean = np.full(n, 1 / n)
     g0 = root.T @ mean
     radius = c * float(np.linalg.norm(g0))
@@ -220,3 +250,64 @@ class NashMTLSolver:
     def warm_start(self, a: Tensor) -> None:
         a = a.detach().cpu().double()
         self.last = a if a.numel() == self.n_tasks and bool((a > 0).all()) else None
+
+
+def fair_weights(gram: Tensor, alpha: float) -> Tensor:
+    """The w > 0 with (G w)_t = w_t^(-1/alpha) for every t (float64; G = J J^T with nonzero diagonal).
+
+    The condition is the stationarity condition of the strictly convex
+    phi(w) = w^T G w / 2 + sum_t psi(w_t), psi' (w) = -w^(-1/alpha) (psi = -log w at alpha = 1), so it is
+    solved by damped Newton steps on phi, which stay in w > 0 and converge wherever phi has a minimiser:
+    exactly when some direction improves every task (no convex combination of the gradients vanishes).
+    G is first divided by its mean diagonal s (the solution for s G is s^(-alpha/(1+alpha)) times that for
+    G) and Newton starts from the solution for orthogonal gradients. Where no solution exists, the
+    weights are those of the authors' solver: scipy's least_squares on the residual over w >= 0 from 1/T.
+    """
+    n = gram.shape[0]
+    scale = float(gram.diagonal().mean())
+    g = gram.double().cpu() / scale
+    w = g.diagonal() ** (-alpha / (1 + alpha))
+    for _ in range(FAIR_NEWTON_STEPS):
+        residual = g @ w - w ** (-1 / alpha)
+        if float((residual.abs() / (g.abs() @ w + w ** (-1 / alpha))).max()) < FAIR_TOLERANCE:
+            return w * scale ** (-alpha / (1 + alpha))
+        hessian = g + torch.diag(w ** (-1 / alpha - 1) / alpha)
+        try:
+            step = -torch.linalg.solve(hessian, residual)
+        except torch.linalg.LinAlgError:  # w running off to infinity: no solution
+            break
+        shrinking = step < 0
+        t = min(1.0, 0.99 * float((-w[shrinking] / step[shrinking]).min())) if shrinking.any() else 1.0
+        slope, phi = float(residual @ step), _phi(g, w, alpha)
+        if -slope > 1e-12 * (1 + abs(phi)):  # near the solution phi's change is rounding: full Newton steps
+            while t > 1e-12 and not _phi(g, w + t * step, alpha) <= phi + 1e-4 * t * slope:
+                t /= 2
+        w = w + t * step
+    a = g.numpy()
+    solved = least_squares(lambda x: a @ x - np.power(x, -1 / alpha), np.full(n, 1 / n), bounds=(0, np.inf)).x
+    return torch.as_tensor(solved) * scale ** (-alpha / (1 + alpha))
+
+
+def _phi(g: Tensor, w: Tensor, alpha: float) -> float:
+    quadratic = 0.5 * float(w @ g @ w)
+    if alpha == 1:
+        return quadratic - float(w.log().sum())
+    p = 1 - 1 / alpha
+    return quadratic - float((w**p).sum()) / p
+
+
+def sdmgrad_weights(
+    product: Tensor, start: Tensor, lamda: float, steps: int, lr: float, momentum: float,
+) -> Tensor:
+    """w on the simplex after `steps` projected steps of SGD with heavy-ball momentum (torch.optim.SGD's,
+    restarted at each call) from `start` on (1/2) ||J w + lamda g0||^2, its gradient estimated by
+    A (w + lamda / T), A = J(xi) J(xi')^T the `product` of two independent batches' Jacobians, divided
+    by the square of the mean of sqrt(max(A_tt, 0)) so that `lr` does not depend on the gradients' scale."""
+    scale = product.diagonal().clamp_min(0).sqrt().mean()
+    a = product / (scale**2 + SDMGRAD_EPS)
+    w, velocity = start, None
+    for _ in range(steps):
+        grad = a @ (w + lamda / len(w))
+        velocity = grad if velocity is None else momentum * velocity + grad
+        w = project_onto_simplex(w - lr * velocity)
+    return w

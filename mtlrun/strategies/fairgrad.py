@@ -5,66 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
-from scipy.optimize import least_squares
 from torch import Tensor
 
 from mtlrun.errors import MtlrunError
+from mtlrun.strategies.aggregation import fair_weights
 from mtlrun.strategies.gradient import GradientMethod
 
 ZERO_ROW = 1e-12  # a task whose squared gradient norm is below this fraction of the largest gets weight 0
-# Largest residual accepted as solved, relative to the size of its terms:
-# |(G w)_t - w_t^(-1/alpha)| / ((|G| w)_t + w_t^(-1/alpha)) (plain relative residuals cannot be met in float64
-# where (G w)_t is a near-cancellation, e.g. a small alpha and a conflicting gradient 1e5 times smaller).
-TOLERANCE = 1e-10
-NEWTON_STEPS = 100
-
-
-def fair_weights(gram: Tensor, alpha: float) -> Tensor:
-    """The w > 0 with (G w)_t = w_t^(-1/alpha) for every t (float64; G = J J^T with nonzero diagonal).
-
-    The condition is the stationarity condition of the strictly convex
-    phi(w) = w^T G w / 2 + sum_t psi(w_t), psi' (w) = -w^(-1/alpha) (psi = -log w at alpha = 1), so it is
-    solved by damped Newton steps on phi, which stay in w > 0 and converge wherever phi has a minimiser:
-    exactly when some direction improves every task (no convex combination of the gradients vanishes).
-    G is first divided by its mean diagonal s (the solution for s G is s^(-alpha/(1+alpha)) times that for
-    G) and Newton starts from the solution for orthogonal gradients. Where no solution exists, the
-    weights are those of the authors' solver: scipy's least_squares on the residual over w >= 0 from 1/T.
-    """
-    n = gram.shape[0]
-    scale = float(gram.diagonal().mean())
-    g = gram.double().cpu() / scale
-    w = g.diagonal() ** (-alpha / (1 + alpha))
-    for _ in range(NEWTON_STEPS):
-        residual = g @ w - w ** (-1 / alpha)
-        if float((residual.abs() / (g.abs() @ w + w ** (-1 / alpha))).max()) < TOLERANCE:
-            return w * scale ** (-alpha / (1 + alpha))
-        hessian = g + torch.diag(w ** (-1 / alpha - 1) / alpha)
-        try:
-            step = -torch.linalg.solve(hessian, residual)
-        except torch.linalg.LinAlgError:  # w running off to infinity: no solution
-            break
-        shrinking = step < 0
-        t = min(1.0, 0.99 * float((-w[shrinking] / step[shrinking]).min())) if shrinking.any() else 1.0
-        slope, phi = float(residual @ step), _phi(g, w, alpha)
-        if -slope > 1e-12 * (1 + abs(phi)):  # near the solution phi's change is rounding: full Newton steps
-            while t > 1e-12 and not _phi(g, w + t * step, alpha) <= phi + 1e-4 * t * slope:
-                t /= 2
-        w = w + t * step
-    a = g.numpy()
-    solved = least_squares(lambda x: a @ x - np.power(x, -1 / alpha), np.full(n, 1 / n), bounds=(0, np.inf)).x
-    return torch.as_tensor(solved) * scale ** (-alpha / (1 + alpha))
-
-
-def _phi(g: Tensor, w: Tensor, alpha: float) -> float:
-    quadratic = 0.5 * float(w @ g @ w)
-    if alpha == 1:
-        return quadratic - float(w.log().sum())
-    p = 1 - 1 / alpha
-    return quadratic - float((w**p).sum()) / p
-
-
 class FairGrad(GradientMethod):
     """FairGrad (Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024, Algorithm 1): the
     shared update d = sum_t w_t g_t maximises sum_t u(g_t . d) - ||d||^2 / 2, the alpha-fair utility

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from mtlrun.errors import MtlrunError
 from mtlrun.strategies.base import LossCombiner, StepContext
-from mtlrun.strategies.uncertainty import TaskScalars
+from mtlrun.strategies.task_scalars import TaskScalars
 
 EPS = 1e-8  # added to every loss before its log, as the reference code (no NaN for a zero loss)
 

@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 from mtlrun.errors import MtlrunError
-from mtlrun.optim import flatten
 from mtlrun.strategies.base import LossCombiner, StepContext
 
 HEADS = ("own", "weighted")  # how the heads step: along their own task's gradient, or times its task's weight
@@ -79,8 +78,8 @@ class GramWeighting(GradientMethod):
     """
 
     def aggregate(self, jacobian: Tensor, losses: dict[str, Tensor], gram: Tensor | None = None) -> Tensor:
-        """`gram`: the rows' Gram matrix when the rows are only a part of the gradients (MGDA-UB's representation
-        gradients under torchrun: each rank holds its share of the batch, so the Gram sums the ranks' ones)."""
+        """`gram`: the rows' Gram matrix where the step context formed it (MGDA-UB's representation gradients:
+        under torchrun each rank holds its share of the batch, so the Gram sums the ranks' ones)."""
         exact = jacobian.double()
         gram = exact @ exact.T if gram is None else gram
         trace = gram.trace()
@@ -102,16 +101,8 @@ def weighted_gradients(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The gradient of sum_t w_t L_t for the shared parameters (one backward pass) and each task's own
     head gradient (a second pass, through the heads only): a weighted step without the Jacobian."""
-    tasks = list(losses)
-    shared = ctx.model.shared_parameters()
-    heads = {t: ctx.model.task_parameters(t) for t in tasks}
-    total = sum(w * losses[t] for w, t in zip(weights.tolist(), tasks))
-    shared_grad = flatten(ctx.grad(total, shared, retain_graph=True), shared)
-    head_params = [p for t in tasks for p in heads[t]]
-    grads = ctx.grad(sum(losses.values()), head_params)
-    ctx.counts.backward_passes += 2
-    head_grads, n = {}, 0
-    for t in tasks:
-        head_grads[t] = flatten(grads[n : n + len(heads[t])], heads[t])
-        n += len(heads[t])
+    total = sum(w * losses[t] for w, t in zip(weights.tolist(), losses))
+    shared_grad, _ = ctx.gradients(total, [], retain_graph=True)
+    _, head_grads = ctx.gradients(sum(losses.values()), list(losses), shared=False)
+    assert shared_grad is not None
     return shared_grad, head_grads

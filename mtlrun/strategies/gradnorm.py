@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from mtlrun.errors import MtlrunError
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.strategies.base import LossCombiner, StepContext
-from mtlrun.strategies.uncertainty import TaskScalars
+from mtlrun.strategies.task_scalars import TaskScalars
 
 TINY = 1e-8  # floor of initial and mean loss ratios, so zero losses give no 0/0
 MIN_WEIGHT = 1e-6  # weights are kept positive before renormalising
@@ -56,6 +56,8 @@ def weight_gradient(weights: Tensor, grad_norms: Tensor, loss_ratios: Tensor, al
     w = weights.clone().requires_grad_()
     norms = w * grad_norms
     target = (norms.mean() * inverse_rates**alpha).detach()
+    # Not through the step context: a derivative of T numbers (w, from the norms already taken), not a
+    # backward pass through the network; nothing to count, scale (float32) or average (the same on every rank).
     return torch.autograd.grad((norms - target).abs().sum(), w)[0]
 
 
@@ -77,7 +79,7 @@ class GradNorm(LossCombiner):
     code, where the weights are parameters of the network's optimizer: with every task in every step, the
     same as that optimizer over the vector of weights (`lr` is then unused). The model's step uses the
     weights before their update.
-    G_t needs one partial backward pass per task down to W, counted in ctx.counts.backward_passes.
+    G_t needs one partial backward pass per task down to W (`ctx.grad`: counted, scaled, averaged).
     On a group of tasks (`grouped`) everything is over the group, whose weights are renormalised to
     sum to its size. A weight is kept >= 1e-6 before renormalising (the paper does not say what to do
     when a step would make one negative).
@@ -127,7 +129,6 @@ class GradNorm(LossCombiner):
                 "use): choose another layer or strategy"
             )
         grad_norms = torch.stack([g.norm() for g in grads])
-        ctx.counts.backward_passes += len(names)
         weights = self.weights.get(names)
         current = torch.stack([losses[t] for t in names])
         ctx.step(names, (weights * current).sum())

@@ -4,33 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
-from scipy.optimize import nnls
 from torch import Tensor
 
 from mtlrun.errors import MtlrunError
-from mtlrun.optim import flatten
-from mtlrun.run import distributed
+from mtlrun.strategies.aggregation import min_norm_weights
 from mtlrun.strategies.base import StepContext
 from mtlrun.strategies.gradient import GramWeighting
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
-
-
-def min_norm_weights(gram: Tensor) -> Tensor:
-    """The weights w on the simplex minimising w^T G w: sum_t w_t g_t is the min-norm point of the convex
-    hull of the rows whose Gram matrix is G.
-
-    Solved exactly (Lawson-Hanson active set) as the non-negative least squares
-    min_{u >= 0} ||R^T u||^2 + (1 - sum u)^2 with R R^T = G: for u = s w the best s gives
-    ||x_w||^2 / (1 + ||x_w||^2), increasing in ||x_w||, so w = u / sum u.
-    """
-    eigenvalues, vectors = torch.linalg.eigh(gram.detach().cpu().double())
-    root = (vectors * eigenvalues.clamp(min=0).sqrt()).numpy()  # row t: a point with task t's inner products
-    n = root.shape[0]
-    u, _ = nnls(np.vstack([root.T, np.ones((1, n))]), np.eye(n + 1)[-1])
-    return torch.as_tensor(u / u.sum(), device=gram.device)
 
 
 class MGDA(GramWeighting):
@@ -44,8 +26,10 @@ class MGDA(GramWeighting):
     parameters get the gradient of sum_t w_t L_t through the encoder: one pass per task through its head
     for dL_t/dz (and its head gradient), then one pass through the encoder with sum_t w_t dL_t/dz.
     It reads the representation of the forward pass that made `losses` (`ctx.features`), as the model
-    defines it (`MultiTaskModel.representation`: architectures without one refuse in one line).
-    Under torchrun each rank holds its share of z: the Gram matrix sums the ranks' ones, the update averages them.
+    defines it (`MultiTaskModel.representation`: architectures without one refuse in one line). Both kinds
+    of pass go through the step context (`representation_jacobian`, `through_representation`): counted,
+    loss-scaled under fp16, and under torchrun, where each rank holds its share of z, the Gram matrix sums
+    the ranks' ones and the update averages them.
     `normalization` divides each task's gradient by 1 (none, the paper), its norm (l2), its loss (loss) or
     both (loss+) before solving, as the authors' `gradient_normalizers` (their sample config uses loss+
     with MGDA-UB); as in their code the weights then multiply the unnormalised gradients. A non-positive
@@ -81,27 +65,6 @@ class MGDA(GramWeighting):
         if not self.rep_grad:
             super().combine(ctx, losses)
             return
-        tasks = list(losses)
-        features = ctx.model.representation(ctx.features)
-        rows, head_grads = [], {}
-        for t in tasks:
-            head = ctx.model.task_parameters(t)
-            grads = torch.autograd.grad(losses[t], features + head, retain_graph=True, allow_unused=True)
-            ctx.counts.backward_passes += 1
-            rows.append(flatten(grads[: len(features)], features))
-            head_grads[t] = flatten(grads[len(features) :], head)
-        jacobian = torch.stack(rows)
-        gram = distributed.summed(jacobian.double() @ jacobian.double().T) if distributed.active() else None
-        feature_direction = self.aggregate(jacobian, losses, gram)
-        sizes = [f.numel() for f in features]
-        grad_outputs = [g.view_as(f) for g, f in zip(feature_direction.split(sizes), features)]
-        shared = ctx.model.shared_parameters()
-        shared_grad = flatten(
-            torch.autograd.grad(features, shared, grad_outputs=grad_outputs, allow_unused=True), shared
-        )
-        ctx.counts.backward_passes += 1
-        if distributed.active():  # taken with torch.autograd.grad on this rank's share of the batch
-            shared_grad, *heads = distributed.average([shared_grad, *head_grads.values()])
-            head_grads = dict(zip(head_grads, heads))
-        ctx.apply(tasks, shared_grad, self.head_steps(head_grads))
-
+        rep = ctx.representation_jacobian(losses)
+        shared_grad, head_grads = ctx.through_representation(rep, self.aggregate(rep.rows, losses, rep.gram))
+        ctx.apply(list(losses), shared_grad, self.head_steps(head_grads))

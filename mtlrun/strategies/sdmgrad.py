@@ -7,28 +7,10 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from mtlrun.errors import MtlrunError
+from mtlrun.strategies.aggregation import sdmgrad_weights
 from mtlrun.strategies.base import LossCombiner, StepContext
-from mtlrun.strategies.modo import three_samples
-from mtlrun.strategies.simplex import WeightsPerTaskSet, project_onto_simplex
-
-EPS = 1e-8  # added to the squared scale that divides the weights' problem, as LibMTL
-
-
-def sdmgrad_weights(
-    product: Tensor, start: Tensor, lamda: float, steps: int, lr: float, momentum: float,
-) -> Tensor:
-    """w on the simplex after `steps` projected steps of SGD with heavy-ball momentum (torch.optim.SGD's,
-    restarted at each call) from `start` on (1/2) ||J w + lamda g0||^2, its gradient estimated by
-    A (w + lamda / T), A = J(xi) J(xi')^T the `product` of two independent batches' Jacobians, divided
-    by the square of the mean of sqrt(max(A_tt, 0)) so that `lr` does not depend on the gradients' scale."""
-    scale = product.diagonal().clamp_min(0).sqrt().mean()
-    a = product / (scale**2 + EPS)
-    w, velocity = start, None
-    for _ in range(steps):
-        grad = a @ (w + lamda / len(w))
-        velocity = grad if velocity is None else momentum * velocity + grad
-        w = project_onto_simplex(w - lr * velocity)
-    return w
+from mtlrun.strategies.sampling import three_samples
+from mtlrun.strategies.simplex import WeightsPerTaskSet
 
 
 class SDMGrad(LossCombiner):

@@ -19,7 +19,7 @@ from mtlrun.models.base import MultiTaskModel
 from mtlrun.precision import Precision, full
 from mtlrun.run import distributed
 from mtlrun.strategies import Strategy
-from mtlrun.strategies.base import Counts
+from mtlrun.strategies.context import Counts
 from mtlrun.tasks import JOINT_METRICS, Task, map_groups
 from mtlrun.train.build import Parts, compiled_graphs
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from mtlrun.loggers import CsvOnly, build_logger
+from mtlrun.loggers import Loggers, build_logger
 from mtlrun.optim import lr_factor
 from mtlrun.precision import run_dtype
 from mtlrun.run import distributed
@@ -43,7 +43,7 @@ def train(cfg: DictConfig, directory: RunDir | Path) -> dict | None:
             diagnostics=diagnostics, loss_scaler=parts.precision.scaler,
         )
         evaluation = Evaluation(parts, settings["eval_batch_size"], settings["epochs"])
-        logger = build_logger(cfg.logger, run.path) if run.main else CsvOnly()
+        logger = build_logger(cfg, run.path, resumed=run.resumed) if run.main else Loggers({})
         epochs = settings["epochs"]
         log.info("training %d epoch(s) of %d iterations in %s", epochs, run.iterations_per_epoch, run.path)
         for epoch in range(run.start_epoch, epochs):
@@ -68,8 +68,7 @@ def train(cfg: DictConfig, directory: RunDir | Path) -> dict | None:
             new_diagnostics = [r for r in diagnostics.rows if r["epoch"] == epoch + 1] if diagnostics is not None else []
             logger.log_epoch(epoch + 1, row, new_metrics, new_diagnostics)
             run.end_of_epoch(row)
-        logger.close()
-        return finish(cfg, run, parts, device) if run.main else None
+        return finish(cfg, run, parts, device, logger) if run.main else None
 
 
 def at_iteration_boundary(run: Run, parts: Parts, evaluation: Evaluation, settings: dict) -> None:
@@ -83,14 +82,16 @@ def at_iteration_boundary(run: Run, parts: Parts, evaluation: Evaluation, settin
     run.at_iteration_boundary(done)
 
 
-def finish(cfg: DictConfig, run: Run, parts: Parts, device: torch.device) -> dict:
-    """Write the run's results row (rank 0) and log its final metrics."""
+def finish(cfg: DictConfig, run: Run, parts: Parts, device: torch.device, logger: Loggers) -> dict:
+    """Write the run's results row (rank 0), hand it to the loggers, and log the final metrics."""
     metrics = run.history.metrics
     results = results_row(
         cfg, run.path, run.config_id, parts.strategy, parts.data.tasks, run.history.train_log, metrics,
         parts.ctx.counts, device,
     )
     run.finish(results)
+    logger.log_results(results)
+    logger.close()
     final = last_evaluation(metrics)
     at = f", iteration {final[0]['iteration']}" if "iteration" in final[0] else ""
     log.info("final metrics (epoch %d%s):\n%s", final[0]["epoch"], at, summary_table(final))

@@ -1,4 +1,5 @@
-"""The gradient methods on adversarial Jacobians (norms 1e5 apart, near-parallel rows) against float64 definitions."""
+"""The solvers of mtlrun/strategies/aggregation.py through their methods, on adversarial Jacobians (norms 1e5 apart,
+near-parallel rows) against float64 definitions."""
 
 import math
 
