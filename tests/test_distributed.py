@@ -13,9 +13,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from mtlrun import CONF_DIR, distributed
+from mtlrun import CONF_DIR
 from mtlrun.data import build_shapes
 from mtlrun.errors import MtlrunError
+from mtlrun.run import distributed
 from mtlrun.train.build import trainer_settings
 
 pytestmark = pytest.mark.slow

@@ -125,10 +125,13 @@ def test_imports_resolve_relative_and_from_package_forms(tmp_path):
 
 def test_no_module_imports_a_module_that_does_not_exist():
     """An editable install of another checkout answers for a module missing here: a stale import would run
-    that checkout's code without failing."""
+    that checkout's code without failing. The tests' and the Hydra plugins' imports are checked too."""
     known = modules()
-    missing = {(name, target) for name, targets in graph(in_functions=True).items() for target in targets
-               if target not in known}
+    edges = graph(in_functions=True)
+    for path in sorted(PACKAGE.parent.glob("tests/**/*.py")) + sorted(PACKAGE.parent.glob("hydra_plugins/**/*.py")):
+        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        edges[name] = imports(name, path, known, in_functions=True)
+    missing = {(name, target) for name, targets in edges.items() for target in targets if target not in known}
     assert not missing, f"imports of modules that do not exist: {sorted(missing)}"
 
 
