@@ -12,6 +12,7 @@ import yaml
 from mtlrun.errors import MtlrunError
 from mtlrun.report.runs import find_results, load_runs, plain, same, setting_columns
 from mtlrun.report.table import Comparison
+from mtlrun.sweeps import objective_value
 
 LR = "lr"
 SEARCHED = "optimizer.lr"
@@ -77,8 +78,6 @@ def direction_of(trials: pd.DataFrame) -> str:
 def searches(sweep: Path) -> list[Search]:
     """One Search per configuration among the sweep's finished trials: the trial with the best objective
     (the sweeper's own best where the sweep searched one configuration and wrote optimization_results.yaml)."""
-    from mtlrun.sweeps import objective_value  # it imports hydra, which a comparison without searches needs not
-
     files = find_results([sweep])[0]
     if not files:
         return []
