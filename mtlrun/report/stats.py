@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from mtlrun.errors import MtlrunError
 from mtlrun.report.runs import DELTA_M, plain
@@ -32,6 +31,8 @@ class Difference:
 
 def t_half_width(std: float, n: float, df: float) -> float:
     """Half the width of the Student t interval of a mean with standard error std / sqrt(n)."""
+    from scipy import stats  # here: importing it takes ~1 s, which comparisons of single seeds need not pay
+
     return float(stats.t.ppf(0.5 + LEVEL / 2, df) * std / np.sqrt(n))
 
 
@@ -46,6 +47,8 @@ def mean_interval(values: np.ndarray) -> tuple[float, float]:
 def two_sided(t: float, df: float) -> float:
     """The two-sided p-value of a t statistic (scipy.stats.ttest_rel's and ttest_ind's, without their warning
     on nearly constant differences)."""
+    from scipy import stats
+
     return float(2 * stats.t.sf(abs(t), df))
 
 
