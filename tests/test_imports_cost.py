@@ -25,7 +25,7 @@ def test_a_convnet_run_imports_no_torchvision() -> None:
         "import mtlrun.cli, mtlrun.train, mtlrun.data, mtlrun.diagnostics, mtlrun.tasks, mtlrun.models",
         f"from omegaconf import OmegaConf\nfrom mtlrun.models import build_model\n{build.format('convnet')}",
     ]
-    assert loaded_after(steps, ["torchvision", "matplotlib"]) == [[], []]
+    assert loaded_after(steps, ["torchvision", "matplotlib", "torchjd", "cvxpy"]) == [[], []]
 
 
 def test_compare_imports_neither_torch_nor_scipy_nor_matplotlib() -> None:
