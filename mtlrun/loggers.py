@@ -7,6 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from mtlrun.errors import MtlrunError
+from mtlrun.settings import LoggerSettings
 
 
 class CsvOnly:
@@ -48,12 +49,8 @@ class TensorBoard:
         self.writer.close()
 
 
-LOGGERS = ("csv", "tensorboard")
-
-
-def build_logger(cfg: DictConfig, run_dir: Path) -> CsvOnly | TensorBoard:
-    if cfg.name == "csv":
-        return CsvOnly()
-    if cfg.name == "tensorboard":
-        return TensorBoard(run_dir / cfg.get("subdir", "tensorboard"))
-    raise MtlrunError(f"logger {cfg.name!r} is unknown; valid: {', '.join(LOGGERS)}")
+def build_logger(cfg: LoggerSettings | DictConfig, run_dir: Path) -> CsvOnly | TensorBoard:
+    settings = cfg if isinstance(cfg, LoggerSettings) else LoggerSettings.from_config(cfg)
+    if settings.name == "tensorboard":
+        return TensorBoard(run_dir / settings.subdir)
+    return CsvOnly()
