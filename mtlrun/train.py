@@ -26,7 +26,6 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mtlrun import distributed
-from mtlrun.constraints import flag, integer
 from mtlrun.data import MultiTaskData, open_dataset, task_names
 from mtlrun.data.augment import Augment
 from mtlrun.data.loading import BatchStream, Split, SplitSource, ToDevice, eval_batches, on_device
@@ -40,17 +39,14 @@ from mtlrun.optim import MultiTaskOptimizer, OptimizerSettings, lr_factor
 from mtlrun.outputs import RunDir
 from mtlrun.precision import Precision, SkippedStep, full, run_dtype
 from mtlrun.rundirs import resume_hint
+from mtlrun.settings import IDENTITY_IGNORES, RunSettings, TrainerSettings
 from mtlrun.strategies import StepContext, Strategy, build_strategy
 from mtlrun.strategies.base import Counts
 from mtlrun.tasks import JOINT_METRICS, Task, map_groups
 
 log = logging.getLogger("mtlrun")
 
-# Keys that change how a run is executed or reported, or where it writes, but not what it computes.
-RUN_CONTROL_KEYS = (
-    "resume", "overwrite", "trainer.progress", "trainer.stop_after_epochs", "trainer.device", "trainer.workers",
-    "dataset.in_memory", "output_root", "logger", "trainer.checkpoint_every", "objective",
-)
+RUN_CONTROL_KEYS = IDENTITY_IGNORES  # what config_id and resume_id leave out (mtlrun.settings says why)
 # A task's mean training loss this many times its first loss stops the run, as a non-finite one does.
 LOSS_EXPLOSION_FACTOR = 1e6
 
@@ -212,9 +208,8 @@ def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: in
     lr_factor(cfg.scheduler, 0, epochs)
     check_model(cfg.model)
     precision = Precision(cfg.trainer.get("precision", "fp32"), device.type)
-    channels_last, compile_ = (
-        flag(f"trainer.{key}", cfg.trainer.get(key, False)) for key in ("channels_last", "compile")
-    )
+    trainer = TrainerSettings.from_config(cfg.trainer)
+    channels_last, compile_ = trainer.channels_last, trainer.compile
     data = open_dataset(cfg.dataset, names)
     data.splits = on_device(data.splits, device, cfg.dataset.get("in_memory", True))
     with run_dtype("float32"):  # a float64 run (trainer.dtype) starts from the float32 run's initial weights
@@ -229,9 +224,7 @@ def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: in
     optimizer = MultiTaskOptimizer(
         model.shared_parameters(), {t: model.task_parameters(t) for t in names}, optimizer_settings
     )
-    workers = cfg.trainer.get("workers", 0)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise MtlrunError(f"trainer.workers must be an integer >= 0, got {workers!r}")
+    workers = trainer.workers
     train_split = data.splits["train"]
     if isinstance(train_split, Split) and train_split.images.device.type != "cpu":
         workers = 0  # already on the GPU: nothing to read ahead
@@ -685,36 +678,11 @@ def config_hash(cfg: DictConfig, ignore: tuple[str, ...]) -> str:
 
 
 def _trainer_settings(cfg: DictConfig) -> dict:
-    t = cfg.trainer
-    settings = {
-        "epochs": t.epochs, "batch_size": t.batch_size, "eval_batch_size": t.eval_batch_size,
-        "eval_every": t.eval_every, "stop_after_epochs": t.stop_after_epochs,
-        "diagnostics_every": cfg.diagnostics_every, "eval_every_iterations": t.get("eval_every_iterations"),
-    }
-    for key, value in settings.items():
-        if value is None and key in ("stop_after_epochs", "eval_every_iterations"):
-            continue
-        integer(key if key == "diagnostics_every" else f"trainer.{key}", value, least=1)
-    every = t.get("checkpoint_every")
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise MtlrunError(f"trainer.checkpoint_every must be null or an integer >= 1 (iterations), got {every!r}")
-    settings["checkpoint_every"] = every
-    settings["dtype"] = t.get("dtype", "float32")
-    if settings["eval_every_iterations"] is not None and t.eval_every != 1:
-        raise MtlrunError(
-            f"trainer.eval_every={t.eval_every} (epochs) and trainer.eval_every_iterations="
-            f"{settings['eval_every_iterations']} both set a cadence: keep one (eval_every=1 is the default)"
-        )
-    settings["eval_at_end"] = flag("trainer.eval_at_end", t.get("eval_at_end", True))
-    distributed.check_batch_size(t.batch_size)
-    if t.progress not in ("auto", True, False):
-        raise MtlrunError(f"trainer.progress must be auto, true or false, got {t.progress!r}")
-    settings["progress"] = sys.stderr.isatty() if t.progress == "auto" else bool(t.progress)
-    if cfg.seed is None or isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
-        raise MtlrunError(f"seed must be an integer >= 0, got {cfg.seed!r}")
-    settings["deterministic"] = flag("deterministic", cfg.deterministic)
-    settings["diagnostics"] = flag("diagnostics", cfg.diagnostics)
-    return settings
+    """The top-level and trainer settings the loop reads, checked by their declarations (mtlrun.settings)."""
+    run, trainer = RunSettings.from_config(cfg), TrainerSettings.from_config(cfg.trainer)
+    distributed.check_batch_size(trainer.batch_size)
+    progress = sys.stderr.isatty() if trainer.progress == "auto" else bool(trainer.progress)
+    return {**asdict(run), **asdict(trainer), "progress": progress}
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
