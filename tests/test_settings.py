@@ -92,3 +92,17 @@ def test_a_missing_key_takes_its_options_yaml_value():
     assert (sgd.lr, sgd.momentum, sgd.weight_decay) == (1e-2, 0.9, 0.0)
     assert SchedulerSettings.from_config(OmegaConf.create({"name": "step"})).step_size == 100
     assert LoggerSettings.from_config(OmegaConf.create({"name": "tensorboard"})).subdir == "tensorboard"
+
+
+def test_every_model_builder_default_equals_its_yaml_or_it_has_none():
+    import inspect
+
+    from mtlrun.models import MODELS
+
+    for name, build in MODELS.items():
+        stated = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml"), resolve=False)
+        for key, parameter in inspect.signature(build).parameters.items():
+            default = parameter.default
+            if key in stated and default is not inspect.Parameter.empty:
+                default = list(default) if isinstance(default, tuple) else default
+                assert default == stated[key], (name, key, parameter.default, stated[key])
