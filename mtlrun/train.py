@@ -39,7 +39,7 @@ from mtlrun.optim import MultiTaskOptimizer, OptimizerSettings, lr_factor
 from mtlrun.outputs import RunDir
 from mtlrun.precision import Precision, SkippedStep, full, run_dtype
 from mtlrun.rundirs import resume_hint
-from mtlrun.settings import IDENTITY_IGNORES, RunSettings, TrainerSettings
+from mtlrun.settings import IDENTITY_IGNORES, AugmentSettings, RunSettings, TrainerSettings
 from mtlrun.strategies import StepContext, Strategy, build_strategy
 from mtlrun.strategies.base import Counts
 from mtlrun.tasks import JOINT_METRICS, Task, map_groups
@@ -207,8 +207,8 @@ def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: in
     optimizer_settings = OptimizerSettings.from_config(cfg.optimizer)
     lr_factor(cfg.scheduler, 0, epochs)
     check_model(cfg.model)
-    precision = Precision(cfg.trainer.get("precision", "fp32"), device.type)
     trainer = TrainerSettings.from_config(cfg.trainer)
+    precision = Precision(trainer.precision, device.type)
     channels_last, compile_ = trainer.channels_last, trainer.compile
     data = open_dataset(cfg.dataset, names)
     data.splits = on_device(data.splits, device, cfg.dataset.get("in_memory", True))
@@ -220,7 +220,7 @@ def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: in
         model = model.to(memory_format=torch.channels_last)
     strategy.attach(model)  # before compiling: the strategy's hooks are part of the graphs
     if compile_:
-        compile_model(model, _compile_backend(cfg.trainer))
+        compile_model(model, _compile_backend(trainer.compile_backend))
     optimizer = MultiTaskOptimizer(
         model.shared_parameters(), {t: model.task_parameters(t) for t in names}, optimizer_settings
     )
@@ -241,8 +241,7 @@ def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: in
     return Run(data, model, optimizer, strategy, batches, evaluation_to_device, augment, ctx, precision)
 
 
-def _compile_backend(trainer: DictConfig) -> str:
-    backend = trainer.get("compile_backend", "inductor")
+def _compile_backend(backend: str) -> str:
     known = torch._dynamo.list_backends(exclude_tags=())
     if backend not in known:
         raise MtlrunError(f"trainer.compile_backend={backend!r} is not a torch.compile backend; known: {', '.join(known)}")
@@ -267,8 +266,8 @@ def compiled_graphs() -> int:
 
 def _augment(cfg: DictConfig, data: MultiTaskData, seed: int) -> Augment | None:
     """The dataset's training augmentation (`dataset.augment`), or None when it changes nothing."""
-    settings = cfg.get("augment") or {}
-    augment = Augment(data.tasks, list(settings.get("scales", [1.0])), settings.get("flip", False), seed)
+    settings = AugmentSettings.of(cfg.get("augment"))
+    augment = Augment(data.tasks, settings.scales, settings.flip, seed)
     return augment if augment.active else None
 
 
