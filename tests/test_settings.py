@@ -106,3 +106,21 @@ def test_every_model_builder_default_equals_its_yaml_or_it_has_none():
             if key in stated and default is not inspect.Parameter.empty:
                 default = list(default) if isinstance(default, tuple) else default
                 assert default == stated[key], (name, key, parameter.default, stated[key])
+
+
+def test_a_constructor_parameter_takes_the_same_declarations_as_a_settings_field():
+    """Strategies' settings are typed by their constructors' signatures; Annotated[type, check] declares a
+    range there with the very check objects the settings dataclasses use."""
+    from typing import Annotated
+
+    from mtlrun.constraints import typed_keywords
+    from mtlrun.errors import MtlrunError
+    from mtlrun.settings.declare import Integer
+
+    def build(tasks: list, every: Annotated[int, Integer(1)] = 1) -> None: ...
+
+    typed_keywords(build, {"every": 3}, "strategy.")
+    with pytest.raises(MtlrunError, match=r"^strategy.every must be an integer >= 1, got 0$"):
+        typed_keywords(build, {"every": 0}, "strategy.")
+    with pytest.raises(MtlrunError, match=r"^strategy.every must be an integer; got 'x'$"):
+        typed_keywords(build, {"every": "x"}, "strategy.")
