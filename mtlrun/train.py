@@ -39,7 +39,7 @@ from mtlrun.optim import MultiTaskOptimizer, OptimizerSettings, lr_factor
 from mtlrun.outputs import RunDir
 from mtlrun.precision import Precision, SkippedStep, full, run_dtype
 from mtlrun.rundirs import resume_hint
-from mtlrun.settings import IDENTITY_IGNORES, AugmentSettings, RunSettings, TrainerSettings
+from mtlrun.settings import IDENTITY_IGNORES, AugmentSettings, DatasetSettings, RunSettings, TrainerSettings
 from mtlrun.strategies import StepContext, Strategy, build_strategy
 from mtlrun.strategies.base import Counts
 from mtlrun.tasks import JOINT_METRICS, Task, map_groups
@@ -211,7 +211,7 @@ def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: in
     precision = Precision(trainer.precision, device.type)
     channels_last, compile_ = trainer.channels_last, trainer.compile
     data = open_dataset(cfg.dataset, names)
-    data.splits = on_device(data.splits, device, cfg.dataset.get("in_memory", True))
+    data.splits = on_device(data.splits, device, DatasetSettings.from_config(cfg.dataset).in_memory)
     with run_dtype("float32"):  # a float64 run (trainer.dtype) starts from the float32 run's initial weights
         model = build_model(cfg.model, data.tasks)
     model = model.to(device, torch.get_default_dtype())
@@ -615,6 +615,7 @@ def results_row(
     metrics: list[dict], counts: Counts, device: torch.device,
 ) -> dict:
     """The run as one row: its configuration, final metrics and costs; rows of many runs concatenate."""
+    trainer = TrainerSettings.from_config(cfg.trainer)
     row: dict = {
         "dataset": cfg.dataset.name, "model": cfg.model.name, "strategy": cfg.strategy.name,
         "group_size": strategy.group_size, "num_tasks": len(tasks), "tasks": " ".join(t.name for t in tasks), "optimizer": cfg.optimizer.name,
@@ -636,10 +637,10 @@ def results_row(
         "backward_passes_per_iteration": counts.backward_passes / max(counts.iterations, 1),
         "seconds_per_epoch": float(np.mean([r["seconds"] for r in train_log])),
         "peak_memory_mb": peak_memory_mb(device),
-        "precision": cfg.trainer.get("precision", "fp32"),
-        "dtype": cfg.trainer.get("dtype", "float32"),
+        "precision": trainer.precision,
+        "dtype": trainer.dtype,
         "skipped_steps": counts.skipped_steps,
-        "compiled_graphs": compiled_graphs() if cfg.trainer.get("compile", False) else 0,
+        "compiled_graphs": compiled_graphs() if trainer.compile else 0,
         "device": str(device),
         "config_id": config_id,
         "run_dir": str(run_dir),
