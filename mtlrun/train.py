@@ -26,7 +26,6 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mtlrun import distributed
-from mtlrun.constraints import flag, integer
 from mtlrun.data import MultiTaskData, open_dataset, task_names
 from mtlrun.data.augment import Augment
 from mtlrun.data.loading import BatchStream, Split, SplitSource, ToDevice, eval_batches, on_device
@@ -40,17 +39,14 @@ from mtlrun.optim import MultiTaskOptimizer, OptimizerSettings, lr_factor
 from mtlrun.outputs import RunDir
 from mtlrun.precision import Precision, SkippedStep, full, run_dtype
 from mtlrun.rundirs import resume_hint
+from mtlrun.settings import IDENTITY_IGNORES, AugmentSettings, DatasetSettings, RunSettings, TrainerSettings
 from mtlrun.strategies import StepContext, Strategy, build_strategy
 from mtlrun.strategies.base import Counts
 from mtlrun.tasks import JOINT_METRICS, Task, map_groups
 
 log = logging.getLogger("mtlrun")
 
-# Keys that change how a run is executed or reported, or where it writes, but not what it computes.
-RUN_CONTROL_KEYS = (
-    "resume", "overwrite", "trainer.progress", "trainer.stop_after_epochs", "trainer.device", "trainer.workers",
-    "dataset.in_memory", "output_root", "logger", "trainer.checkpoint_every", "objective",
-)
+RUN_CONTROL_KEYS = IDENTITY_IGNORES  # what config_id and resume_id leave out (mtlrun.settings says why)
 # A task's mean training loss this many times its first loss stops the run, as a non-finite one does.
 LOSS_EXPLOSION_FACTOR = 1e6
 
@@ -211,12 +207,11 @@ def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: in
     optimizer_settings = OptimizerSettings.from_config(cfg.optimizer)
     lr_factor(cfg.scheduler, 0, epochs)
     check_model(cfg.model)
-    precision = Precision(cfg.trainer.get("precision", "fp32"), device.type)
-    channels_last, compile_ = (
-        flag(f"trainer.{key}", cfg.trainer.get(key, False)) for key in ("channels_last", "compile")
-    )
+    trainer = TrainerSettings.from_config(cfg.trainer)
+    precision = Precision(trainer.precision, device.type)
+    channels_last, compile_ = trainer.channels_last, trainer.compile
     data = open_dataset(cfg.dataset, names)
-    data.splits = on_device(data.splits, device, cfg.dataset.get("in_memory", True))
+    data.splits = on_device(data.splits, device, DatasetSettings.from_config(cfg.dataset).in_memory)
     with run_dtype("float32"):  # a float64 run (trainer.dtype) starts from the float32 run's initial weights
         model = build_model(cfg.model, data.tasks)
     model = model.to(device, torch.get_default_dtype())
@@ -225,13 +220,11 @@ def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: in
         model = model.to(memory_format=torch.channels_last)
     strategy.attach(model)  # before compiling: the strategy's hooks are part of the graphs
     if compile_:
-        compile_model(model, _compile_backend(cfg.trainer))
+        compile_model(model, _compile_backend(trainer.compile_backend))
     optimizer = MultiTaskOptimizer(
         model.shared_parameters(), {t: model.task_parameters(t) for t in names}, optimizer_settings
     )
-    workers = cfg.trainer.get("workers", 0)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise MtlrunError(f"trainer.workers must be an integer >= 0, got {workers!r}")
+    workers = trainer.workers
     train_split = data.splits["train"]
     if isinstance(train_split, Split) and train_split.images.device.type != "cpu":
         workers = 0  # already on the GPU: nothing to read ahead
@@ -248,8 +241,7 @@ def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: in
     return Run(data, model, optimizer, strategy, batches, evaluation_to_device, augment, ctx, precision)
 
 
-def _compile_backend(trainer: DictConfig) -> str:
-    backend = trainer.get("compile_backend", "inductor")
+def _compile_backend(backend: str) -> str:
     known = torch._dynamo.list_backends(exclude_tags=())
     if backend not in known:
         raise MtlrunError(f"trainer.compile_backend={backend!r} is not a torch.compile backend; known: {', '.join(known)}")
@@ -274,8 +266,8 @@ def compiled_graphs() -> int:
 
 def _augment(cfg: DictConfig, data: MultiTaskData, seed: int) -> Augment | None:
     """The dataset's training augmentation (`dataset.augment`), or None when it changes nothing."""
-    settings = cfg.get("augment") or {}
-    augment = Augment(data.tasks, list(settings.get("scales", [1.0])), settings.get("flip", False), seed)
+    settings = AugmentSettings.of(cfg.get("augment"))
+    augment = Augment(data.tasks, settings.scales, settings.flip, seed)
     return augment if augment.active else None
 
 
@@ -624,6 +616,7 @@ def results_row(
     metrics: list[dict], counts: Counts, device: torch.device,
 ) -> dict:
     """The run as one row: its configuration, final metrics and costs; rows of many runs concatenate."""
+    trainer = TrainerSettings.from_config(cfg.trainer)
     row: dict = {
         "dataset": cfg.dataset.name, "model": cfg.model.name, "strategy": cfg.strategy.name,
         "group_size": strategy.group_size, "num_tasks": len(tasks), "tasks": " ".join(t.name for t in tasks), "optimizer": cfg.optimizer.name,
@@ -645,10 +638,10 @@ def results_row(
         "backward_passes_per_iteration": counts.backward_passes / max(counts.iterations, 1),
         "seconds_per_epoch": float(np.mean([r["seconds"] for r in train_log])),
         "peak_memory_mb": peak_memory_mb(device),
-        "precision": cfg.trainer.get("precision", "fp32"),
-        "dtype": cfg.trainer.get("dtype", "float32"),
+        "precision": trainer.precision,
+        "dtype": trainer.dtype,
         "skipped_steps": counts.skipped_steps,
-        "compiled_graphs": compiled_graphs() if cfg.trainer.get("compile", False) else 0,
+        "compiled_graphs": compiled_graphs() if trainer.compile else 0,
         "device": str(device),
         "config_id": config_id,
         "run_dir": str(run_dir),
@@ -686,36 +679,11 @@ def config_hash(cfg: DictConfig, ignore: tuple[str, ...]) -> str:
 
 
 def _trainer_settings(cfg: DictConfig) -> dict:
-    t = cfg.trainer
-    settings = {
-        "epochs": t.epochs, "batch_size": t.batch_size, "eval_batch_size": t.eval_batch_size,
-        "eval_every": t.eval_every, "stop_after_epochs": t.stop_after_epochs,
-        "diagnostics_every": cfg.diagnostics_every, "eval_every_iterations": t.get("eval_every_iterations"),
-    }
-    for key, value in settings.items():
-        if value is None and key in ("stop_after_epochs", "eval_every_iterations"):
-            continue
-        integer(key if key == "diagnostics_every" else f"trainer.{key}", value, least=1)
-    every = t.get("checkpoint_every")
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise MtlrunError(f"trainer.checkpoint_every must be null or an integer >= 1 (iterations), got {every!r}")
-    settings["checkpoint_every"] = every
-    settings["dtype"] = t.get("dtype", "float32")
-    if settings["eval_every_iterations"] is not None and t.eval_every != 1:
-        raise MtlrunError(
-            f"trainer.eval_every={t.eval_every} (epochs) and trainer.eval_every_iterations="
-            f"{settings['eval_every_iterations']} both set a cadence: keep one (eval_every=1 is the default)"
-        )
-    settings["eval_at_end"] = flag("trainer.eval_at_end", t.get("eval_at_end", True))
-    distributed.check_batch_size(t.batch_size)
-    if t.progress not in ("auto", True, False):
-        raise MtlrunError(f"trainer.progress must be auto, true or false, got {t.progress!r}")
-    settings["progress"] = sys.stderr.isatty() if t.progress == "auto" else bool(t.progress)
-    if cfg.seed is None or isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
-        raise MtlrunError(f"seed must be an integer >= 0, got {cfg.seed!r}")
-    settings["deterministic"] = flag("deterministic", cfg.deterministic)
-    settings["diagnostics"] = flag("diagnostics", cfg.diagnostics)
-    return settings
+    """The top-level and trainer settings the loop reads, checked by their declarations (mtlrun.settings)."""
+    run, trainer = RunSettings.from_config(cfg), TrainerSettings.from_config(cfg.trainer)
+    distributed.check_batch_size(trainer.batch_size)
+    progress = sys.stderr.isatty() if trainer.progress == "auto" else bool(trainer.progress)
+    return {**asdict(run), **asdict(trainer), "progress": progress}
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

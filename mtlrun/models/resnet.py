@@ -10,7 +10,9 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
+from mtlrun.constraints import integer
 from mtlrun.errors import MtlrunError
+from mtlrun.settings.declare import Choice
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.tasks import Task
 
@@ -182,17 +184,13 @@ def build_resnet50_dilated(
 
 def check_resnet18_settings(pretrained: bool, stem: str, pooled_size: int) -> int:
     """The pooled size, once the ResNet-18 settings are known to fit together."""
-    if stem not in STEMS:
-        raise MtlrunError(f"model.stem={stem!r} is invalid; valid: {', '.join(STEMS)}")
+    Choice(STEMS)("model.stem", stem)
     if pretrained and stem != "imagenet":
         raise MtlrunError(
             "model.pretrained=true loads ImageNet weights made for torchvision's stem: "
             "set model.stem=imagenet too"
         )
-    size = int(pooled_size)
-    if size < 1:
-        raise MtlrunError(f"model.pooled_size must be >= 1, got {pooled_size}")
-    return size
+    return integer("model.pooled_size", pooled_size, 1)
 
 
 def resnet18_trunk(pretrained: bool = False, weights_path: str | None = None, stem: str = "cifar") -> ResNetTrunk:
