@@ -188,7 +188,7 @@ def config_groups() -> dict[str, list[str]]:
     return {
         group.name: sorted(p.stem for p in group.glob("*.yaml"))
         for group in sorted(CONF_DIR.iterdir())
-        if group.is_dir() and group.name != "hydra"  # Hydra's own groups (launchers, sweepers): see README
+        if group.is_dir() and group.name != "hydra"  # Hydra's own groups (launchers, sweepers): see docs/operations.md
     }
 
 

@@ -252,7 +252,7 @@ LEVEL_INPUTS = {"resnet18": [3, 64, 64, 128, 256], "resnet50": [3, 64, 256, 512,
 
 
 def routing_here(architecture: str, backbone: str, tasks: int) -> int:
-    """Our routing parameters, by the README's documented choices: gates read their input pooled to 8 x 8
+    """Our routing parameters, by the documented choices (docs/models.md): gates read their input pooled to 8 x 8
     cells (LibMTL's the whole flattened input); PLE has shared gates below its last level (LibMTL none);
     LTB holds one T x T matrix of logits per branch point (LibMTL 6, of which its forward reads 4)."""
     def gate(channels: int, outputs: int) -> int:

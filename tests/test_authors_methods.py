@@ -288,14 +288,15 @@ def test_pcgrad_scope_all_needs_weighted_heads_and_options_are_checked():
 
 # --- the presets' commands --------------------------------------------------------------------------------
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+EXPERIMENTS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "experiments.md"
 AUTHORS_METHODS = {"pascal_celeba": ["GradNorm", "PCGrad", "MGDA-UB"],
                    "pascal_cityscapes": ["GradNorm", "PCGrad"], "pascal_nyuv2": ["GradNorm", "PCGrad"]}
 
 
-def _readme_command(variant: str, preset: str) -> str:
-    """The strategy settings of `variant` in README's table of the seed paper's experiments for `preset`."""
-    section = README.read_text().split("### The seed paper's experiments")[1].split("\n### ")[0]
+def _documented_command(variant: str, preset: str) -> str:
+    """The strategy settings of `variant` in docs/experiments.md's table of the seed paper's experiments for
+    `preset`."""
+    section = EXPERIMENTS_PAGE.read_text().split("## The seed paper's experiments")[1].split("\n## ")[0]
     tables = section.split("| variant |")[1:]  # CelebA's, then Cityscapes' and NYUv2's
     table = tables[0] if preset == "pascal_celeba" else tables[1]
     (row,) = [line for line in table.splitlines() if line.startswith(f"| {variant} |")]
@@ -304,9 +305,9 @@ def _readme_command(variant: str, preset: str) -> str:
 
 @pytest.mark.parametrize("preset,variant", [(p, v) for p, vs in AUTHORS_METHODS.items() for v in vs])
 def test_the_presets_commands_run_the_authors_gradnorm_pcgrad_and_mgda_ub(preset, variant):
-    """README's command for the variant is in the preset's comment, composes with the preset, and builds the
+    """The documented command for the variant is in the preset's comment, composes with the preset, and builds the
     authors' method: GradNorm's W is the model's last shared conv (their `get_weights()[-1]`)."""
-    command = _readme_command(variant, preset)
+    command = _documented_command(variant, preset)
     assert f"#   {command}\n" in (CONF_DIR / "experiment" / f"{preset}.yaml").read_text()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         overrides = [f"experiment={preset}", *command.split(), "model.width=2"]

@@ -1,6 +1,6 @@
 """The seed paper's presets and FAMO's CelebA preset, each run end to end from the CLI on fixture-sized files in
 the datasets' layouts (with their real class and attribute names), and FAMO's CelebA Δm% on F1 alone against
-its published single-task F1 (references/famo_celeba_single_task.csv)."""
+its published single-task F1 (mtlrun/references/famo_celeba_single_task.csv)."""
 
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from tests.test_cli import mtlrun
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-FAMO_REFERENCE = REPO / "references" / "famo_celeba_single_task.csv"
+FAMO_REFERENCE = REPO / "mtlrun" / "references" / "famo_celeba_single_task.csv"
 ATTRIBUTES = list(OmegaConf.load(CONF_DIR / "dataset/celeba.yaml").task_specs)
 CATEGORIES = ["flat", "construction", "object", "nature", "sky", "human", "vehicle"]
 NYUV2_CLASSES = list(OmegaConf.load(CONF_DIR / "dataset/nyuv2.yaml").task_specs.segmentation.class_names)

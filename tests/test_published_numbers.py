@@ -1,7 +1,8 @@
-"""The published numbers the README quotes (copied from ../shared/reference/published.md) are consistent: each
-method's row, against the single-task row, gives back the paper's Δm% through mtlrun-compare's own Δm% (with
-the directions mtlrun's tasks declare), or the paper's Δp (DB-MTL: a mean per task first, then over tasks),
-within what the rounding of the printed inputs allows; FAMO's CelebA reference is its author's list."""
+"""The published numbers docs/experiments.md quotes (copied from ../shared/reference/published.md) are
+consistent: each method's row, against the single-task row, gives back the paper's Δm% through mtlrun-compare's
+own Δm% (with the directions mtlrun's tasks declare), or the paper's Δp (DB-MTL: a mean per task first, then
+over tasks), within what the rounding of the printed inputs allows; FAMO's CelebA reference is its author's
+list."""
 
 from pathlib import Path
 
@@ -15,8 +16,8 @@ from mtlrun.compare import DELTA_M, build, relative_change
 from mtlrun.tasks import Depth, Normal, Segmentation
 from tests.test_compare import write_run
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-FAMO_REFERENCE = Path(__file__).resolve().parents[1] / "references" / "famo_celeba_single_task.csv"
+EXPERIMENTS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "experiments.md"
+FAMO_REFERENCE = Path(__file__).resolve().parents[1] / "mtlrun" / "references" / "famo_celeba_single_task.csv"
 DIRECTIONS = {
     f"{task}/{metric.name}": metric.higher_is_better
     for task, kind in (("segmentation", Segmentation), ("depth", Depth), ("normal", Normal))
@@ -60,7 +61,7 @@ DELTA_P_ROWS = {
     ("nyuv2", "Nash-MTL"): (row(NYUV2, "53.41 74.95 0.3867 0.1612 22.57 15.94 37.30 63.40 74.09"), -1.01),
     ("cityscapes", "EW"): (row(CITYSCAPES, "68.93 91.58 0.01315 45.90"), -2.05),
 }
-# Numbers the README quotes that no row above recomputes: LibMTL's own runs (no Δ printed), FAMO's CelebA
+# Numbers docs/experiments.md quotes that no row above recomputes: LibMTL's own runs (no Δ printed), FAMO's CelebA
 # Δm% (no per-attribute F1 of any method is published) and MGDA-UB's CelebA errors (second-hand).
 QUOTED_ONLY = [
     "40.89", "66.14", "0.5524", "0.2347", "27.27", "22.41", "24.38", "50.18", "63.36",
@@ -134,8 +135,8 @@ def test_the_famo_celeba_reference_is_its_authors_list_in_celebas_attribute_orde
     np.testing.assert_allclose(values, 100 * np.array(published.split(), dtype=float), rtol=1e-12)
 
 
-def test_the_readme_quotes_these_numbers():
-    text = README.read_text()
+def test_the_experiments_page_quotes_these_numbers():
+    text = EXPERIMENTS_PAGE.read_text()
     quoted = [*QUOTED_ONLY]
     for single in (*NASH_STL.values(), *DB_MTL_STL.values()):
         quoted += single.values()

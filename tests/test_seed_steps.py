@@ -1,6 +1,6 @@
 """The seed authors' training loop (lucaspascal/AITSO_MTL `celeba/models/MTL_model.py`,
 `cityscapes/models/MTL_model.py`, `*/models/utils.py:create_optimizer`) under PyTorch 1.2's semantics,
-step for step against mtlrun's under the `pascal_*` presets and each variant's command from the README, in
+step for step against mtlrun's under the `pascal_*` presets and each variant's command from docs/experiments.md, in
 float64: before every optimizer step both hold the same parameters and optimizer state and see the same
 batch; after it, both hold the same again."""
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 ATTRIBUTES = list(OmegaConf.load(CONF_DIR / "dataset/celeba.yaml").task_specs)
 CATEGORIES = ["flat", "construction", "object", "nature", "sky", "human", "vehicle"]
-# Each variant's command from the README (Experiments: The seed paper's experiments), with its learning rate.
+# Each variant's command from docs/experiments.md (The seed paper's experiments), with its learning rate.
 CELEBA_VARIANTS = {
     "MTL-SUS": "strategy=averaged strategy.reduction=sum optimizer.lr=1e-3",
     "MTL-IUS, 8 groups": "strategy=grouped strategy.group_size=5 strategy.regroup=once "

@@ -84,7 +84,7 @@ class Source:
 
 
 def _converted(script: str) -> Source:
-    return Source(f"convert your copy with `python {script} --src RAW --out {{path}}` (README: Real datasets)")
+    return Source(f"convert your copy with `python {script} --src RAW --out {{path}}` (docs/data.md: Real datasets)")
 
 
 DATASETS: dict[str, Source] = {

@@ -2,7 +2,7 @@
 
 Caruana, "Multitask Learning: A Knowledge-Based Source of Inductive Bias" (ICML 1993); LibMTL's `HPS`.
 Shared: the whole trunk (`encoder`). Task t: its head only. The reference the other architectures'
-costs are measured against (README, Architectures). With the same backbone settings and seed it builds
+costs are measured against (docs/models.md, Architectures). With the same backbone settings and seed it builds
 exactly the backbone's own model (`model=convnet`, `resnet18_multihead`, `resnet50_dilated`, `segnet_split`).
 MGDA-UB's representation is the trunk's output.
 """
