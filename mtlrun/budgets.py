@@ -113,8 +113,11 @@ class Budget:
         return self.reached
 
     def epochs(self, start: int, horizon: int) -> Iterable[int]:
-        """The epochs to train from `start`: up to the horizon, or with a budget as many as it takes."""
-        return itertools.count(start) if self.active else range(start, horizon)
+        """The epochs to train from `start`: up to the horizon, or with a budget as many as it takes (none when
+        a resumed run's budget is spent already: killed after its last checkpoint, before its results)."""
+        if not self.active:
+            return range(start, horizon)
+        return () if self._spent_all() else itertools.count(start)
 
     def schedule_epoch(self, epoch: int, horizon: int) -> int:
         """The epoch an epoch-based schedule is given: with a budget, epochs past `trainer.epochs` (the

@@ -158,6 +158,12 @@ def test_an_interrupted_budgeted_run_resumes_to_the_uninterrupted_numbers(data_d
     _same(tmp_path / "full", tmp_path / "part")
     with pytest.raises(RunFinished, match="holds a finished run"):
         train(_config(data_dir, *BUDGETED, "resume=true"), tmp_path / "part")
+    # Killed after the last checkpoint, before results.csv: the resume writes them and trains nothing more.
+    written = (tmp_path / "part/results.csv").read_text()
+    (tmp_path / "part/results.csv").unlink()
+    train(_config(data_dir, *BUDGETED, "resume=true"), tmp_path / "part")
+    _same(tmp_path / "full", tmp_path / "part")
+    assert pd.read_csv(tmp_path / "part/results.csv").iterations[0] == 20 and "iterations" in written
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
