@@ -18,7 +18,7 @@ SINGLE_TASK = "single_task"
 DELTA_M = "delta_m"  # Δm% in the comparison CSV; shown and sorted as "Δm%"
 COST_COLUMNS = (
     "steps_per_iteration", "passes_per_iteration", "backward_passes_per_iteration", "seconds_per_epoch",
-    "peak_memory_mb",
+    "peak_memory_mb", "backward_passes", "forward_passes", "images", "train_seconds",  # totals (budgets.Spending)
 )
 # Columns that describe one run but not its configuration.
 PER_RUN_COLUMNS = ("seed", "run_dir", "config_id", "device", "iterations", "optimizer_steps", "selected_epochs",

@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from mtlrun import CONF_DIR, budgets
+from mtlrun.compare import build, grouping_keys
 from mtlrun.data import build_shapes
 from mtlrun.errors import MtlrunError, RunFinished, StoppedBySignal
 from mtlrun.train import RUN_CONTROL_KEYS, _trainer_settings, config_hash, train
@@ -108,6 +109,17 @@ def test_a_budget_ending_mid_epoch_is_evaluated_with_an_iteration_cadence(data_d
     metrics, _, _ = _read(tmp_path)
     assert list(dict.fromkeys(zip(metrics.epoch, metrics.iteration))) == [(1, 4), (1, 8), (2, 10)]
     assert list(metrics.drop_duplicates("iteration").backward_passes) == [4, 8, 10]
+
+
+def test_compare_reads_the_costs_as_costs_and_the_budget_as_a_setting(data_dir, tmp_path):
+    runs = [("averaged", 0), ("averaged", 1), ("alternating", 0)]
+    for strategy, seed in runs:
+        train(_config(data_dir, f"strategy={strategy}", f"seed={seed}", "trainer.budget=10"),
+              tmp_path / f"{strategy}{seed}")
+    table = build([tmp_path], None, "test").table.set_index("strategy").loc[["averaged", "alternating"]]
+    assert "train_seconds" not in grouping_keys(table.reset_index())  # differs by seed: not a configuration's
+    assert list(table.n_seeds) == [2, 1] and list(table["budget"]) == [10, 10]
+    assert list(table["backward_passes mean"]) == [10, 12] and list(table["images mean"]) == [40, 12]
 
 
 def _numbers(run: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
