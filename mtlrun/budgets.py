@@ -20,8 +20,8 @@ KEYS = ("trainer.budget", "trainer.budget_unit")
 
 @dataclass(frozen=True)
 class Spending:
-    """A run's cumulative costs; the names are the cost columns of metrics.csv and results.csv.
-    `images`: training images drawn, summed over processes; `train_seconds`: training time, evaluation excluded."""
+    """A run's cumulative costs; the names are the cost columns of metrics.csv and results.csv. `images`:
+    training images drawn, summed over processes; `train_seconds`: training time, evaluation excluded."""
 
     backward_passes: int
     forward_passes: int
@@ -63,7 +63,8 @@ def settings(trainer: DictConfig) -> tuple[float | None, str]:
         raise MtlrunError(f"trainer.budget_unit must be one of {', '.join(UNITS)}, got {unit!r}")
     if amount is None:
         return None, unit
-    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount) or amount <= 0:
+    number = isinstance(amount, (int, float)) and not isinstance(amount, bool)
+    if not number or not math.isfinite(amount) or amount <= 0:
         raise MtlrunError(f"trainer.budget must be null or a number > 0 (in trainer.budget_unit={unit}), "
                           f"got {amount!r}")
     return amount, unit
@@ -71,7 +72,7 @@ def settings(trainer: DictConfig) -> tuple[float | None, str]:
 
 def identity_ignores(trainer: DictConfig) -> tuple[str, ...]:
     """The budget keys a run's identity leaves out: both when there is no budget (so that runs configured
-    before budgets existed keep their config id), none when there is one (a budget changes what is computed)."""
+    before budgets existed keep their config id), none when there is one (it changes what is computed)."""
     return KEYS if trainer.get("budget") is None else ()
 
 
@@ -80,9 +81,12 @@ class Budget:
     the current epoch's progress, so a resumed run spends exactly as an uninterrupted one) and its budget.
 
     The budget is checked at iteration boundaries (`check`): an iteration is indivisible, so the run stops at
-    the first boundary where spent >= budget. Without a budget every method answers as `trainer.epochs` says."""
+    the first boundary where spent >= budget. Without a budget every method answers as `trainer.epochs`
+    says."""
 
-    def __init__(self, trainer: DictConfig, ctx: Counted, batches: Drawn, history: Written, progress: Timed) -> None:
+    def __init__(
+        self, trainer: DictConfig, ctx: Counted, batches: Drawn, history: Written, progress: Timed,
+    ) -> None:
         self.amount, self.unit = settings(trainer)
         self.ctx, self.batches, self.history, self.progress = ctx, batches, history, progress
         self.reached = False
@@ -97,7 +101,9 @@ class Budget:
         if self.progress.iteration:  # an epoch under way: its seconds so far (its row is not written yet)
             seconds += self.progress.seconds
         images = (b.pass_index * b.batches_per_pass + b.position) * b.batch_size
-        return Spending(counts.backward_passes, counts.forward_passes, counts.optimizer_steps, images, seconds)
+        return Spending(
+            counts.backward_passes, counts.forward_passes, counts.optimizer_steps, images, seconds,
+        )
 
     def _spent_all(self) -> bool:
         return self.active and self.spent().in_unit(self.unit) >= self.amount
@@ -113,8 +119,8 @@ class Budget:
         return self.reached
 
     def epochs(self, start: int, horizon: int) -> Iterable[int]:
-        """The epochs to train from `start`: up to the horizon, or with a budget as many as it takes (none when
-        a resumed run's budget is spent already: killed after its last checkpoint, before its results)."""
+        """The epochs to train from `start`: up to the horizon, or with a budget as many as it takes (none
+        when a resumed run's budget is spent already: killed after its last checkpoint, before results)."""
         if not self.active:
             return range(start, horizon)
         return () if self._spent_all() else itertools.count(start)
@@ -135,7 +141,7 @@ class Budget:
         return self._spent_all() if self.active else epochs_done >= horizon
 
     def epoch_columns(self, iterations: int, per_epoch: int) -> dict[str, bool]:
-        """train_log.csv's mark of a budgeted run's rows: `complete` is false for an epoch the budget ended."""
+        """train_log.csv's mark of a budgeted run's rows: `complete`, false for the epoch the budget ended."""
         return {"complete": iterations == per_epoch} if self.active else {}
 
     def describe(self, horizon: int) -> str:
@@ -143,7 +149,9 @@ class Budget:
                 f"(trainer.epochs={horizon} is the horizon of epoch-based schedules, not a limit)")
 
     def result_columns(self) -> dict[str, object]:
-        """results.csv's costs in every unit (it has iterations and optimizer_steps already) and the budget."""
+        """results.csv's costs in every unit (it has iterations and optimizer_steps) and the budget."""
         spent = self.spent().columns()
         del spent["optimizer_steps"]
-        return {**spent, "budget": self.amount if self.active else "", "budget_unit": self.unit if self.active else ""}
+        if not self.active:
+            return {**spent, "budget": "", "budget_unit": ""}
+        return {**spent, "budget": self.amount, "budget_unit": self.unit}

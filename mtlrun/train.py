@@ -307,7 +307,8 @@ def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals, cleanup: 
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     run_dir = run.path
     unbudgeted = budgets.identity_ignores(cfg.trainer)
-    config_id = config_hash(cfg, ignore=("seed", *RUN_CONTROL_KEYS, *unbudgeted))  # runs differing only by seed share it
+    # runs differing only by seed share the config id
+    config_id = config_hash(cfg, ignore=("seed", *RUN_CONTROL_KEYS, *unbudgeted))
     resume_id = config_hash(cfg, ignore=(*RUN_CONTROL_KEYS, *unbudgeted))
     history, progress, first_losses = History(), EpochProgress(), FirstLosses()
     budget = budgets.Budget(cfg.trainer, ctx, batches, history, progress)
