@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm import tqdm
 
-from mtlrun import distributed
+from mtlrun import budgets, distributed
 from mtlrun.data import MultiTaskData, open_dataset, task_names
 from mtlrun.data.augment import Augment
 from mtlrun.data.loading import BatchStream, Split, SplitSource, ToDevice, eval_batches, on_device
@@ -298,9 +298,12 @@ def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals, cleanup: 
         diagnostics = Diagnostics(ctx, probe, settings["diagnostics_every"])
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     run_dir = run.path
-    config_id = config_hash(cfg, ignore=("seed", *RUN_CONTROL_KEYS))  # runs differing only by seed share it
-    resume_id = config_hash(cfg, ignore=RUN_CONTROL_KEYS)
+    unbudgeted = budgets.identity_ignores(cfg.trainer)
+    # runs differing only by seed share the config id
+    config_id = config_hash(cfg, ignore=("seed", *RUN_CONTROL_KEYS, *unbudgeted))
+    resume_id = config_hash(cfg, ignore=(*RUN_CONTROL_KEYS, *unbudgeted))
     history, progress, first_losses = History(), EpochProgress(), FirstLosses()
+    budget = budgets.Budget(cfg.trainer, ctx, batches, history, progress)
     state = RunState()
     state.register("model", model)
     state.register("optimizer", optimizer)
@@ -336,19 +339,24 @@ def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals, cleanup: 
                         parts.precision,
                     )
                     rows += metric_rows(scores, data.tasks, epoch, split, iteration)
+            rows = [{**row, **budget.spent().columns()} for row in rows]
             history.metrics.extend(rows)
             at = f", iteration {iteration}" if iteration is not None else ""
             log.info("epoch %d/%d%s: %s", epoch, settings["epochs"], at, _brief(rows))
         return rows
 
-    def at_iteration_boundary() -> None:
+    def at_iteration_boundary() -> bool:
+        """Evaluations and checkpoints due now, and a stop signal; True: the budget is spent, end the epoch."""
         every = settings["checkpoint_every"]
         last = progress.iteration == batches.batches_per_pass
-        end = last and history.epoch + 1 == settings["epochs"]
+        budget.check()
+        end = budget.run_ends(history.epoch + 1, settings["epochs"], last)
         done = ctx.counts.iterations
         if settings["eval_every_iterations"] and evaluation_due(settings, done, end, bool(history.metrics)):
             evaluate_now(history.epoch + 1, done)
             model.train()  # evaluation left the model in eval mode, mid-epoch
+        if budget.reached:  # the epoch's end saves; a stop signal waits the few seconds to the results
+            return True
         due = every is not None and ctx.counts.iterations % every == 0 and not last
         stop.received = distributed.agreed_signal(stop.received)  # every rank stops at the same iteration
         if stop.received is not None or due:  # an epoch's last iteration is saved with the epoch
@@ -356,6 +364,7 @@ def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals, cleanup: 
         if stop.received is not None:
             iterations = batches.batches_per_pass
             raise StoppedBySignal(stop.received, run_dir, history.epoch, progress.iteration, iterations)
+        return False
 
     def open_run() -> str:
         """Resume from the checkpoint, or claim the directory for a new run: "resumed", "new", or "finished"
@@ -365,7 +374,7 @@ def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals, cleanup: 
             if checkpoint["resume_id"] != resume_id:
                 raise MtlrunError(different_configuration(run.checkpoint, checkpoint, cfg, RUN_CONTROL_KEYS))
             state.load_state_dict(checkpoint, run.checkpoint)
-            if history.epoch >= settings["epochs"] and run.finished:
+            if budget.finished(history.epoch, settings["epochs"]) and run.finished:
                 return "finished"
             where = f" at iteration {progress.iteration}" if progress.iteration else ""
             log.info("resuming %s after epoch %d%s", run_dir, history.epoch, where)
@@ -392,22 +401,26 @@ def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals, cleanup: 
     epochs, stop_after, start_epoch = settings["epochs"], settings["stop_after_epochs"], history.epoch
     train_log, metrics = history.train_log, history.metrics
     log.info("training %d epoch(s) of %d iterations in %s", epochs, batches.batches_per_pass, run_dir)
-    for epoch in range(start_epoch, epochs):
+    if budget.active:
+        log.info("%s", budget.describe(epochs))
+    for epoch in budget.epochs(start_epoch, epochs):
         if stop_after is not None and epoch - start_epoch >= stop_after:
             log.info("stopped after %d epoch(s) as asked; continue with resume=true %s", stop_after,
                      resume_hint("hydra.run.dir", run_dir))
             logger.close()
             return None
-        optimizer.lr = optimizer.settings.lr * lr_factor(cfg.scheduler, epoch, epochs)
-        model.schedule(epoch, epochs)  # an architecture's own schedule (LTB's temperature)
+        scheduled = budget.schedule_epoch(epoch, epochs)
+        optimizer.lr = optimizer.settings.lr * lr_factor(cfg.scheduler, scheduled, epochs)
+        model.schedule(scheduled, epochs)  # an architecture's own schedule (LTB's temperature)
         row = train_epoch(
             ctx, strategy, progress, batches.batches_per_pass, epoch, epochs, settings["progress"], device,
             diagnostics, at_iteration_boundary, first_losses,
         )
         progress.iteration = 0
+        row.update(budget.epoch_columns(row["iterations"], batches.batches_per_pass))
         train_log.append(row)
         strategy.epoch_end()
-        end = epoch + 1 == epochs
+        end = budget.run_ends(epoch + 1, epochs, True)
         if not settings["eval_every_iterations"] and evaluation_due(settings, epoch + 1, end, bool(metrics)):
             evaluate_now(epoch + 1, None)
         new_metrics = [r for r in metrics if r["epoch"] == epoch + 1]  # this epoch's, mid-epoch ones too
@@ -418,12 +431,15 @@ def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals, cleanup: 
         logger.log_epoch(epoch + 1, row, new_metrics, [r for r in diagnostic_rows if r["epoch"] == epoch + 1])
         save()
         stop.received = distributed.agreed_signal(stop.received)
-        if stop.received is not None and epoch + 1 < epochs:
+        if stop.received is not None and not end:
             raise StoppedBySignal(stop.received, run_dir, history.epoch, 0, batches.batches_per_pass)
+        if end:
+            break
     if not distributed.is_main():
         return None
 
     results = results_row(cfg, run_dir, config_id, strategy, data.tasks, train_log, metrics, ctx.counts, device)
+    results.update(budget.result_columns())
     run.write_results(results)
     logger.log_results(results)
     logger.close()
@@ -437,10 +453,11 @@ def _train(cfg: DictConfig, run_dir: Path | RunDir, stop: StopSignals, cleanup: 
 def train_epoch(
     ctx: StepContext, strategy: Strategy, progress: EpochProgress, iterations: int, epoch: int, epochs: int,
     show_bar: bool, device: torch.device, diagnostics: Diagnostics | None = None,
-    at_iteration_boundary: Callable[[], None] | None = None, initial_losses: dict[str, float] | None = None,
+    at_iteration_boundary: Callable[[], bool] | None = None, initial_losses: dict[str, float] | None = None,
 ) -> dict:
     """Run the epoch's `iterations` strategy iterations from where `progress` stands; return its row of
-    train_log.csv. `at_iteration_boundary` is called after every iteration (checkpoints, stop signals);
+    train_log.csv. `at_iteration_boundary` is called after every iteration (checkpoints, stop signals) and ends
+    the epoch early by returning True (a spent budget: the row then has fewer `iterations`);
     `initial_losses` (the run's first loss of each task, filled in by its first iteration) is what an
     exploding loss is judged by."""
     ctx.model.train()
@@ -473,13 +490,16 @@ def train_epoch(
             _check_explosion(means, initial_losses or {}, epoch, i)
             bar.set_postfix({t: f"{v:.3f}" for t, v in means.items()}, refresh=False)
         progress.iteration = i + 1
-        now = time.perf_counter()
-        progress.seconds, start = progress.seconds + now - start, now
-        if at_iteration_boundary is not None:
-            at_iteration_boundary()
-    means = {t: v / iterations for t, v in zip(loss_sums, torch.stack(list(loss_sums.values())).tolist())}
-    _check_finite(means, epoch, iterations - 1)
-    _check_explosion(means, initial_losses or {}, epoch, iterations - 1)
+        progress.seconds += time.perf_counter() - start
+        ends = at_iteration_boundary is not None and at_iteration_boundary()
+        start = time.perf_counter()  # the boundary's evaluations and checkpoints are not training time
+        if ends:
+            break
+    bar.close()
+    done = progress.iteration
+    means = {t: v / done for t, v in zip(loss_sums, torch.stack(list(loss_sums.values())).tolist())}
+    _check_finite(means, epoch, done - 1)
+    _check_explosion(means, initial_losses or {}, epoch, done - 1)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     before = progress.counts_at_start
@@ -489,7 +509,7 @@ def train_epoch(
         penalty_sum = progress.penalty_sum
         if distributed.active():  # each rank's own batch share: the mean, as of the gradients
             penalty_sum = distributed.average([penalty_sum])[0]
-        row["penalty"] = float(penalty_sum) / iterations
+        row["penalty"] = float(penalty_sum) / done
     row.update({
         "seconds": progress.seconds + time.perf_counter() - start,
         "iterations": ctx.counts.iterations - before["iterations"],

@@ -3,6 +3,7 @@ constraint is declared beside it, and every default is stated only in conf/ (the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -55,6 +56,15 @@ class RunSettings(Group):
     objective: str = declared(_objective)
 
 
+BUDGET_UNITS = ("backward_passes", "optimizer_steps", "forward_passes", "images", "seconds")
+
+
+def _budget_unit(key: str, value: object) -> object:
+    if value not in BUDGET_UNITS:
+        raise MtlrunError(f"{key} must be one of {', '.join(BUDGET_UNITS)}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class TrainerSettings(Group):
     """`trainer.*`: epochs, batches, evaluation cadence, device, precision, checkpoints."""
@@ -76,8 +86,16 @@ class TrainerSettings(Group):
     compile: bool = declared(Flag)
     compile_backend: str = declared(Text)  # checked against torch.compile's list where torch is loaded
     checkpoint_every: int | None = declared(Integer(1, nullable=True, unit="iterations"))
+    budget: float | None = declared(Text)  # a number > 0 or null, said in budget_unit: check_together
+    budget_unit: str = declared(_budget_unit)
 
     def check_together(self, prefix: str) -> None:
+        amount = self.budget
+        if amount is not None and (
+            not isinstance(amount, (int, float)) or isinstance(amount, bool) or not math.isfinite(amount) or amount <= 0
+        ):
+            raise MtlrunError(f"trainer.budget must be null or a number > 0 (in trainer.budget_unit="
+                              f"{self.budget_unit}), got {amount!r}")
         if self.eval_every_iterations is not None and self.eval_every != 1:
             raise MtlrunError(
                 f"trainer.eval_every={self.eval_every} (epochs) and trainer.eval_every_iterations="
