@@ -93,12 +93,19 @@ def _fits(value: object, annotation: object) -> bool:
 def typed_keywords(function: Callable, values: Mapping[str, object], prefix: str,
                    mapping_example: str = "") -> None:
     """Each of `values` has the type `function`'s signature declares for it (the declaration is the
-    constraint); a mismatch says which key needs which type, a mapping with `mapping_example` as syntax."""
-    hints = typing.get_type_hints(function)
+    constraint); a mismatch says which key needs which type, a mapping with `mapping_example` as syntax.
+    A parameter annotated `Annotated[type, check, ...]` also passes each check (`check(key, value)`, as a
+    settings field's declaration in mtlrun.settings: e.g. `Annotated[int, Integer(1)]`)."""
+    hints = typing.get_type_hints(function, include_extras=True)
     for name, value in values.items():
+        checks: tuple = ()
+        if name in hints and typing.get_origin(hints[name]) is typing.Annotated:
+            hints[name], *checks = typing.get_args(hints[name])
         if name in hints and not _fits(value, hints[name]):
             mapping = "mapping" in _type_name(hints[name]) and mapping_example
             # Quoted: a shell expands unquoted braces holding a comma into one argument per item.
             example = f", e.g. '{prefix}{name}={mapping_example}' (quoted: a shell splits unquoted braces)" \
                 if mapping else ""
             raise MtlrunError(f"{prefix}{name} must be {_type_name(hints[name])}{example}; got {value!r}")
+        for check in checks:
+            check(f"{prefix}{name}", value)

@@ -9,6 +9,7 @@ from typing import Protocol
 from omegaconf import DictConfig, OmegaConf
 
 from mtlrun.errors import MtlrunError
+from mtlrun.settings import LoggerSettings
 
 log = logging.getLogger("mtlrun")
 
@@ -101,17 +102,12 @@ def _close_quietly(logger: Logger) -> None:
         pass
 
 
-LOGGERS = ("csv", "mlflow", "tensorboard", "wandb")
 
 
 def logger_names(cfg: DictConfig) -> list[str]:
     """The loggers chosen: the keys of `logger` (one per option of the group selected; none: csv alone)."""
     chosen = cfg.get("logger")
-    names = [str(name) for name in chosen] if isinstance(chosen, DictConfig) else []
-    for name in names:
-        if name not in LOGGERS:
-            raise MtlrunError(f"logger {name!r} is unknown; valid: {', '.join(LOGGERS)} (several: logger=[csv,mlflow])")
-    return names
+    return list(LoggerSettings.from_config(chosen if isinstance(chosen, DictConfig) else None).names)
 
 
 def build_logger(cfg: DictConfig, run_dir: Path, resumed: bool = False) -> Loggers:

@@ -30,88 +30,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from mtlrun.errors import MtlrunError
+from mtlrun.settings import OptimizerSettings, SchedulerSettings
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-MOMENTS = ("per_task", "shared")
-EPS_PLACEMENTS = ("modern", "kingma")
-IDLE_PARAMS = ("skip", "step")
-
-
-@dataclass(frozen=True)
-class OptimizerSettings:
-    name: str
-    lr: float
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    momentum: float = 0.0
-    nesterov: bool = False
-    moments: str = "per_task"
-    eps_placement: str = "modern"
-    idle_params: str = "skip"
-
-    @classmethod
-    def from_config(cls, cfg: DictConfig) -> OptimizerSettings:
-        if cfg.name not in OPTIMIZERS:
-            raise MtlrunError(
-                f"optimizer {cfg.name!r} is unknown; valid: {', '.join(OPTIMIZERS)} (optimizer=adam)"
-            )
-        if cfg.get("moments", "per_task") not in MOMENTS:
-            raise MtlrunError(
-                f"optimizer.moments={cfg.moments!r} is invalid; valid: {', '.join(MOMENTS)} "
-                f"(optimizer.moments=per_task)"
-            )
-        betas = cfg.get("betas", (0.9, 0.999))
-        if isinstance(betas, (str, int, float)) or len(betas) != 2:
-            raise MtlrunError(
-                f"optimizer.betas must be two numbers in [0, 1), e.g. [0.9,0.999], got {betas!r}"
-            )
-        eps_placement, idle_params = cfg.get("eps_placement", "modern"), cfg.get("idle_params", "skip")
-        for key, value, valid in (("eps_placement", eps_placement, EPS_PLACEMENTS),
-                                  ("idle_params", idle_params, IDLE_PARAMS)):
-            if value not in valid:
-                raise MtlrunError(
-                    f"optimizer.{key}={value!r} is invalid; valid: {', '.join(valid)} "
-                    f"(optimizer.{key}={valid[0]})"
-                )
-        if eps_placement == "kingma" and cfg.name != "adam":
-            raise MtlrunError(
-                f"optimizer.eps_placement=kingma (PyTorch 1.2's Adam arithmetic) applies to optimizer=adam "
-                f"only; with optimizer={cfg.name} leave optimizer.eps_placement=modern"
-            )
-        nesterov = cfg.get("nesterov", False)
-        if not isinstance(nesterov, bool):
-            raise MtlrunError(f"optimizer.nesterov must be true or false, got {nesterov!r}")
-        return cls(
-            name=cfg.name, lr=_number(cfg.lr, "lr", "> 0"),
-            weight_decay=_number(cfg.get("weight_decay", 0.0), "weight_decay", ">= 0"),
-            betas=(_number(betas[0], "betas[0]", "in [0, 1)"), _number(betas[1], "betas[1]", "in [0, 1)")),
-            eps=_number(cfg.get("eps", 1e-8), "eps", "> 0"),
-            momentum=_number(cfg.get("momentum", 0.0), "momentum", "in [0, 1)"), nesterov=nesterov,
-            moments=cfg.get("moments", "per_task"), eps_placement=eps_placement, idle_params=idle_params,
-        )
-
-
-_RANGES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1}
-
-
-def _number(value: object, key: str, allowed: str) -> float:
-    """`optimizer.<key>` as a finite float within `allowed` (a key of _RANGES), or a one-line error."""
-    try:
-        number = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
-        number = math.nan
-    if not math.isfinite(number) or not _RANGES[allowed](number):
-        raise MtlrunError(f"optimizer.{key} must be a finite number {allowed}, got {value!r}")
-    return number
-
+__all__ = ["MultiTaskOptimizer", "OptimizerSettings", "lr_factor"]
 
 class ParameterBlock:
     """Parameters updated together; their optimizer state is kept as flat vectors, one set per slot."""
@@ -280,20 +206,12 @@ def _states_to_step(slots: dict[str, dict], keys: list[str]) -> list[tuple[dict,
     return stepped
 
 
-def lr_factor(cfg: DictConfig, epoch: int, epochs: int) -> float:
-    """The learning-rate multiplier for `epoch` (0-based) under the `scheduler` config."""
-    if cfg.name == "none":
-        return 1.0
-    if cfg.name == "step":
-        step_size, gamma = cfg.step_size, cfg.gamma
-        if isinstance(step_size, bool) or not isinstance(step_size, int) or step_size < 1:
-            raise MtlrunError(f"scheduler.step_size must be an integer >= 1 (epochs), got {step_size!r}")
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
-            raise MtlrunError(f"scheduler.gamma must be a number > 0, got {gamma!r}")
-        return float(gamma) ** (epoch // step_size)
-    if cfg.name == "cosine":
-        if not isinstance(cfg.min_factor, (int, float)) or not 0 <= cfg.min_factor <= 1:
-            raise MtlrunError(f"scheduler.min_factor must be a number in [0, 1], got {cfg.min_factor!r}")
+def lr_factor(cfg: SchedulerSettings | DictConfig, epoch: int, epochs: int) -> float:
+    """The learning-rate multiplier for `epoch` (0-based) under the `scheduler` settings."""
+    s = cfg if isinstance(cfg, SchedulerSettings) else SchedulerSettings.from_config(cfg)
+    if s.name == "step":
+        return s.gamma ** (epoch // s.step_size)
+    if s.name == "cosine":
         progress = epoch / max(epochs, 1)
-        return float(cfg.min_factor) + (1 - float(cfg.min_factor)) * 0.5 * (1 + math.cos(math.pi * progress))
-    raise MtlrunError(f"scheduler {cfg.name!r} is unknown; valid: none, step, cosine (scheduler=step)")
+        return s.min_factor + (1 - s.min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from mtlrun.errors import MtlrunError
+from mtlrun.settings import TrainerSettings
 
 DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # `trainer.dtype`: what parameters, activations, optimizer state and every tensor a strategy makes are held in.
@@ -20,8 +21,7 @@ def run_dtype(name: str) -> Iterator[None]:
     """Inside the block torch's default dtype is the run's (`trainer.dtype`), so the model, the data and every
     tensor a strategy or optimizer creates are float64 in a float64 run without a cast in each place (a
     float32 weight vector times a float64 loss would silently compute in float32); restored after it."""
-    if name not in RUN_DTYPES:
-        raise MtlrunError(f"trainer.dtype={name!r} is invalid; valid: {', '.join(RUN_DTYPES)}")
+    TrainerSettings.check("dtype", name)
     before = torch.get_default_dtype()
     torch.set_default_dtype(RUN_DTYPES[name])
     try:
@@ -85,8 +85,7 @@ class Precision:
     def __init__(
         self, name: str = "fp32", device_type: str = "cpu", scaler: LossScaler | None = None
     ) -> None:
-        if name not in DTYPES:
-            raise MtlrunError(f"trainer.precision={name!r} is invalid; valid: {', '.join(DTYPES)}")
+        TrainerSettings.check("precision", name)
         if DTYPES[name] is not None and torch.get_default_dtype() != torch.float32:
             raise MtlrunError(f"trainer.precision={name} autocasts a float32 run: it needs trainer.dtype=float32")
         self.name, self.device_type, self.dtype = name, device_type, DTYPES[name]

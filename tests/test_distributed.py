@@ -117,7 +117,7 @@ def _case(name: str) -> list[str]:
 
 
 def _numbers(run: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    metrics = pd.read_csv(run / "metrics.csv")
+    metrics = pd.read_csv(run / "metrics.csv").drop(columns="train_seconds")
     train_log = pd.read_csv(run / "train_log.csv").drop(columns="seconds")
     model = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
     return metrics, train_log, model

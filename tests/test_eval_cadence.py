@@ -40,7 +40,8 @@ def _config(data_dir: Path, *overrides: str):
 def _train(data_dir: Path, run: Path, *overrides: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
     train(_config(data_dir, *overrides), run)
     log = pd.read_csv(run / "train_log.csv").drop(columns="seconds")
-    return pd.read_csv(run / "metrics.csv"), log, pd.read_csv(run / "results.csv").iloc[0]
+    metrics = pd.read_csv(run / "metrics.csv").drop(columns="train_seconds")
+    return metrics, log, pd.read_csv(run / "results.csv").iloc[0]
 
 
 @pytest.fixture(scope="module")

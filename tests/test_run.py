@@ -17,6 +17,15 @@ from mtlrun.run.signals import RunFinished, StoppedBySignal
 SETTINGS = {"epochs": 2, "checkpoint_every": None, "stop_after_epochs": None}
 
 
+class NoBudget:
+    """A run without trainer.budget, as mtlrun.budgets.Budget answers for one."""
+
+    reached = False
+
+    def finished(self, epochs_done: int, horizon: int) -> bool:
+        return epochs_done >= horizon
+
+
 def config(**changes):
     base = {"resume": False, "overwrite": False, "seed": 0, "optimizer": {"lr": 0.1}, "trainer": {"device": "auto"}}
     return OmegaConf.merge(base, changes)
@@ -25,7 +34,7 @@ def config(**changes):
 def opened(path, cfg=None, iterations=4, **settings) -> tuple[Run, torch.nn.Linear]:
     model = torch.nn.Linear(2, 1)
     run = Run(cfg or config(), RunDir(path), {**SETTINGS, **settings})
-    run.open(torch.device("cpu"), iterations, model=model, augment=None)
+    run.open(torch.device("cpu"), iterations, NoBudget(), model=model, augment=None)
     return run, model
 
 
@@ -33,7 +42,8 @@ def test_a_new_run_claims_its_directory_and_resumes_where_it_saved(tmp_path):
     run, model = opened(tmp_path)
     assert run.directory.accepted and run.start_epoch == 0 and "augment" not in run.state.parts
     run.progress.iteration = 4
-    run.end_of_epoch({"epoch": 1})
+    run.epoch_trained({"epoch": 1})
+    run.end_of_epoch(last=False)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     resumed, again = opened(tmp_path, config(resume=True))
     assert resumed.start_epoch == 1 and resumed.history.train_log == [{"epoch": 1}]
@@ -57,9 +67,10 @@ def test_resume_refuses_a_checkpoint_of_another_configuration_naming_the_key(tmp
 
 def test_resuming_a_finished_run_changes_no_file(tmp_path):
     run, _ = opened(tmp_path)
-    for _ in range(2):
+    for epoch in range(2):
         run.progress.iteration = 4
-        run.end_of_epoch({})
+        run.epoch_trained({})
+        run.end_of_epoch(last=epoch == 1)
     assert run.finish({"seed": 0}) == {"seed": 0} and (tmp_path / RESULTS_CSV).exists()
     before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     with pytest.raises(RunFinished, match="holds a finished run"):
@@ -86,7 +97,7 @@ def test_a_signal_saves_and_stops_at_the_next_boundary_but_not_after_the_last_ep
             run.at_iteration_boundary(3)
         assert (tmp_path / CHECKPOINT).exists()
         run.history.epoch = 1
-        run.end_of_epoch({})  # the last epoch: the run finishes, with its checkpoint
+        run.end_of_epoch(last=True)  # the last epoch: the run finishes, with its checkpoint
         assert run.history.epoch == 2
 
 

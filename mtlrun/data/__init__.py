@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mtlrun.constraints import flag, integer, numbers
 from mtlrun.data.hdf5 import DatasetFile, write_dataset
-from mtlrun.data.loading import IN_MEMORY, LazySplit, Split, SplitSource, TargetTransform
+from mtlrun.data.loading import LazySplit, Split, SplitSource, TargetTransform
 from mtlrun.errors import MtlrunError
 from mtlrun.run.locks import FileLock, remove_dead_writers_files
+from mtlrun.settings import DatasetSettings, ShapesSettings
 from mtlrun.tasks import Task, build_task, count_in_delta_m
 
 
@@ -50,18 +50,13 @@ def build_shapes(path: Path, image_size: int, num_train: int, num_val: int, num_
     )
 
 
-MIN_IMAGE_SIZE = 8  # the built-in convnet halves the image three times
-
-
 def check_shapes_options(image_size: object, num_train: object, num_val: object, num_test: object,
                          generator_seed: object, prefix: str = "dataset.") -> None:
     """The built-in benchmark's options, checked before anything is generated (an empty split would be
     generated and cached for good)."""
-    least = {"image_size": MIN_IMAGE_SIZE, "num_train": 1, "num_val": 0, "num_test": 1, "generator_seed": 0}
     given = {"image_size": image_size, "num_train": num_train, "num_val": num_val, "num_test": num_test,
              "generator_seed": generator_seed}
-    for key, value in given.items():
-        integer(f"{prefix}{key}", value, least[key])
+    ShapesSettings.from_config(given, prefix)
 
 
 def _check_shapes(cfg: DictConfig) -> None:
@@ -95,19 +90,11 @@ DATASETS: dict[str, Source] = {
 }
 
 
-IMAGE_CHANNELS = 3  # every dataset file stores RGB images (hdf5.py's schema)
-
-
-def check_dataset(cfg: DictConfig) -> None:
-    """The settings every dataset has, checked before its file is opened: the normalization (one finite number
-    per input channel, std > 0: a zero std turns every image into inf and NaN) and the augmentation."""
-    per_channel = "one per input channel (R, G, B)"
-    numbers("dataset.mean", cfg.get("mean"), IMAGE_CHANNELS, per_channel, example="[0.5,0.5,0.5]")
-    numbers("dataset.std", cfg.get("std"), IMAGE_CHANNELS, per_channel, above=0, example="[0.25,0.25,0.25]")
-    augment = cfg.get("augment") or {}
-    numbers("dataset.augment.scales", augment.get("scales", [1.0]), None, "the scale-crop factors drawn from",
-            least=1, example="[1.0,1.2,1.5]")
-    flag("dataset.augment.flip", augment.get("flip", False))
+def check_dataset(cfg: DictConfig) -> DatasetSettings:
+    """The settings every dataset has, checked before its file is opened (declared in DatasetSettings: one
+    finite number per input channel, std > 0 since a zero std turns every image into inf and NaN, and the
+    augmentation)."""
+    return DatasetSettings.from_config(cfg)
 
 
 def open_dataset(
@@ -198,9 +185,6 @@ def task_specs(cfg: DictConfig) -> dict[str, dict]:
     return {n: specs[n] for n in names}
 
 
-BINARY_MAPS = ("per_class", "joint")
-
-
 def _binary_maps(cfg: DictConfig, specs: dict[str, dict]) -> tuple[dict[str, dict], dict[str, list[str]]]:
     """`dataset.binary_maps`: null keeps each segmentation task (cross-entropy over its classes); `per_class`
     replaces it by one binary-map task per class, named after the class (`class_names` in its spec, else
@@ -209,8 +193,7 @@ def _binary_maps(cfg: DictConfig, specs: dict[str, dict]) -> tuple[dict[str, dic
     mode = cfg.get("binary_maps")
     if mode is None:
         return specs, {}
-    if mode not in BINARY_MAPS:
-        raise MtlrunError(f"dataset.binary_maps={mode!r} is invalid; valid: null, {', '.join(BINARY_MAPS)}")
+    DatasetSettings.check("binary_maps", mode)
     out: dict[str, dict] = {}
     parts: dict[str, list[str]] = {}
     for name, spec in specs.items():
@@ -339,9 +322,7 @@ def _read_split(file: DatasetFile, split: str, targets: dict[str, tuple[str, Tar
 def _in_memory(cfg: DictConfig, file: DatasetFile, splits: list[str], keys: set[str]) -> bool:
     """`dataset.in_memory`: true or host, false, or auto = when the arrays take under half the available
     memory (true and auto also put them on the GPU when they fit there: `loading.on_device`)."""
-    setting = cfg.get("in_memory", True)
-    if setting not in IN_MEMORY:
-        raise MtlrunError(f"dataset.in_memory must be one of auto, true, host, false; got {setting!r}")
+    setting = DatasetSettings.from_config(cfg).in_memory
     if setting != "auto":
         return setting is True or setting == "host"
     needed = sum(file.nbytes(split, key) for split in splits for key in keys)

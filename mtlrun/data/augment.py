@@ -10,6 +10,7 @@ from torch import Tensor
 
 from mtlrun.data.loading import Batch
 from mtlrun.errors import MtlrunError
+from mtlrun.settings import AugmentSettings
 from mtlrun.tasks import BinaryMaps, Depth, Normal, Segmentation, Task
 
 
@@ -29,9 +30,7 @@ class Augment:
     """
 
     def __init__(self, tasks: Sequence[Task], scales: Sequence[float], flip: bool, seed: int) -> None:
-        if not scales or any(not float(s) >= 1 for s in scales):
-            raise MtlrunError(f"dataset.augment.scales must be a non-empty list of numbers >= 1, got {list(scales)}")
-        self.scales = [float(s) for s in scales]
+        self.scales = AugmentSettings.check("scales", list(scales))
         self.flip = bool(flip)
         self.kinds = {t.name: _kind(t) for t in tasks}
         self.generator = torch.Generator().manual_seed(seed)

@@ -102,9 +102,6 @@ class LazySplit:
         return out
 
 
-IN_MEMORY = ("auto", True, "host", False)  # dataset.in_memory: host also keeps in-memory splits off the GPU
-
-
 def fits_on_device(needed: int, free: int) -> bool:
     """In-memory splits go to the GPU when they take under half its free memory: the rest is for training."""
     return needed < free / 2

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from omegaconf import DictConfig
 
 from mtlrun.errors import MtlrunError
+from mtlrun.settings import MODEL_SIZES
+from mtlrun.settings.declare import plain
 from mtlrun.models import (
     celeba_cnn,
     cgc,
@@ -69,13 +71,5 @@ def check_model(cfg: DictConfig) -> None:
             raise MtlrunError(
                 f"model.{key} is not a setting of model {cfg.name}; its settings: {', '.join(settings)}"
             )
-        counts = list(value) if key == "filters" and not isinstance(value, (str, int, float)) else [value]
-        if key in ("width", "filters", "pooled_size") and not all(_positive_int(v) for v in counts):
-            raise MtlrunError(
-                f"model.{key} must be {'positive integers' if key == 'filters' else 'an integer >= 1'}, "
-                f"got {value!r}"
-            )
-
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        if key in MODEL_SIZES:
+            MODEL_SIZES[key](f"model.{key}", plain(value))

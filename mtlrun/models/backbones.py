@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtlrun.constraints import integer
 from mtlrun.errors import MtlrunError
 from mtlrun.models import convnet, resnet, segnet
 from mtlrun.tasks import Task
@@ -119,8 +120,7 @@ def build_backbone(settings: Mapping, tasks: Sequence[Task]) -> Backbone:
 
 
 def _convnet(width: int = 16) -> Backbone:
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise MtlrunError(f"model.backbone.width must be an integer >= 1, got {width!r}")
+    integer("model.backbone.width", width, 1)
 
     def head(task: Task) -> nn.Module:
         return (convnet.dense_head if task.dense else convnet.image_head)(width, task.out_channels)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from mtlrun.constraints import integer
 from mtlrun.errors import MtlrunError
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.tasks import Task
@@ -85,8 +86,7 @@ class Reads(nn.Module):
 def build(tasks: list[Task], width: int = 64, running_stats: bool = True) -> MultiTaskModel:
     """The CNN shared; per task a linear layer on the 512-d vector (the authors' and FAMO's heads). Dense tasks
     (not in either paper) get a 1x1 conv on the last conv map, upsampled bilinearly to the image."""
-    if int(width) < 1:
-        raise MtlrunError(f"model.width must be >= 1, got {width}")
+    integer("model.width", width, 1)
     dense, per_image = any(t.dense for t in tasks), any(not t.dense for t in tasks)
     encoder = CelebaCNN(int(width), bool(running_stats), dense, per_image)
     c = encoder.out_channels

@@ -23,16 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtlrun.errors import MtlrunError
+from mtlrun.constraints import integer
 from mtlrun.models.backbones import build_backbone, image_channels
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.tasks import Task
 
 
 def check_count(name: str, value: object, least: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise MtlrunError(f"model.{name} must be an integer >= {least}, got {value!r}")
-    return value
+    return integer(f"model.{name}", value, least)
 
 
 class Gate(nn.Module):

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import ResNet, ResNet18_Weights, ResNet50_Weights, resnet18, resnet50
-from torchvision.models.resnet import BasicBlock, Bottleneck
-from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
+from mtlrun.constraints import integer
 from mtlrun.errors import MtlrunError
+from mtlrun.settings.declare import Choice
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.tasks import Task
 
-IMAGENET_WEIGHTS = {"resnet18": ResNet18_Weights.IMAGENET1K_V1, "resnet50": ResNet50_Weights.IMAGENET1K_V1}
+# torchvision is imported only where a ResNet part is built: importing it takes seconds (torchvision.ops
+# pulls in torch._dynamo), which every run and CLI start of the other models would otherwise pay.
+if TYPE_CHECKING:
+    from torchvision.models import ResNet
+
 STEMS = ("cifar", "imagenet")
 
 
@@ -48,7 +52,10 @@ def weights_file(arch: str, weights_path: str | None = None) -> Path:
 
 
 def _file_name(arch: str) -> str:
-    return Path(urlparse(IMAGENET_WEIGHTS[arch].url).path).name
+    from torchvision.models import ResNet18_Weights, ResNet50_Weights
+
+    weights = {"resnet18": ResNet18_Weights.IMAGENET1K_V1, "resnet50": ResNet50_Weights.IMAGENET1K_V1}[arch]
+    return Path(urlparse(weights.url).path).name
 
 
 def load_imagenet_weights(trunk: ResNetTrunk, arch: str, weights_path: str | None = None) -> None:
@@ -105,6 +112,8 @@ def _pretrain(trunk: ResNetTrunk, arch: str, pretrained: bool, weights_path: str
 
 def residual_block(cin: int, cout: int) -> nn.Module:
     """A ResNet-18 basic block from cin to cout channels at stride 1, its shortcut a conv1x1-BN projection."""
+    from torchvision.models.resnet import BasicBlock
+
     shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
     return BasicBlock(cin, cout, downsample=shortcut)
 
@@ -112,6 +121,8 @@ def residual_block(cin: int, cout: int) -> nn.Module:
 def bottleneck_block(cin: int, cout: int) -> nn.Module:
     """A ResNet-50 bottleneck block from cin to cout channels (width cout / 4) at stride 1, its shortcut a
     conv1x1-BN projection."""
+    from torchvision.models.resnet import Bottleneck
+
     shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
     return Bottleneck(cin, cout // Bottleneck.expansion, downsample=shortcut)
 
@@ -140,22 +151,11 @@ def upsampling_head(cin: int, cout: int) -> nn.Sequential:
 # --- the models ----------------------------------------------------------------------------------
 
 
-class BatchCheckedDeepLabHead(DeepLabHead):
-    """DeepLab-v3's head, refusing in training a batch of one image, on which the batch norm after its
-    image-pooling branch (one value per channel) cannot be computed."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.training and x.shape[0] == 1:
-            raise MtlrunError(
-                "the dilated ResNet-50's ASPP heads train on batches of at least 2 images (the batch norm of "
-                "their pooling branch needs them): set trainer.batch_size >= 2"
-            )
-        return super().forward(x)
-
-
 def resnet50_dilated_trunk(pretrained: bool = False, weights_path: str | None = None) -> ResNetTrunk:
     """ResNet-50 with layer3 and layer4 dilated instead of strided (output stride 8), as LibMTL's
     `resnet_dilated('resnet50')`, from ImageNet weights when `pretrained`."""
+    from torchvision.models import resnet50
+
     trunk = ResNetTrunk(resnet50(replace_stride_with_dilation=[False, True, True]))
     _pretrain(trunk, "resnet50", pretrained, weights_path)
     return trunk
@@ -163,6 +163,8 @@ def resnet50_dilated_trunk(pretrained: bool = False, weights_path: str | None = 
 
 def resnet50_dilated_head(cin: int, task: Task) -> nn.Module:
     """DeepLab-v3's ASPP head for a dense task, global average pooling and a linear layer for a per-image one."""
+    from mtlrun.models.deeplab import BatchCheckedDeepLabHead
+
     return BatchCheckedDeepLabHead(cin, task.out_channels) if task.dense else pooled_linear(cin, task.out_channels)
 
 
@@ -182,21 +184,19 @@ def build_resnet50_dilated(
 
 def check_resnet18_settings(pretrained: bool, stem: str, pooled_size: int) -> int:
     """The pooled size, once the ResNet-18 settings are known to fit together."""
-    if stem not in STEMS:
-        raise MtlrunError(f"model.stem={stem!r} is invalid; valid: {', '.join(STEMS)}")
+    Choice(STEMS)("model.stem", stem)
     if pretrained and stem != "imagenet":
         raise MtlrunError(
             "model.pretrained=true loads ImageNet weights made for torchvision's stem: "
             "set model.stem=imagenet too"
         )
-    size = int(pooled_size)
-    if size < 1:
-        raise MtlrunError(f"model.pooled_size must be >= 1, got {pooled_size}")
-    return size
+    return integer("model.pooled_size", pooled_size, 1)
 
 
 def resnet18_trunk(pretrained: bool = False, weights_path: str | None = None, stem: str = "cifar") -> ResNetTrunk:
     """A ResNet-18 trunk with the `cifar` stem (3x3 stride-1 conv, no max-pooling) or torchvision's."""
+    from torchvision.models import resnet18
+
     resnet = resnet18()
     if stem == "cifar":
         resnet.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtlrun.constraints import integer
 from mtlrun.errors import MtlrunError
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.models.resnet import pooled_linear
@@ -86,8 +87,7 @@ class UNetEncoder(nn.Module):
 def build(tasks: list[Task], width: int = 64, running_stats: bool = True) -> MultiTaskModel:
     """The shared U-Net and per task a 1x1 conv on its output (the authors' `OutConv`; the sigmoid or
     normalisation they apply after it is in the task's loss here); per-image tasks get a pooled linear head."""
-    if int(width) < 1:
-        raise MtlrunError(f"model.width must be >= 1, got {width}")
+    integer("model.width", width, 1)
     encoder = UNetEncoder(int(width), bool(running_stats))
     c = encoder.out_channels
     heads = {

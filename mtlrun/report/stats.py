@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from mtlrun.errors import MtlrunError
 from mtlrun.report.runs import DELTA_M, plain
@@ -32,6 +31,8 @@ class Difference:
 
 def t_half_width(std: float, n: float, df: float) -> float:
     """Half the width of the Student t interval of a mean with standard error std / sqrt(n)."""
+    from scipy import stats  # here: importing it takes ~1 s, which comparisons of single seeds need not pay
+
     return float(stats.t.ppf(0.5 + LEVEL / 2, df) * std / np.sqrt(n))
 
 
@@ -46,6 +47,8 @@ def mean_interval(values: np.ndarray) -> tuple[float, float]:
 def two_sided(t: float, df: float) -> float:
     """The two-sided p-value of a t statistic (scipy.stats.ttest_rel's and ttest_ind's, without their warning
     on nearly constant differences)."""
+    from scipy import stats
+
     return float(2 * stats.t.sf(abs(t), df))
 
 
@@ -122,9 +125,15 @@ def per_seed(comparison: Comparison, config_id: str, column: str) -> pd.Series:
 def add_intervals(comparison: Comparison) -> list[str]:
     """Give every tested mean its 95% interval (`<column> ci_low`, `ci_high`); the note where one seed is all."""
     table = comparison.table
+    added: dict[str, list[float]] = {}
     for column in tested_columns(comparison):
         bounds = [mean_interval(per_seed(comparison, c, column).dropna().to_numpy()) for c in table["config_id"]]
-        table[f"{column} ci_low"], table[f"{column} ci_high"] = zip(*bounds) if bounds else ((), ())
+        added[f"{column} ci_low"] = [low for low, _ in bounds]
+        added[f"{column} ci_high"] = [high for _, high in bounds]
+    if added:  # one concat, not a column at a time (pandas warns of a fragmented frame)
+        added_frame = pd.DataFrame(added, index=table.index)
+        comparison.table = table = pd.concat([table.drop(columns=added_frame.columns, errors="ignore"), added_frame],
+                                             axis=1)
     single = (table["n_seeds"] < 2).sum()
     if single:
         return [f"95% intervals need >= 2 seeds: {single} of {len(table)} configuration(s) have one, shown without "
@@ -161,9 +170,9 @@ def add_reference(comparison: Comparison, reference: int) -> list[str]:
         counted = [v for c, v in zip(columns, verdicts) if c != DELTA_M and comparison.higher_is_better(c) is not None]
         for key, kind in (("wins", BETTER), ("ties", TIE), ("losses", WORSE)):
             summary[key].append(np.nan if i == reference or not tests else counted.count(kind))
-    for name, values in {**found, **summary}.items():
-        table[name] = values
-    table["reference"] = table.index == reference
+    # one concat, not a column at a time (pandas warns of a fragmented frame past ~100 inserts)
+    added = pd.DataFrame({**found, **summary, "reference": table.index == reference}, index=table.index)
+    comparison.table = pd.concat([table.drop(columns=added.columns, errors="ignore"), added], axis=1)
     notes = [f"reference: {comparison.labels()[reference]} (config_id {reference_id}); differences with 95% "
              f"intervals, paired t over seeds where both have the same seeds, Welch's t otherwise; p-values "
              f"Holm-adjusted over each configuration's {len(columns)} tested numbers; ▲ better, ▼ worse "

@@ -9,6 +9,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from mtlrun import budgets
+from mtlrun.settings import IDENTITY_IGNORES
+
 SHOWN = 6  # differing keys named in the message; the rest are counted
 
 
@@ -41,11 +44,7 @@ def different_configuration(checkpoint: Path, state: dict, cfg: DictConfig, igno
             + ": resume with the same settings, or start over with overwrite=true")
 
 
-# Keys that change how a run is executed or reported, or where it writes, but not what it computes.
-RUN_CONTROL_KEYS = (
-    "resume", "overwrite", "trainer.progress", "trainer.stop_after_epochs", "trainer.device", "trainer.workers",
-    "dataset.in_memory", "output_root", "logger", "trainer.checkpoint_every", "objective",
-)
+RUN_CONTROL_KEYS = IDENTITY_IGNORES  # what config_id and resume_id leave out (mtlrun.settings says why)
 
 
 def config_hash(cfg: DictConfig, ignore: tuple[str, ...]) -> str:
@@ -62,9 +61,9 @@ def config_hash(cfg: DictConfig, ignore: tuple[str, ...]) -> str:
 
 def config_id(cfg: DictConfig) -> str:
     """What runs of one configuration share, whatever their seed: mtlrun-compare groups seeds by it."""
-    return config_hash(cfg, ignore=("seed", *RUN_CONTROL_KEYS))
+    return config_hash(cfg, ignore=("seed", *RUN_CONTROL_KEYS, *budgets.identity_ignores(cfg.trainer)))
 
 
 def resume_id(cfg: DictConfig) -> str:
     """What a checkpoint must have been written with for `cfg` to resume it."""
-    return config_hash(cfg, ignore=RUN_CONTROL_KEYS)
+    return config_hash(cfg, ignore=(*RUN_CONTROL_KEYS, *budgets.identity_ignores(cfg.trainer)))

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mtlrun.budgets import Budget
 from mtlrun.errors import MtlrunError
 from mtlrun.run import distributed
 from mtlrun.run.identity import RUN_CONTROL_KEYS, config_id, different_configuration, resume_id
@@ -57,12 +58,14 @@ class Run:
                 f"trainer.eval_batch_size, or choose a smaller model; files of finished epochs are kept"
             ) from None
 
-    def open(self, device: torch.device, iterations_per_epoch: int, **parts: Stateful | None) -> None:
+    def open(
+        self, device: torch.device, iterations_per_epoch: int, budget: Budget, **parts: Stateful | None
+    ) -> None:
         """Register `parts` (None: a part this run lacks) beside the run's own, then resume from the checkpoint
         or claim the directory for a new run; RunFinished when resume=true finds the run finished (no file
         is touched). Under torchrun rank 0 decides; the others load the checkpoint it resumed from (it writes
         the next one only after an iteration, which waits for them)."""
-        self.iterations_per_epoch = iterations_per_epoch
+        self.iterations_per_epoch, self.budget = iterations_per_epoch, budget
         for name, part in parts.items():
             self.state.register(name, part)
         self.state.register("rng", RandomState(device))
@@ -87,7 +90,7 @@ class Run:
             if checkpoint["resume_id"] != self.resume_id:
                 raise MtlrunError(different_configuration(run.checkpoint, checkpoint, self.cfg, RUN_CONTROL_KEYS))
             self.state.load_state_dict(checkpoint, run.checkpoint)
-            if self.history.epoch >= self.epochs and run.finished:
+            if self.budget.finished(self.history.epoch, self.epochs) and run.finished:
                 return "finished"
             where = f" at iteration {self.progress.iteration}" if self.progress.iteration else ""
             log.info("resuming %s after epoch %d%s", self.path, self.history.epoch, where)
@@ -107,19 +110,28 @@ class Run:
                  resume_hint("hydra.run.dir", self.path))
         return True
 
-    def at_iteration_boundary(self, iterations: int) -> None:
+    def at_iteration_boundary(self, iterations: int) -> bool:
         """After the run's `iterations`-th iteration: a checkpoint where trainer.checkpoint_every asks (an
-        epoch's last iteration is saved with the epoch), and a stop where a signal asks."""
+        epoch's last iteration is saved with the epoch), and a stop where a signal asks. True: the budget is
+        spent (`Budget.check`), end the epoch; its end saves, and a stop signal waits the few seconds to the
+        results."""
+        if self.budget.reached:
+            return True
         last = self.progress.iteration == self.iterations_per_epoch
         due = self.checkpoint_every is not None and iterations % self.checkpoint_every == 0 and not last
         self._save_or_stop(save=due, last_epoch=False)
+        return False
 
-    def end_of_epoch(self, row: dict) -> None:
-        """The epoch's train_log row is in: save, then stop if a signal asked and epochs remain."""
+    def epoch_trained(self, row: dict) -> None:
+        """The epoch's iterations are done: its train_log row is in, and no epoch is under way."""
         self.progress.iteration = 0
         self.history.train_log.append(row)
+
+    def end_of_epoch(self, last: bool) -> None:
+        """The epoch is evaluated and logged: save, then stop if a signal asked and training goes on (`last`:
+        it ends here, after the last epoch or with a spent budget)."""
         self.history.epoch += 1
-        self._save_or_stop(save=True, last_epoch=self.history.epoch == self.epochs)
+        self._save_or_stop(save=True, last_epoch=last)
 
     def _save_or_stop(self, save: bool, last_epoch: bool) -> None:
         """Every rank agrees on whether a signal came (so all stop at the same iteration); a stop writes a

@@ -15,10 +15,10 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import cvxpy as cp
+# torchjd (which loads cvxpy, qpsolvers and scipy.stats) and cvxpy are imported in the functions that use them:
+# at module level they cost every run ~1 s of start-up.
 import numpy as np
 import torch
-import torchjd.aggregation as tjd
 from scipy.optimize import least_squares, nnls
 from torch import Tensor
 
@@ -58,6 +58,7 @@ def seeded(generator: torch.Generator) -> Iterator[None]:
 def pcgrad_weights(gram: Tensor) -> Tensor:
     """PCGrad's weights: each g_i projected on the normal plane of every g_j it conflicts with, in a random
     order per task, then summed (torchjd's PCGradWeighting; call it under `seeded`)."""
+    import torchjd.aggregation as tjd  # when used: see the imports
     return tjd.PCGradWeighting()(gram)
 
 
@@ -116,6 +117,7 @@ def upgrad_weights(gram: Tensor) -> Tensor:
 def imtl_g_weights(gram: Tensor) -> Tensor:
     """IMTL-G's weights, summing to 1, whose combination has the same projection on every unit gradient
     (torchjd's IMTLGWeighting: pinv(G) @ norms, normalised; a zero vector when that sum vanishes)."""
+    import torchjd.aggregation as tjd  # when used: see the imports
     return tjd.IMTLGWeighting()(gram)
 
 
@@ -133,6 +135,7 @@ def cagrad_weights(gram: Tensor, c: float) -> Tensor:
     below `ZERO_DIRECTION` times the largest gradient norm (gradients summing to zero); the weights are
     then the mean's, d = g0, as the authors'.
     """
+    import cvxpy as cp  # when used: see the imports
     gram = gram.detach().double().cpu()
     n = len(gram)
     root = gram_root(gram).numpy()
@@ -197,11 +200,13 @@ def _cagrad_on_support(gram: np.ndarray, radius: float, support: np.ndarray) -> 
 def aligned_mtl_weights(gram: Tensor, scale_mode: str) -> Tensor:
     """Aligned-MTL's weights B @ (1/T) with B = sqrt(lambda_scale) V Lambda^-1/2 V^T on the Gram's nonzero
     eigenpairs (torchjd's AlignedMTLWeighting; scale_mode min = the paper's smallest eigenvalue)."""
+    import torchjd.aggregation as tjd  # when used: see the imports
     return tjd.AlignedMTLWeighting(scale_mode=scale_mode)(gram)
 
 
 def graddrop(jacobian: Tensor, leak: float) -> Tensor:
     """GradDrop's update from the task gradients (torchjd's GradDrop, f = identity; run under `seeded`)."""
+    import torchjd.aggregation as tjd  # when used: see the imports
     leaks = torch.full((jacobian.shape[0],), float(leak), dtype=jacobian.dtype, device=jacobian.device)
     return tjd.GradDrop(leak=leaks)(jacobian)
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from mtlrun.constraints import flag, integer
 from mtlrun.data import MultiTaskData, open_dataset, task_names
 from mtlrun.data.augment import Augment
 from mtlrun.data.loading import BatchStream, Split, ToDevice, on_device
@@ -23,6 +22,7 @@ from mtlrun.models.base import MultiTaskModel
 from mtlrun.optim import MultiTaskOptimizer, OptimizerSettings, lr_factor
 from mtlrun.precision import Precision, run_dtype
 from mtlrun.run import distributed
+from mtlrun.settings import AugmentSettings, DatasetSettings, RunSettings, TrainerSettings
 from mtlrun.strategies import StepContext, Strategy, build_strategy
 
 
@@ -42,36 +42,11 @@ class Parts:
 
 
 def trainer_settings(cfg: DictConfig) -> dict:
-    t = cfg.trainer
-    settings = {
-        "epochs": t.epochs, "batch_size": t.batch_size, "eval_batch_size": t.eval_batch_size,
-        "eval_every": t.eval_every, "stop_after_epochs": t.stop_after_epochs,
-        "diagnostics_every": cfg.diagnostics_every, "eval_every_iterations": t.get("eval_every_iterations"),
-    }
-    for key, value in settings.items():
-        if value is None and key in ("stop_after_epochs", "eval_every_iterations"):
-            continue
-        integer(key if key == "diagnostics_every" else f"trainer.{key}", value, least=1)
-    every = t.get("checkpoint_every")
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise MtlrunError(f"trainer.checkpoint_every must be null or an integer >= 1 (iterations), got {every!r}")
-    settings["checkpoint_every"] = every
-    settings["dtype"] = t.get("dtype", "float32")
-    if settings["eval_every_iterations"] is not None and t.eval_every != 1:
-        raise MtlrunError(
-            f"trainer.eval_every={t.eval_every} (epochs) and trainer.eval_every_iterations="
-            f"{settings['eval_every_iterations']} both set a cadence: keep one (eval_every=1 is the default)"
-        )
-    settings["eval_at_end"] = flag("trainer.eval_at_end", t.get("eval_at_end", True))
-    distributed.check_batch_size(t.batch_size)
-    if t.progress not in ("auto", True, False):
-        raise MtlrunError(f"trainer.progress must be auto, true or false, got {t.progress!r}")
-    settings["progress"] = sys.stderr.isatty() if t.progress == "auto" else bool(t.progress)
-    if cfg.seed is None or isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
-        raise MtlrunError(f"seed must be an integer >= 0, got {cfg.seed!r}")
-    settings["deterministic"] = flag("deterministic", cfg.deterministic)
-    settings["diagnostics"] = flag("diagnostics", cfg.diagnostics)
-    return settings
+    """The top-level and trainer settings the loop reads, checked by their declarations (mtlrun.settings)."""
+    run, trainer = RunSettings.from_config(cfg), TrainerSettings.from_config(cfg.trainer)
+    distributed.check_batch_size(trainer.batch_size)
+    progress = sys.stderr.isatty() if trainer.progress == "auto" else bool(trainer.progress)
+    return {**asdict(run), **asdict(trainer), "progress": progress}
 
 
 def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: int) -> Parts:
@@ -81,12 +56,11 @@ def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: in
     optimizer_settings = OptimizerSettings.from_config(cfg.optimizer)
     lr_factor(cfg.scheduler, 0, epochs)
     check_model(cfg.model)
-    precision = Precision(cfg.trainer.get("precision", "fp32"), device.type)
-    channels_last, compile_ = (
-        flag(f"trainer.{key}", cfg.trainer.get(key, False)) for key in ("channels_last", "compile")
-    )
+    trainer = TrainerSettings.from_config(cfg.trainer)
+    precision = Precision(trainer.precision, device.type)
+    channels_last, compile_ = trainer.channels_last, trainer.compile
     data = open_dataset(cfg.dataset, names)
-    data.splits = on_device(data.splits, device, cfg.dataset.get("in_memory", True))
+    data.splits = on_device(data.splits, device, DatasetSettings.from_config(cfg.dataset).in_memory)
     with run_dtype("float32"):  # a float64 run (trainer.dtype) starts from the float32 run's initial weights
         model = build_model(cfg.model, data.tasks)
     model = model.to(device, torch.get_default_dtype())
@@ -95,13 +69,11 @@ def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: in
         model = model.to(memory_format=torch.channels_last)
     strategy.attach(model)  # before compiling: the strategy's hooks are part of the graphs
     if compile_:
-        compile_model(model, _compile_backend(cfg.trainer))
+        compile_model(model, _compile_backend(trainer.compile_backend))
     optimizer = MultiTaskOptimizer(
         model.shared_parameters(), {t: model.task_parameters(t) for t in names}, optimizer_settings
     )
-    workers = cfg.trainer.get("workers", 0)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise MtlrunError(f"trainer.workers must be an integer >= 0, got {workers!r}")
+    workers = trainer.workers
     train_split = data.splits["train"]
     if isinstance(train_split, Split) and train_split.images.device.type != "cpu":
         workers = 0  # already on the GPU: nothing to read ahead
@@ -118,8 +90,7 @@ def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: in
     return Parts(data, model, optimizer, strategy, batches, evaluation_to_device, augment, ctx, precision)
 
 
-def _compile_backend(trainer: DictConfig) -> str:
-    backend = trainer.get("compile_backend", "inductor")
+def _compile_backend(backend: str) -> str:
     known = torch._dynamo.list_backends(exclude_tags=())
     if backend not in known:
         raise MtlrunError(f"trainer.compile_backend={backend!r} is not a torch.compile backend; known: {', '.join(known)}")
@@ -144,8 +115,8 @@ def compiled_graphs() -> int:
 
 def _augment(cfg: DictConfig, data: MultiTaskData, seed: int) -> Augment | None:
     """The dataset's training augmentation (`dataset.augment`), or None when it changes nothing."""
-    settings = cfg.get("augment") or {}
-    augment = Augment(data.tasks, list(settings.get("scales", [1.0])), settings.get("flip", False), seed)
+    settings = AugmentSettings.of(cfg.get("augment"))
+    augment = Augment(data.tasks, settings.scales, settings.flip, seed)
     return augment if augment.active else None
 
 

@@ -25,10 +25,11 @@ LOSS_EXPLOSION_FACTOR = 1e6
 def train_epoch(
     ctx: StepContext, strategy: Strategy, progress: EpochProgress, iterations: int, epoch: int, epochs: int,
     show_bar: bool, device: torch.device, diagnostics: Diagnostics | None = None,
-    at_iteration_boundary: Callable[[], None] | None = None, initial_losses: dict[str, float] | None = None,
+    at_iteration_boundary: Callable[[], bool] | None = None, initial_losses: dict[str, float] | None = None,
 ) -> dict:
     """Run the epoch's `iterations` strategy iterations from where `progress` stands; return its row of
-    train_log.csv. `at_iteration_boundary` is called after every iteration (checkpoints, stop signals);
+    train_log.csv. `at_iteration_boundary` is called after every iteration (checkpoints, stop signals) and ends
+    the epoch early by returning True (a spent budget: the row then has fewer `iterations`);
     `initial_losses` (the run's first loss of each task, filled in by its first iteration) is what an
     exploding loss is judged by."""
     ctx.model.train()
@@ -45,16 +46,19 @@ def train_epoch(
             _check_explosion(means, initial_losses or {}, epoch, i)
             bar.set_postfix({t: f"{v:.3f}" for t, v in means.items()}, refresh=False)
         progress.iteration = i + 1
-        now = time.perf_counter()
-        progress.seconds, start = progress.seconds + now - start, now
-        if at_iteration_boundary is not None:
-            at_iteration_boundary()
-    means = _mean_losses(progress, iterations)
-    _check_finite(means, epoch, iterations - 1)
-    _check_explosion(means, initial_losses or {}, epoch, iterations - 1)
+        progress.seconds += time.perf_counter() - start
+        ends = at_iteration_boundary is not None and at_iteration_boundary()
+        start = time.perf_counter()  # the boundary's evaluations and checkpoints are not training time
+        if ends:
+            break
+    bar.close()
+    done = progress.iteration
+    means = _mean_losses(progress, done)
+    _check_finite(means, epoch, done - 1)
+    _check_explosion(means, initial_losses or {}, epoch, done - 1)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return _epoch_row(ctx, progress, means, epoch, iterations, start)
+    return _epoch_row(ctx, progress, means, epoch, done, start)
 
 
 def _iteration(

@@ -17,7 +17,9 @@ from torch import Tensor
 from mtlrun.data.loading import SplitSource, ToDevice, eval_batches
 from mtlrun.models.base import MultiTaskModel
 from mtlrun.precision import Precision, full
+from mtlrun.budgets import Budget
 from mtlrun.run import distributed
+from mtlrun.settings import TrainerSettings
 from mtlrun.strategies import Strategy
 from mtlrun.strategies.context import Counts
 from mtlrun.tasks import JOINT_METRICS, Task, map_groups
@@ -68,8 +70,8 @@ class Evaluation:
     """Evaluate the run's model on its val and test splits now, as metrics.csv rows; rank 0 evaluates the whole
     splits, exactly as one process (the other ranks get no rows)."""
 
-    def __init__(self, parts: Parts, batch_size: int, epochs: int) -> None:
-        self.parts, self.batch_size, self.epochs = parts, batch_size, epochs
+    def __init__(self, parts: Parts, batch_size: int, epochs: int, budget: Budget) -> None:
+        self.parts, self.batch_size, self.epochs, self.budget = parts, batch_size, epochs, budget
 
     def __call__(self, epoch: int, iteration: int | None = None) -> list[dict]:
         """Rows for after epoch `epoch` (`iteration`: the run's iterations so far, where the cadence is in
@@ -84,6 +86,7 @@ class Evaluation:
                     self.parts.precision,
                 )
                 rows += metric_rows(scores, data.tasks, epoch, split, iteration)
+        rows = [{**row, **self.budget.spent().columns()} for row in rows]  # the costs so far, on every row
         at = f", iteration {iteration}" if iteration is not None else ""
         log.info("epoch %d/%d%s: %s", epoch, self.epochs, at, _brief(rows))
         return rows
@@ -130,6 +133,7 @@ def results_row(
     metrics: list[dict], counts: Counts, device: torch.device,
 ) -> dict:
     """The run as one row: its configuration, final metrics and costs; rows of many runs concatenate."""
+    trainer = TrainerSettings.from_config(cfg.trainer)
     row: dict = {
         "dataset": cfg.dataset.name, "model": cfg.model.name, "strategy": cfg.strategy.name,
         "group_size": strategy.group_size, "num_tasks": len(tasks), "tasks": " ".join(t.name for t in tasks), "optimizer": cfg.optimizer.name,
@@ -151,10 +155,10 @@ def results_row(
         "backward_passes_per_iteration": counts.backward_passes / max(counts.iterations, 1),
         "seconds_per_epoch": float(np.mean([r["seconds"] for r in train_log])),
         "peak_memory_mb": peak_memory_mb(device),
-        "precision": cfg.trainer.get("precision", "fp32"),
-        "dtype": cfg.trainer.get("dtype", "float32"),
+        "precision": trainer.precision,
+        "dtype": trainer.dtype,
         "skipped_steps": counts.skipped_steps,
-        "compiled_graphs": compiled_graphs() if cfg.trainer.get("compile", False) else 0,
+        "compiled_graphs": compiled_graphs() if trainer.compile else 0,
         "device": str(device),
         "config_id": config_id,
         "run_dir": str(run_dir),

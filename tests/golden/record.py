@@ -107,7 +107,7 @@ def outputs(run: Path) -> dict[str, object]:
 
     results = read("results.csv")
     return {
-        "metrics": read("metrics.csv"),
+        "metrics": read("metrics.csv").drop(columns="train_seconds", errors="ignore"),  # a timing (budgets)
         "train_log": read("train_log.csv").drop(columns="seconds"),
         "results": results.drop(columns=[c for c in results if any(t in c for t in TIMINGS)]),
         "config_id": str(results["config_id"].item()),
