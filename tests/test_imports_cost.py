@@ -24,8 +24,10 @@ def test_a_convnet_run_imports_no_torchvision() -> None:
         # what the CLI imports for a run, then the default model built
         "import mtlrun.run.cli, mtlrun.train.loop, mtlrun.data, mtlrun.diagnostics, mtlrun.tasks, mtlrun.models",
         f"from omegaconf import OmegaConf\nfrom mtlrun.models import build_model\n{build.format('convnet')}",
+        "from mtlrun.train.build import seed_everything\nseed_everything(0, False)",
     ]
-    assert loaded_after(steps, ["torchvision", "matplotlib", "torchjd", "cvxpy"]) == [[], []]
+    watched = ["torchvision", "matplotlib", "torchjd", "cvxpy", "torch._dynamo"]
+    assert loaded_after(steps, watched) == [[], [], []]
 
 
 def test_compare_imports_neither_torch_nor_scipy_nor_matplotlib() -> None:

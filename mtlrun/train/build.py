@@ -140,7 +140,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     else:
-        torch.use_deterministic_algorithms(False)
+        if torch.are_deterministic_algorithms_enabled():  # the call alone imports torch's compiler (~2 s of start-up)
+            torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark = True
 
 
