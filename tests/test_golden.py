@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 # On the recording's machine (same CPU model, torch build, one thread) every value must be bit-identical. Elsewhere
 # the CPU's kernels and the torch build sum in other orders, so float64 runs agree only up to rounding, which
-# training amplifies: float64's unit roundoff (1.1e-16) times the 1e4 to 1e5 measured in tests/test_distributed.py
+# training amplifies: float64's unit roundoff (1.1e-16) times the 1e4 to 1e5 measured in tests/test_run_distributed.py
 # leaves about 1e-11 relative. TOLERANCE allows 1e-8, three orders above that and far below the 1e-3 or more by
 # which a change in what is computed moves the losses (measured there too); atol for values near 0.
 TOLERANCE = {"rtol": 1e-8, "atol": 1e-10}

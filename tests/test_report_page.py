@@ -5,7 +5,7 @@ import re
 import yaml
 
 import mtlrun
-from tests.test_compare import compare_cli, write_multi_task, write_single_task
+from tests.test_report_cli import compare_cli, write_multi_task, write_single_task
 
 
 def test_report_page_holds_table_figures_statistics_and_configurations(tmp_path, capsys):

@@ -11,7 +11,7 @@ from mtlrun.report.build import build
 from mtlrun.report.costs import cumulative_costs, run_totals
 from mtlrun.report.delta import evaluation_delta_m
 from mtlrun.report.tradeoff import band, budget_panels, plot_budget_curves
-from tests.test_compare import assert_png, cli_error, compare_cli, write_multi_task, write_run, write_single_task
+from tests.test_report_cli import assert_png, cli_error, compare_cli, write_multi_task, write_run, write_single_task
 
 VALUES = {"seg/miou": 50.0, "depth/abs_err": 0.5}
 

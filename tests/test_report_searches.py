@@ -6,7 +6,7 @@ import pandas as pd
 import yaml
 
 from mtlrun.report.searches import search_dirs, searches
-from tests.test_compare import cli_error, compare_cli, write_run
+from tests.test_report_cli import cli_error, compare_cli, write_run
 
 VALUES = {"seg/miou": 50.0, "depth/abs_err": 0.5}
 

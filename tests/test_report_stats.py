@@ -12,7 +12,7 @@ from mtlrun.errors import MtlrunError
 from mtlrun.report.build import build
 from mtlrun.report.cli import main
 from mtlrun.report.stats import add_intervals, add_reference, difference, find_reference, holm
-from tests.test_compare import write_run
+from tests.test_report_cli import write_run
 
 # Student t quantiles t(0.975, df), from a printed table (df 1, 2, 4).
 T975 = {1: 12.7062, 2: 4.30265, 4: 2.77645}

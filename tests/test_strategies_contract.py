@@ -1,7 +1,7 @@
 """The contract every strategy in the registry keeps (mtlrun/strategies/__init__.py): built from its conf file, a
 finite update; its forward/backward passes and optimizer steps, every backward pass through StepContext; an exact
 checkpoint round trip; degenerate inputs; and, for the methods that combine losses, use inside `grouped`.
-Each strategy's own maths is tested in the file of its family (test_gradient_methods.py, ...)."""
+Each strategy's own maths is tested in the file of its family (test_strategies_gradient.py, ...)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from mtlrun.data import build_shapes
 from mtlrun.errors import MtlrunError
 from mtlrun.loggers import Loggers, build_logger, flat_config, logger_names
 from mtlrun.run.overrides import check_group_choices, check_top_level_keys
-from tests.test_cli import TINY, mtlrun
+from tests.test_run_cli import TINY, mtlrun
 
 pytest.importorskip("wandb")
 pytest.importorskip("mlflow")

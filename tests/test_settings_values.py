@@ -14,7 +14,7 @@ from mtlrun.strategies import build_strategy
 from mtlrun.strategies.cagrad import CAGrad
 from mtlrun.strategies.grouped import Grouped
 from mtlrun.train.build import trainer_settings
-from tests.test_reliability import mtlrun, one_line_error
+from tests.test_run_rundir import mtlrun, one_line_error
 
 TASKS = ["segmentation", "depth", "normal", "attributes"]
 

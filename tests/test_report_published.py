@@ -16,7 +16,7 @@ from mtlrun.report.build import build
 from mtlrun.report.delta import relative_change
 from mtlrun.report.runs import DELTA_M
 from mtlrun.tasks import Depth, Normal, Segmentation
-from tests.test_compare import write_run
+from tests.test_report_cli import write_run
 
 EXPERIMENTS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "experiments.md"
 FAMO_REFERENCE = Path(__file__).resolve().parents[1] / "mtlrun" / "references" / "famo_celeba_single_task.csv"

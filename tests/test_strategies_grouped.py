@@ -133,7 +133,7 @@ def test_bad_settings_are_refused_in_one_line(kwargs, match):
 @pytest.mark.slow
 def test_partitions_are_written_and_survive_resume_exactly(tmp_path):
     from mtlrun.data import build_shapes
-    from tests.test_cli import TINY, mtlrun
+    from tests.test_run_cli import TINY, mtlrun
 
     build_shapes(tmp_path / "data/shapes-64px-64-16-32-seed0.h5", 64, 64, 16, 32, generator_seed=0)
     args = [*TINY, "strategy=grouped", "strategy.regroup=epoch", "strategy.reduction=sum", "trainer.epochs=2"]
@@ -336,7 +336,7 @@ def test_affinity_groups_tasks_that_help_each_other():
 @pytest.mark.slow
 def test_affinity_grouping_runs_from_the_cli(tmp_path):
     from mtlrun.data import build_shapes
-    from tests.test_cli import TINY, mtlrun
+    from tests.test_run_cli import TINY, mtlrun
 
     build_shapes(tmp_path / "data/shapes-64px-64-16-32-seed0.h5", 64, 64, 16, 32, generator_seed=0)
     result = mtlrun(*TINY, "strategy=grouped", "strategy.grouping=affinity", "strategy.warmup=2",

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from mtlrun import CONF_DIR
 from mtlrun.data.hdf5 import write_dataset
-from tests.test_cli import _one_line_error, mtlrun
+from tests.test_run_cli import _one_line_error, mtlrun
 
 pytestmark = pytest.mark.slow
 

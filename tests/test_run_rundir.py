@@ -414,7 +414,7 @@ def test_where_a_run_writes_is_not_part_of_its_identity(workdir):
 # --- compare: truncated files, missing metrics.csv, folders of failed jobs ----------------------------------
 
 def test_compare_says_what_it_skips_and_refuses_a_truncated_results_file(workdir, tmp_path, capsys):
-    from tests.test_compare import write_run
+    from tests.test_report_cli import write_run
 
     write_run(tmp_path / "a", 0, {"seg/miou": 50, "depth/abs_err": 0.5}, "averaged", 2)
     write_run(tmp_path / "b", 1, {"seg/miou": 52, "depth/abs_err": 0.4}, "averaged", 2)

@@ -180,7 +180,7 @@ def test_compiled_steps_on_subsets_of_heads_compile_each_graph_once(tiny_data):
     """Alternating steps on one head at a time: one graph for the encoder and one per head, reused by every
     later step (aot_eager traces as inductor does, without generating code, so the test stays quick)."""
     # In float64 (trainer.dtype): compiled graphs may sum in another order than eager kernels, and 5 Adam
-    # iterations amplify that rounding (about 1e5 times; see tests/test_distributed.py), which float64's unit
+    # iterations amplify that rounding (about 1e5 times; see tests/test_run_distributed.py), which float64's unit
     # roundoff of 1.1e-16 keeps far below the tolerance on any CPU; a different computation would not be.
     with run_dtype("float64"):
         run = _build(tiny_data, "trainer.compile=true", "trainer.compile_backend=aot_eager", "strategy=alternating")

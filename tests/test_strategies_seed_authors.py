@@ -83,7 +83,7 @@ class Adam12:
 
 class AuthorsNet(nn.Module):
     """Their network's layout: the shared trunk (here a copy of mtlrun's encoder, whose layers
-    tests/test_paper_models.py checks against theirs) and one output layer per task group holding the group's
+    tests/test_models_published.py checks against theirs) and one output layer per task group holding the group's
     outputs together (`nn.Linear(512, len(group))` on CelebA, a 1x1 conv per category on Cityscapes), then a
     sigmoid (`cnn.py:forward_task`, `unet.py:forward_task`)."""
 

@@ -3,7 +3,7 @@
 Every strategy runs on the default convnet. On the other models run the strategies whose code reaches into
 the model (its parameters' split, its last shared layer, its encoder's layers, per-task optimizer state);
 the other methods differ from those only in how they combine the same T losses or T x n gradient matrix,
-which is model-independent (and every strategy runs on every architecture in tests/test_architectures.py)."""
+which is model-independent (and every strategy runs on every architecture in tests/test_models_architectures.py)."""
 
 import pandas as pd
 import pytest
@@ -11,7 +11,7 @@ import pytest
 from mtlrun.data import build_shapes
 from mtlrun.models import ARCHITECTURES
 from mtlrun.run.overrides import config_groups
-from tests.test_cli import mtlrun
+from tests.test_run_cli import mtlrun
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def workdir(tmp_path_factory):
 
 
 def test_every_model_is_covered():
-    assert set(SMALL) == set(GROUPS["model"]) - set(ARCHITECTURES)  # those: tests/test_architectures.py
+    assert set(SMALL) == set(GROUPS["model"]) - set(ARCHITECTURES)  # those: tests/test_models_architectures.py
     assert set(MODEL_STRATEGIES) <= set(STRATEGIES)
 
 

@@ -36,7 +36,7 @@ from mtlrun.strategies.mgda import MGDA
 from mtlrun.tasks import BinaryAttributes, Depth, Normal, Segmentation
 from mtlrun.train.build import build_run, seed_everything
 from mtlrun.train.epoch import train_epoch
-from tests.test_cli import mtlrun
+from tests.test_run_cli import mtlrun
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -13,7 +13,7 @@ from mtlrun import CONF_DIR
 from mtlrun.report.build import build
 from mtlrun.report.runs import DELTA_M
 from mtlrun.data.hdf5 import write_dataset
-from tests.test_cli import mtlrun
+from tests.test_run_cli import mtlrun
 
 pytestmark = pytest.mark.slow
 

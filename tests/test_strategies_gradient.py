@@ -28,7 +28,7 @@ from mtlrun.strategies.pcgrad import PCGrad
 from mtlrun.strategies.sdmgrad import SDMGrad
 from mtlrun.strategies.upgrad import UPGrad
 from tests.helpers import assert_sgd_step, batches, context, linear_model, per_batch_float64, snapshot
-from tests.test_simplex import project_by_bisection
+from tests.test_strategies_simplex import project_by_bisection
 
 TASKS = ["a", "b", "c"]
 CLASSES = {
