@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from mtlrun.errors import MtlrunError
-from mtlrun.loggers import Logger, epoch_scalars, flat_config
+from mtlrun.scalars import Logger, epoch_scalars, flat_config
 
 log = logging.getLogger("mtlrun")
 

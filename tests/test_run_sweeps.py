@@ -19,7 +19,8 @@ from mtlrun.data import build_shapes
 from mtlrun.errors import MtlrunError
 from mtlrun.run.identity import RUN_CONTROL_KEYS, config_hash
 from mtlrun.run.signals import StopSignals
-from mtlrun.run.sweeps import check_objective, objective_value
+from mtlrun.run.sweeps import objective_value
+from mtlrun.settings import check_objective
 
 BIN = Path(sys.executable).parent
 # 2 epochs of 16 iterations: long enough for a signal to land mid-epoch once training has started.

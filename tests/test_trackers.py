@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from mtlrun import CONF_DIR
 from mtlrun.data import build_shapes
 from mtlrun.errors import MtlrunError
-from mtlrun.loggers import Loggers, build_logger, flat_config, logger_names
+from mtlrun.loggers import Loggers, build_logger, logger_names
+from mtlrun.scalars import flat_config
 from mtlrun.run.overrides import check_group_choices, check_top_level_keys
 from tests.test_run_cli import TINY, mtlrun
 

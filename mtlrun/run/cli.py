@@ -37,7 +37,8 @@ from mtlrun.run.overrides import (
 )
 from mtlrun.run.rundir import CHECKPOINT, RESULTS_CSV, RunDir, WriteFailed, check_run_flags, hold
 from mtlrun.run.signals import RunFinished, StoppedBySignal
-from mtlrun.run.sweeps import check_objective, failed_jobs, forget_failure, objective_value, record_failure
+from mtlrun.run.sweeps import failed_jobs, forget_failure, objective_value, record_failure
+from mtlrun.settings import check_objective
 
 DIRNAME_LENGTH = 120
 

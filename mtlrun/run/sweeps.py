@@ -14,13 +14,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from mtlrun.errors import MtlrunError
+from mtlrun.settings import LOSS_SUM
 from mtlrun.run import distributed
 
 FAILED_DIR = ".mtlrun_failed_jobs"  # in the sweep directory; removed once the launching command has read it
 # The objective by default: the sum over tasks of the validation loss, the quantity equal weighting minimises,
 # measured on held-out data; any strategy's run can be scored by it, with no single-task runs needed.
-LOSS_SUM = "loss_sum"
-SPLITS = ("val", "test")
 
 failed_jobs: list[str] = []  # "job N" of every failed job of this invocation's sweep, in job order
 
@@ -93,18 +92,6 @@ class FailedJobs(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         failed_jobs.extend(collect_failures(Path(str(config.hydra.sweep.dir))))
-
-
-def check_objective(key: object) -> str:
-    """`objective` names what a run reports to an optimizing sweeper: `<split>/loss_sum` or a metric column
-    of results.csv, `<split>/<task>/<metric>`, with split val (or test)."""
-    parts = key.split("/") if isinstance(key, str) else []
-    if not (len(parts) == 2 and parts[1] == LOSS_SUM or len(parts) == 3 and all(parts)) or parts[0] not in SPLITS:
-        raise MtlrunError(
-            f"objective must be val/{LOSS_SUM} (the sum of the tasks' validation losses) or a metric of "
-            f"results.csv such as val/segmentation/miou, got {key!r}"
-        )
-    return key
 
 
 def objective_value(key: str, results: dict) -> float:

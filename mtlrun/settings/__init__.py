@@ -34,9 +34,23 @@ RUN_CONTROL_KEYS: tuple[str, ...] = tuple(
 IDENTITY_IGNORES: tuple[str, ...] = tuple(k for k in RUN_CONTROL_KEYS if k != "data_dir")
 
 
-def _objective(key: str, value: object) -> object:
-    from mtlrun.run.sweeps import check_objective  # its message names the metrics a sweeper can read
+LOSS_SUM = "loss_sum"
+SPLITS = ("val", "test")
 
+
+def check_objective(key: object) -> str:
+    """`objective` names what a run reports to an optimizing sweeper: `<split>/loss_sum` or a metric column
+    of results.csv, `<split>/<task>/<metric>`, with split val (or test)."""
+    parts = key.split("/") if isinstance(key, str) else []
+    if not (len(parts) == 2 and parts[1] == LOSS_SUM or len(parts) == 3 and all(parts)) or parts[0] not in SPLITS:
+        raise MtlrunError(
+            f"objective must be val/{LOSS_SUM} (the sum of the tasks' validation losses) or a metric of "
+            f"results.csv such as val/segmentation/miou, got {key!r}"
+        )
+    return key
+
+
+def _objective(key: str, value: object) -> object:
     return check_objective(value)
 
 
