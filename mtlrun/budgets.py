@@ -54,13 +54,6 @@ class Written(Protocol):
     train_log: list[dict]
 
 
-def settings(trainer: DictConfig) -> tuple[float | None, str]:
-    """`trainer.budget` (None: no budget) and `trainer.budget_unit`, checked by their declarations
-    (mtlrun.settings.TrainerSettings)."""
-    checked = TrainerSettings.from_config(trainer)
-    return checked.budget, checked.budget_unit
-
-
 def identity_ignores(trainer: DictConfig) -> tuple[str, ...]:
     """The budget keys a run's identity leaves out: both when there is no budget (so that runs configured
     before budgets existed keep their config id), none when there is one (it changes what is computed)."""
@@ -76,9 +69,9 @@ class Budget:
     says."""
 
     def __init__(
-        self, trainer: DictConfig, ctx: Counted, batches: Drawn, history: Written, progress: Timed,
+        self, trainer: TrainerSettings, ctx: Counted, batches: Drawn, history: Written, progress: Timed,
     ) -> None:
-        self.amount, self.unit = settings(trainer)
+        self.amount, self.unit = trainer.budget, trainer.budget_unit  # None: no budget
         self.ctx, self.batches, self.history, self.progress = ctx, batches, history, progress
         self.reached = False
 

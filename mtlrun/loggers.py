@@ -77,23 +77,30 @@ def _close_quietly(logger: Logger) -> None:
 
 def logger_names(cfg: DictConfig) -> list[str]:
     """The loggers chosen: the keys of `logger` (one per option of the group selected; none: csv alone)."""
+    return list(_logger_settings(cfg).names)
+
+
+def _logger_settings(cfg: DictConfig) -> LoggerSettings:
     chosen = cfg.get("logger")
-    return list(LoggerSettings.from_config(chosen if isinstance(chosen, DictConfig) else None).names)
+    return LoggerSettings.from_config(chosen if isinstance(chosen, DictConfig) else None)
 
 
-def build_logger(cfg: DictConfig, run_dir: Path, resumed: bool = False) -> Loggers:
+def build_logger(
+    cfg: DictConfig, run_dir: Path, resumed: bool = False, chosen: LoggerSettings | None = None,
+) -> Loggers:
     """Every logger the run's config chose, for rank 0 (`csv` adds none: the run directory's CSVs are the
     record). `resumed`: the run continues from its checkpoint, so trackers continue the tracker run whose id
-    the run directory keeps."""
+    the run directory keeps. `chosen`: the run's checked `logger` group (left out: read from `cfg`); the
+    trackers still get their own nodes and the whole `cfg`, open by design (mtlrun/trackers.py checks them)."""
     from mtlrun import trackers
 
+    chosen = chosen or _logger_settings(cfg)
     loggers: dict[str, Logger] = {}
-    for name in logger_names(cfg):
-        settings = cfg.logger[name]
-        if name == "tensorboard":
-            loggers[name] = TensorBoard(run_dir / settings.get("subdir", "tensorboard"))
+    for name in chosen.names:
+        if name == "tensorboard" and chosen.tensorboard is not None:
+            loggers[name] = TensorBoard(run_dir / chosen.tensorboard.subdir)
         elif name in ("wandb", "mlflow"):
-            tracker = trackers.start(name, settings, cfg, run_dir, resumed)
+            tracker = trackers.start(name, cfg.logger[name], cfg, run_dir, resumed)
             if tracker is not None:
                 loggers[name] = tracker
     return Loggers(loggers)

@@ -32,7 +32,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from mtlrun.settings import OptimizerSettings, SchedulerSettings
@@ -206,9 +205,8 @@ def _states_to_step(slots: dict[str, dict], keys: list[str]) -> list[tuple[dict,
     return stepped
 
 
-def lr_factor(cfg: SchedulerSettings | DictConfig, epoch: int, epochs: int) -> float:
+def lr_factor(s: SchedulerSettings, epoch: int, epochs: int) -> float:
     """The learning-rate multiplier for `epoch` (0-based) under the `scheduler` settings."""
-    s = cfg if isinstance(cfg, SchedulerSettings) else SchedulerSettings.from_config(cfg)
     if s.name == "step":
         return s.gamma ** (epoch // s.step_size)
     if s.name == "cosine":

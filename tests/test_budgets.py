@@ -20,6 +20,7 @@ from mtlrun.data import build_shapes
 from mtlrun.errors import MtlrunError
 from mtlrun.run.identity import RUN_CONTROL_KEYS, config_hash
 from mtlrun.run.signals import RunFinished, StoppedBySignal
+from mtlrun.settings import Settings
 from mtlrun.train.build import trainer_settings
 from mtlrun.train.loop import train
 
@@ -195,5 +196,5 @@ def test_an_interrupted_budgeted_run_resumes_to_the_uninterrupted_numbers(data_d
 ])
 def test_bad_budget_settings_are_one_line(data_dir, overrides, message):
     with pytest.raises(MtlrunError) as info:
-        trainer_settings(_config(data_dir, *overrides))
+        trainer_settings(Settings.from_config(_config(data_dir, *overrides)))
     assert message in str(info.value) and "\n" not in str(info.value)

@@ -10,6 +10,7 @@ from mtlrun.data import DATASETS, task_names, task_specs
 from mtlrun.data.shapes import ATTRIBUTE_NAMES
 from mtlrun.models import MODELS, build_model
 from mtlrun.optim import MultiTaskOptimizer, OptimizerSettings, lr_factor
+from mtlrun.settings import SchedulerSettings
 from mtlrun.run.overrides import config_groups
 from mtlrun.strategies import STRATEGIES, build_strategy
 from mtlrun.tasks import build_task
@@ -53,7 +54,7 @@ def test_every_option_composes_and_builds(group, option):
     optimizer = MultiTaskOptimizer(model.shared_parameters(), {t: model.task_parameters(t) for t in names}, settings)
     strategy = build_strategy(cfg.strategy, names, cfg.seed)
     assert set(strategy.trains(names)) <= set(names)
-    assert 0 < lr_factor(cfg.scheduler, 0, cfg.trainer.epochs) <= 1
+    assert 0 < lr_factor(SchedulerSettings.from_config(cfg.scheduler), 0, cfg.trainer.epochs) <= 1
     x = torch.zeros(2, 3, 32, 32)
     out = model(x, names[:1])
     assert list(out) == names[:1]  # only the heads asked for run

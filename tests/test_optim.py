@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mtlrun.optim import MultiTaskOptimizer, OptimizerSettings, lr_factor
+from mtlrun.settings import SchedulerSettings
 
 
 def _grads(count: int, size: int, seed: int = 0) -> list[torch.Tensor]:
@@ -118,9 +119,9 @@ def test_state_dict_round_trip_continues_identically():
 
 
 def test_schedules():
-    step = OmegaConf.create({"name": "step", "step_size": 100, "gamma": 0.5})
+    step = SchedulerSettings.from_config(OmegaConf.create({"name": "step", "step_size": 100, "gamma": 0.5}))
     assert [lr_factor(step, e, 200) for e in (0, 99, 100, 199)] == [1.0, 1.0, 0.5, 0.5]
-    cosine = OmegaConf.create({"name": "cosine", "min_factor": 0.1})
+    cosine = SchedulerSettings.from_config(OmegaConf.create({"name": "cosine", "min_factor": 0.1}))
     assert lr_factor(cosine, 0, 10) == pytest.approx(1.0)
     assert lr_factor(cosine, 5, 10) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_factor(cosine, 9, 10) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.9)))

@@ -17,6 +17,7 @@ from mtlrun import CONF_DIR
 from mtlrun.data import build_shapes
 from mtlrun.errors import MtlrunError
 from mtlrun.run import distributed
+from mtlrun.settings import Settings
 from mtlrun.train.build import trainer_settings
 
 pytestmark = pytest.mark.slow
@@ -186,4 +187,4 @@ def test_the_global_batch_must_split_evenly(monkeypatch):
         cfg = compose(config_name="config", overrides=["trainer.batch_size=7"])
     monkeypatch.setattr(distributed, "_world", distributed._World(rank=0, size=2, local_rank=0))
     with pytest.raises(MtlrunError, match="global batch, split evenly over the 2 processes"):
-        trainer_settings(cfg)
+        trainer_settings(Settings.from_config(cfg))

@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from mtlrun import CONF_DIR
 from mtlrun.data import build_shapes
 from mtlrun.errors import MtlrunError
+from mtlrun.settings import Settings
 from mtlrun.train.build import trainer_settings
 
 BIN = Path(sys.executable).parent
@@ -95,7 +96,7 @@ def test_checkpoint_every_must_be_a_positive_integer():
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["trainer.checkpoint_every=0"])
     with pytest.raises(MtlrunError, match="trainer.checkpoint_every must be null or an integer >= 1"):
-        trainer_settings(cfg)
+        trainer_settings(Settings.from_config(cfg))
 
 
 def test_the_stop_line_names_what_to_resume_a_run_or_a_sweep(tmp_path, monkeypatch, capsys):

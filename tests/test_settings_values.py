@@ -13,6 +13,7 @@ from mtlrun.run.overrides import check_sweep_choices, check_top_level_keys, one_
 from mtlrun.strategies import build_strategy
 from mtlrun.strategies.cagrad import CAGrad
 from mtlrun.strategies.grouped import Grouped
+from mtlrun.settings import Settings
 from mtlrun.train.build import trainer_settings
 from tests.test_run_rundir import mtlrun, one_line_error
 
@@ -83,8 +84,8 @@ def test_class_names_that_differ_from_the_files_are_refused_with_both_lists(tmp_
 
 @pytest.mark.parametrize("key", ["deterministic", "diagnostics"])
 def test_flags_are_true_or_false(key):
-    refused(trainer_settings, config(f"{key}=maybe"), match=f"{key} must be true or false, got 'maybe'")
-    assert trainer_settings(config(f"{key}=true"))[key] is True
+    refused(Settings.from_config, config(f"{key}=maybe"), match=f"{key} must be true or false, got 'maybe'")
+    assert trainer_settings(Settings.from_config(config(f"{key}=true")))[key] is True
 
 
 @pytest.mark.parametrize("overrides,expected", [

@@ -15,6 +15,7 @@ from mtlrun.data import build_shapes
 from mtlrun.errors import MtlrunError
 from mtlrun.run.signals import StoppedBySignal
 from mtlrun.train import evaluate as evaluate_module
+from mtlrun.settings import Settings
 from mtlrun.train.build import trainer_settings
 from mtlrun.train.loop import train
 
@@ -119,4 +120,4 @@ def test_bad_cadences_are_one_line_errors(overrides, message):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     with pytest.raises(MtlrunError, match=message):
-        trainer_settings(cfg)
+        trainer_settings(Settings.from_config(cfg))

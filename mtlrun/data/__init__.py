@@ -98,13 +98,14 @@ def check_dataset(cfg: DictConfig) -> DatasetSettings:
 
 
 def open_dataset(
-    cfg: DictConfig, tasks: list[str] | None = None, split_names: tuple[str, ...] = ("train", "val", "test")
+    cfg: DictConfig, tasks: list[str] | None = None, split_names: tuple[str, ...] = ("train", "val", "test"),
+    settings: DatasetSettings | None = None,
 ) -> MultiTaskData:
     """Open the dataset file (generating it first where it is generated) and load the splits of `tasks`
-    (default: the config's selection)."""
+    (default: the config's selection). `settings`: the run's checked `dataset` group (left out: checked here)."""
     if cfg.name not in DATASETS:
         raise MtlrunError(f"no dataset named {cfg.name!r}; known: {', '.join(sorted(DATASETS))}")
-    check_dataset(cfg)
+    settings = settings or check_dataset(cfg)
     path = Path(cfg.path)
     source = DATASETS[cfg.name]
     if source.check is not None:
@@ -113,7 +114,7 @@ def open_dataset(
         _generate_once(source.generate, cfg, path)
     file = DatasetFile(path, cfg.name, source.how_to_make.format(path=path))
     try:
-        return _load(cfg, file, tasks or task_names(cfg), split_names)
+        return _load(cfg, file, tasks or task_names(cfg), split_names, settings.in_memory)
     finally:
         file.close()
 
@@ -234,7 +235,9 @@ def task_names(cfg: DictConfig) -> list[str]:
     return list(task_specs(cfg))
 
 
-def _load(cfg: DictConfig, file: DatasetFile, tasks: list[str], split_names: tuple[str, ...]) -> MultiTaskData:
+def _load(
+    cfg: DictConfig, file: DatasetFile, tasks: list[str], split_names: tuple[str, ...], in_memory: object,
+) -> MultiTaskData:
     specs = {name: spec for name, spec in task_specs(cfg).items() if name in tasks}
     present = [s for s in split_names if s in file.splits() and _length(file, s, required=s != "val")]
     if "train" not in present or "test" not in present:
@@ -262,7 +265,7 @@ def _load(cfg: DictConfig, file: DatasetFile, tasks: list[str], split_names: tup
     for split in present:
         _check_arrays(file, split, {spec["key"]: spec["kind"] for spec in specs.values()})
     keys = {"image", *(key for key, _ in targets.values())}
-    if _in_memory(cfg, file, present, keys):
+    if _in_memory(in_memory, file, present, keys):
         splits: dict[str, SplitSource] = {split: _read_split(file, split, targets) for split in present}
     else:
         splits = {split: LazySplit(split, file.path, targets) for split in present}
@@ -319,10 +322,9 @@ def _read_split(file: DatasetFile, split: str, targets: dict[str, tuple[str, Tar
     return Split(split, torch.from_numpy(file.read(split, "image")), tensors)
 
 
-def _in_memory(cfg: DictConfig, file: DatasetFile, splits: list[str], keys: set[str]) -> bool:
+def _in_memory(setting: object, file: DatasetFile, splits: list[str], keys: set[str]) -> bool:
     """`dataset.in_memory`: true or host, false, or auto = when the arrays take under half the available
     memory (true and auto also put them on the GPU when they fit there: `loading.on_device`)."""
-    setting = DatasetSettings.from_config(cfg).in_memory
     if setting != "auto":
         return setting is True or setting == "host"
     needed = sum(file.nbytes(split, key) for split in splits for key in keys)

@@ -272,8 +272,11 @@ class Settings:
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Settings:
+        """Every group checked at once: a run builds this once, at its start, and hands the groups down."""
+        chosen = cfg.get("logger")  # `logger=[]` composes to an empty list, no logger key to none
         return cls(
             RunSettings.from_config(cfg), TrainerSettings.from_config(cfg.trainer),
             DatasetSettings.from_config(cfg.dataset), OptimizerSettings.from_config(cfg.optimizer),
-            SchedulerSettings.from_config(cfg.scheduler), LoggerSettings.from_config(cfg.logger),
+            SchedulerSettings.from_config(cfg.scheduler),
+            LoggerSettings.from_config(chosen if isinstance(chosen, DictConfig) else None),
         )

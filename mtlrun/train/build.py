@@ -19,10 +19,10 @@ from mtlrun.diagnostics import Diagnostics
 from mtlrun.errors import MtlrunError
 from mtlrun.models import build_model, check_model
 from mtlrun.models.base import MultiTaskModel
-from mtlrun.optim import MultiTaskOptimizer, OptimizerSettings, lr_factor
+from mtlrun.optim import MultiTaskOptimizer
 from mtlrun.precision import Precision, run_dtype
 from mtlrun.run import distributed
-from mtlrun.settings import AugmentSettings, DatasetSettings, RunSettings, TrainerSettings
+from mtlrun.settings import AugmentSettings, Settings
 from mtlrun.strategies import StepContext, Strategy, build_strategy
 
 
@@ -41,26 +41,33 @@ class Parts:
     precision: Precision
 
 
-def trainer_settings(cfg: DictConfig) -> dict:
-    """The top-level and trainer settings the loop reads, checked by their declarations (mtlrun.settings)."""
-    run, trainer = RunSettings.from_config(cfg), TrainerSettings.from_config(cfg.trainer)
+def trainer_settings(settings: Settings) -> dict:
+    """The top-level and trainer settings the loop reads (checked by their declarations: Settings.from_config),
+    with the batch size checked against the processes and `progress` decided."""
+    run, trainer = settings.run, settings.trainer
     distributed.check_batch_size(trainer.batch_size)
     progress = sys.stderr.isatty() if trainer.progress == "auto" else bool(trainer.progress)
     return {**asdict(run), **asdict(trainer), "progress": progress}
 
 
-def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: int) -> Parts:
-    """Dataset, model, optimizer, strategy and batch stream; settings are checked before the data is opened."""
-    strategy = build_strategy(cfg.strategy, task_names(cfg.dataset), cfg.seed)
+def build_run(
+    cfg: DictConfig, device: torch.device, epochs: int, batch_size: int, settings: Settings | None = None,
+) -> Parts:
+    """Dataset, model, optimizer, strategy and batch stream; settings are checked before the data is opened.
+    `settings`: the run's, checked once at its start (a program's own call leaves it out: checked here).
+
+    The typed groups (`settings`) say everything declared; `cfg` stays for the nodes that are open by design:
+    the strategy's and the model's keyword arguments, checked against their constructors' and builders'
+    signatures (mtlrun.constraints, check_model), and the dataset's task specs and file options."""
+    settings = settings or Settings.from_config(cfg)
+    strategy = build_strategy(cfg.strategy, task_names(cfg.dataset), settings.run.seed)
     names = strategy.trains(task_names(cfg.dataset))
-    optimizer_settings = OptimizerSettings.from_config(cfg.optimizer)
-    lr_factor(cfg.scheduler, 0, epochs)
     check_model(cfg.model)
-    trainer = TrainerSettings.from_config(cfg.trainer)
+    trainer = settings.trainer
     precision = Precision(trainer.precision, device.type)
     channels_last, compile_ = trainer.channels_last, trainer.compile
-    data = open_dataset(cfg.dataset, names)
-    data.splits = on_device(data.splits, device, DatasetSettings.from_config(cfg.dataset).in_memory)
+    data = open_dataset(cfg.dataset, names, settings=settings.dataset)
+    data.splits = on_device(data.splits, device, settings.dataset.in_memory)
     with run_dtype("float32"):  # a float64 run (trainer.dtype) starts from the float32 run's initial weights
         model = build_model(cfg.model, data.tasks)
     model = model.to(device, torch.get_default_dtype())
@@ -71,17 +78,17 @@ def build_run(cfg: DictConfig, device: torch.device, epochs: int, batch_size: in
     if compile_:
         compile_model(model, _compile_backend(trainer.compile_backend))
     optimizer = MultiTaskOptimizer(
-        model.shared_parameters(), {t: model.task_parameters(t) for t in names}, optimizer_settings
+        model.shared_parameters(), {t: model.task_parameters(t) for t in names}, settings.optimizer
     )
     workers = trainer.workers
     train_split = data.splits["train"]
     if isinstance(train_split, Split) and train_split.images.device.type != "cpu":
         workers = 0  # already on the GPU: nothing to read ahead
     shard = distributed.shard(batch_size) if distributed.size() > 1 else None
-    batches = BatchStream(data.splits["train"], batch_size, cfg.seed, workers, shard)
+    batches = BatchStream(data.splits["train"], batch_size, settings.run.seed, workers, shard)
     if batches.batches_per_pass == 0:
         raise MtlrunError(f"trainer.batch_size={batch_size} exceeds the {len(data.splits['train'])} training samples")
-    augment = _augment(cfg.dataset, data, cfg.seed)
+    augment = _augment(settings.dataset.augment, data, settings.run.seed)
     if augment is not None and shard is not None:
         augment.shard = (shard, distributed.size())
     to_device = ToDevice(device, data.mean, data.std, augment, channels_last)
@@ -113,9 +120,8 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def _augment(cfg: DictConfig, data: MultiTaskData, seed: int) -> Augment | None:
+def _augment(settings: AugmentSettings, data: MultiTaskData, seed: int) -> Augment | None:
     """The dataset's training augmentation (`dataset.augment`), or None when it changes nothing."""
-    settings = AugmentSettings.of(cfg.get("augment"))
     augment = Augment(data.tasks, settings.scales, settings.flip, seed)
     return augment if augment.active else None
 

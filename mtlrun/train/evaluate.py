@@ -129,11 +129,11 @@ def last_evaluation(metrics: list[dict]) -> list[dict]:
 
 
 def results_row(
-    cfg: DictConfig, run_dir: Path, config_id: str, strategy: Strategy, tasks: list[Task], train_log: list[dict],
-    metrics: list[dict], counts: Counts, device: torch.device,
+    cfg: DictConfig, trainer: TrainerSettings, run_dir: Path, config_id: str, strategy: Strategy,
+    tasks: list[Task], train_log: list[dict], metrics: list[dict], counts: Counts, device: torch.device,
 ) -> dict:
-    """The run as one row: its configuration, final metrics and costs; rows of many runs concatenate."""
-    trainer = TrainerSettings.from_config(cfg.trainer)
+    """The run as one row: its configuration (as written: `cfg`), final metrics and costs; rows of many runs
+    concatenate. `trainer`: the run's checked trainer settings."""
     row: dict = {
         "dataset": cfg.dataset.name, "model": cfg.model.name, "strategy": cfg.strategy.name,
         "group_size": strategy.group_size, "num_tasks": len(tasks), "tasks": " ".join(t.name for t in tasks), "optimizer": cfg.optimizer.name,

@@ -18,6 +18,7 @@ from mtlrun.precision import run_dtype
 from mtlrun.run import distributed
 from mtlrun.run.run import Run
 from mtlrun.run.rundir import RunDir
+from mtlrun.settings import Settings, TrainerSettings
 from mtlrun.train.build import Parts, build_diagnostics, build_run, pick_device, seed_everything, trainer_settings
 from mtlrun.train.epoch import train_epoch
 from mtlrun.train.evaluate import Evaluation, evaluation_due, last_evaluation, results_row, summary_table
@@ -30,22 +31,23 @@ def train(cfg: DictConfig, directory: RunDir | Path) -> dict | None:
     None when stopped early on purpose (trainer.stop_after_epochs) and on every torchrun rank but 0: rank 0 alone
     evaluates and writes. A signal ends the run at the next iteration boundary with a checkpoint
     (StoppedBySignal); resume=true on a finished run raises RunFinished and changes nothing."""
-    settings = trainer_settings(cfg)
+    checked = Settings.from_config(cfg)  # once, before any file is written: every group's one-line error
+    settings = trainer_settings(checked)
     with Run(cfg, directory, settings) as run, ExitStack() as cleanup:
         cleanup.enter_context(run_dtype(settings["dtype"]))
-        seed_everything(cfg.seed, settings["deterministic"])
-        device = distributed.device(pick_device(cfg.trainer.device))
-        parts = build_run(cfg, device, settings["epochs"], settings["batch_size"])
+        seed_everything(checked.run.seed, settings["deterministic"])
+        device = distributed.device(pick_device(checked.trainer.device))
+        parts = build_run(cfg, device, settings["epochs"], settings["batch_size"], checked)
         cleanup.callback(parts.batches.close)  # however the run ends: its DataLoader workers end with it
         diagnostics = build_diagnostics(parts, settings)
-        budget = Budget(cfg.trainer, parts.ctx, parts.batches, run.history, run.progress)
+        budget = Budget(checked.trainer, parts.ctx, parts.batches, run.history, run.progress)
         run.open(
             device, parts.batches.batches_per_pass, budget, model=parts.model, optimizer=parts.optimizer,
             strategy=parts.strategy, batches=parts.batches, augment=parts.augment, counts=parts.ctx.counts,
             diagnostics=diagnostics, loss_scaler=parts.precision.scaler,
         )
         evaluation = Evaluation(parts, settings["eval_batch_size"], settings["epochs"], budget)
-        logger = build_logger(cfg, run.path, resumed=run.resumed) if run.main else Loggers({})
+        logger = build_logger(cfg, run.path, run.resumed, checked.logger) if run.main else Loggers({})
         epochs = settings["epochs"]
         log.info("training %d epoch(s) of %d iterations in %s", epochs, run.iterations_per_epoch, run.path)
         if budget.active:  # trainer.epochs is then the horizon of epoch-based schedules
@@ -55,7 +57,7 @@ def train(cfg: DictConfig, directory: RunDir | Path) -> dict | None:
                 logger.close()
                 return None
             scheduled = budget.schedule_epoch(epoch, epochs)  # past trainer.epochs a budget holds the schedule
-            parts.optimizer.lr = parts.optimizer.settings.lr * lr_factor(cfg.scheduler, scheduled, epochs)
+            parts.optimizer.lr = parts.optimizer.settings.lr * lr_factor(checked.scheduler, scheduled, epochs)
             parts.model.schedule(scheduled, epochs)  # an architecture's own schedule (LTB's temperature)
             boundary = partial(at_iteration_boundary, run, parts, evaluation, settings)
             row = train_epoch(
@@ -76,7 +78,7 @@ def train(cfg: DictConfig, directory: RunDir | Path) -> dict | None:
             run.end_of_epoch(end)
             if end:
                 break
-        return finish(cfg, run, parts, device, logger) if run.main else None
+        return finish(cfg, checked.trainer, run, parts, device, logger) if run.main else None
 
 
 def at_iteration_boundary(run: Run, parts: Parts, evaluation: Evaluation, settings: dict) -> bool:
@@ -92,11 +94,13 @@ def at_iteration_boundary(run: Run, parts: Parts, evaluation: Evaluation, settin
     return run.at_iteration_boundary(done)
 
 
-def finish(cfg: DictConfig, run: Run, parts: Parts, device: torch.device, logger: Loggers) -> dict:
+def finish(
+    cfg: DictConfig, trainer: TrainerSettings, run: Run, parts: Parts, device: torch.device, logger: Loggers,
+) -> dict:
     """Write the run's results row (rank 0), hand it to the loggers, and log the final metrics."""
     metrics = run.history.metrics
     results = results_row(
-        cfg, run.path, run.config_id, parts.strategy, parts.data.tasks, run.history.train_log, metrics,
+        cfg, trainer, run.path, run.config_id, parts.strategy, parts.data.tasks, run.history.train_log, metrics,
         parts.ctx.counts, device,
     )
     results.update(run.budget.result_columns())
