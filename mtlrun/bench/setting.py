@@ -5,16 +5,34 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 
 from mtlrun.bench.cases import HAND_AVERAGED, HAND_PER_TASK, Case, compose_config
 from mtlrun.bench.memory import optimizer_state_bytes
 from mtlrun.bench.report import device_name
 from mtlrun.bench.stats import AVERAGED_VS_HAND, DATA_WAIT_GPU, STEPS_VS_IDEAL, paired_ratio, spread, verdict
 from mtlrun.bench.timing import Timed, forward_backward_ms, interleave, time_block, warm_up
+
+
+@dataclass
+class Setting:
+    """What every row of one setting shares: the workload, its config, how it was timed, the unit costs."""
+
+    workload: str
+    cfg: DictConfig
+    device: torch.device
+    precision: str
+    compiled: bool
+    group_size: int
+    iterations: int
+    repeats: int
+    warmup: int
+    forward_ms: float
+    backward_ms: float
 
 
 def ideal_ratio(case: Case, tasks: int, group_size: int, averaged_ms: float, backward_ms: float) -> tuple[float, str]:
@@ -58,9 +76,8 @@ def bench_setting(
                                                               warmup, warm_process)
     averaged = ms[_index(case_list, lambda c: c.label == "averaged" and c.moments == "per_task")]
     hand = {c.hand: ms[i] for i, c in enumerate(case_list) if c.hand}
-    setting = {"workload": workload, "cfg": cfg, "device": device, "precision": precision, "compile": compile_,
-               "group_size": group_size, "iterations": iterations, "repeats": repeats, "warmup": warmup,
-               "forward_ms": forward_ms, "backward_ms": backward_ms}
+    setting = Setting(workload, cfg, device, precision, compile_, group_size, iterations, repeats, warmup,
+                      forward_ms, backward_ms)
     rows = [_row(timed, case_ms, averaged, setting) for timed, case_ms in zip(prepared, ms)]
     for row, timed, case_ms in zip(rows, prepared, ms):
         _judge(row, timed.case, case_ms, hand, len(timed.run.ctx.task_names), device)
@@ -95,34 +112,34 @@ def _time_cases(
     return prepared, ms, (forward_ms, backward_ms)
 
 
-def _row(timed: Timed, case_ms: list[float], averaged: list[float], setting: dict) -> dict:
+def _row(timed: Timed, case_ms: list[float], averaged: list[float], setting: Setting) -> dict:
     """A case's row: its times, throughput, counts, memory, and ratio to `averaged` with its ideal."""
-    case, run, cfg, device = timed.case, timed.run, setting["cfg"], setting["device"]
+    case, run, cfg, device = timed.case, timed.run, setting.cfg, setting.device
     tasks = len(run.ctx.task_names)
     height, width = run.data.splits["train"].batch(torch.arange(1))["image"].shape[1:3]
-    median_ms, timed_iterations = float(np.median(case_ms)), setting["iterations"] * setting["repeats"]
+    median_ms, timed_iterations = float(np.median(case_ms)), setting.iterations * setting.repeats
     counts = {k: (v - timed.counts[k]) / timed_iterations for k, v in asdict(run.ctx.counts).items()}
     batches_per_iteration = (timed.clock.batches - timed.batches) / timed_iterations
     state, per_task_extra = optimizer_state_bytes(run, timed.iteration)
     parameter_bytes = sum(p.numel() * p.element_size() for p in run.model.parameters())
     ratio, low, high = paired_ratio(case_ms, averaged)
-    ideal, basis = ideal_ratio(case, tasks, setting["group_size"], float(np.median(averaged)), setting["backward_ms"])
+    ideal, basis = ideal_ratio(case, tasks, setting.group_size, float(np.median(averaged)), setting.backward_ms)
     return {
-        "workload": setting["workload"], "dataset": cfg.dataset.name, "model": cfg.model.name, "tasks": tasks,
+        "workload": setting.workload, "dataset": cfg.dataset.name, "model": cfg.model.name, "tasks": tasks,
         "image_size": f"{height}x{width}", "batch_size": cfg.trainer.batch_size,
-        "device": device_name(device), "precision": setting["precision"], "compile": setting["compile"],
+        "device": device_name(device), "precision": setting.precision, "compile": setting.compiled,
         "case": case.label, "moments": case.moments, "ms_per_iteration": median_ms, "ms_spread": spread(case_ms),
         "images_per_second": batches_per_iteration * run.batches.batch_size * 1000 / median_ms,
         "optimizer_steps_per_iteration": counts["optimizer_steps"], "ratio_to_averaged": ratio,
         "ratio_to_averaged_low": low, "ratio_to_averaged_high": high, "ideal_ratio": ideal,
         "ideal": basis,
         "data_wait_share": (timed.clock.seconds - timed.waited) / timed.seconds,
-        "forward_ms": setting["forward_ms"], "backward_ms": setting["backward_ms"],
+        "forward_ms": setting.forward_ms, "backward_ms": setting.backward_ms,
         "peak_memory_mib": None if timed.growth is None else (parameter_bytes + timed.growth) / 2**20,
         "optimizer_state_mib": state / 2**20, "per_task_moments_mib": per_task_extra / 2**20,
         "shared_parameters": sum(p.numel() for p in run.model.shared_parameters()),
-        "graphs_compiled_while_timed": timed.graphs, "iterations": setting["iterations"],
-        "repeats": setting["repeats"], "warmup": setting["warmup"],
+        "graphs_compiled_while_timed": timed.graphs, "iterations": setting.iterations,
+        "repeats": setting.repeats, "warmup": setting.warmup,
     }
 
 
