@@ -1,5 +1,4 @@
-"""Tasks: what each task predicts, its loss, and its metrics accumulated over a whole split; `build_task` makes
-one from its dataset-config entry."""
+"""Tasks (what each predicts, its loss, its metrics over a split); `build_task` makes one from config."""
 
 from __future__ import annotations
 
@@ -14,9 +13,9 @@ from mtlrun.tasks.dense import AngleMeter, ConfusionMeter, Depth, DepthMeter, No
 from mtlrun.tasks.groups import JOINT_METRICS, map_groups
 
 __all__ = [
-    "JOINT_METRICS", "TASK_KINDS", "AngleMeter", "BinaryAttributes", "BinaryMapMeter", "BinaryMaps", "BinaryMeter",
-    "ConfusionMeter", "Depth", "DepthMeter", "Meter", "Metric", "Normal", "Segmentation", "Task", "build_task",
-    "count_in_delta_m", "map_groups",
+    "JOINT_METRICS", "TASK_KINDS", "AngleMeter", "BinaryAttributes", "BinaryMapMeter", "BinaryMaps",
+    "BinaryMeter", "ConfusionMeter", "Depth", "DepthMeter", "Meter", "Metric", "Normal", "Segmentation",
+    "Task", "build_task", "count_in_delta_m", "map_groups",
 ]
 
 TASK_KINDS = ("segmentation", "binary_map", "depth", "normal", "binary")
