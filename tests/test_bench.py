@@ -11,7 +11,12 @@ import sys
 import pytest
 import torch
 
-from mtlrun import bench
+from mtlrun.bench.cases import HAND_AVERAGED, HAND_PER_TASK, HandAveraged, HandPerTask, compose_config
+from mtlrun.bench.cli import main
+from mtlrun.bench.report import COLUMNS
+from mtlrun.bench.stats import AVERAGED_VS_HAND, least_repeats, median_interval, paired_ratio, spread, verdict
+from mtlrun.bench.timing import interleave, round_robin
+from mtlrun.bench.workloads import workload_overrides
 from mtlrun.data import open_dataset
 from mtlrun.train.build import build_run, seed_everything
 
@@ -30,11 +35,11 @@ def test_bench_writes_a_row_per_case_with_consistent_ratios(tmp_path):
     assert result.returncode == 0, result.stderr
     with open(tmp_path / "out.csv") as f:
         reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == bench.COLUMNS
+        assert tuple(reader.fieldnames) == COLUMNS
         rows = list(reader)
     cases = [(r["case"], r["moments"]) for r in rows if r["precision"] == "fp32"]
-    assert cases == [("averaged", "per_task"), (bench.HAND_AVERAGED, "shared"), ("averaged", "shared"),
-                     ("alternating", "per_task"), (bench.HAND_PER_TASK, "per_task"), ("alternating", "shared"),
+    assert cases == [("averaged", "per_task"), (HAND_AVERAGED, "shared"), ("averaged", "shared"),
+                     ("alternating", "per_task"), (HAND_PER_TASK, "per_task"), ("alternating", "shared"),
                      ("grouped k=2", "per_task"), ("grouped k=2", "shared"), ("pcgrad", "per_task")]
     assert [r["precision"] for r in rows] == ["fp32"] * 9 + ["bf16"] * 9
     printed = [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
@@ -58,13 +63,13 @@ def test_bench_writes_a_row_per_case_with_consistent_ratios(tmp_path):
                 ratio = "ratio_to_hand_written" if case == "averaged" else "ratio_to_averaged"
                 limit = 1.05 if case == "averaged" else 1.10 * float(r["ideal_ratio"])
                 low, high = float(r[ratio + "_low"]), float(r[ratio + "_high"])
-                assert r["meets_target"] == bench.verdict(low, high, limit)
+                assert r["meets_target"] == verdict(low, high, limit)
             else:
                 assert r["meets_target"] == ""
             # One state of the shared parameters' Adam moments: 2 x shared parameters x 4 bytes; per-task moments
             # add one per task beyond the first (the hand-written optimizers also hold a step count per tensor).
             states_beyond_one = float(r["per_task_moments_mib"]) / (2 * shared * 4 / 2**20)
-            if "alternating" in case or case == bench.HAND_PER_TASK:
+            if "alternating" in case or case == HAND_PER_TASK:
                 assert states_beyond_one == pytest.approx(3 if moments == "per_task" else 0, rel=1e-2, abs=1e-9)
             elif case.startswith("grouped") and moments == "per_task":  # groups redrawn: 2, 3 or 4 states
                 assert round(states_beyond_one) in (1, 2, 3) and states_beyond_one == pytest.approx(round(states_beyond_one))
@@ -84,8 +89,8 @@ def test_bench_writes_a_row_per_case_with_consistent_ratios(tmp_path):
 
 
 def test_round_robin_times_every_case_once_per_repeat_in_alternating_directions():
-    assert bench.round_robin(3, 2) == [(0, 0), (0, 1), (0, 2), (1, 2), (1, 1), (1, 0)]
-    order = bench.round_robin(4, 6)
+    assert round_robin(3, 2) == [(0, 0), (0, 1), (0, 2), (1, 2), (1, 1), (1, 0)]
+    order = round_robin(4, 6)
     for repeat in range(6):  # each repeat is one contiguous sweep over every case
         assert sorted(c for r, c in order[4 * repeat:4 * repeat + 4] if r == repeat) == [0, 1, 2, 3]
 
@@ -99,7 +104,7 @@ def test_interleave_runs_the_blocks_round_robin_and_files_results_by_case_and_re
             return 10 * index + calls.count(index) - 1  # case index, then how many times it ran before
         return run
 
-    results = bench.interleave([block(0), block(1), block(2)], repeats=4)
+    results = interleave([block(0), block(1), block(2)], repeats=4)
     assert calls == [0, 1, 2, 2, 1, 0, 0, 1, 2, 2, 1, 0]  # never one case's repeats back to back
     assert results == [[0, 1, 2, 3], [10, 11, 12, 13], [20, 21, 22, 23]]
 
@@ -108,21 +113,21 @@ def test_median_interval_takes_the_order_statistics_a_binomial_allows():
     # n = 9: P(Binomial(9, 1/2) <= 1) = 10/512, so ranks 2 and 8 miss the median with 2 x 10/512 = 3.9% <= 5%;
     # P(<= 2) = 46/512 (18% both sides) is too much: rank 3 does not qualify.
     values = [7.0, 1.0, 9.0, 3.0, 5.0, 2.0, 8.0, 4.0, 6.0]
-    assert bench.median_interval(values) == (2.0, 8.0)
+    assert median_interval(values) == (2.0, 8.0)
     # n = 12: P(<= 2) = 79/4096 (3.9% both sides) allows ranks 3 and 10; P(<= 3) = 299/4096 (14.6%) does not.
-    assert bench.median_interval([float(v) for v in range(12, 0, -1)]) == (3.0, 10.0)
+    assert median_interval([float(v) for v in range(12, 0, -1)]) == (3.0, 10.0)
     # n = 6: min and max miss with 2/64 = 3.1%; n = 5: 2/32 = 6.25% > 5%, so no 95% interval exists.
-    assert bench.median_interval([4.0, 1.0, 6.0, 2.0, 5.0, 3.0]) == (1.0, 6.0)
-    assert bench.least_repeats() == 6 and bench.least_repeats(0.99) == 8  # 2/128 > 1% >= 2/256
+    assert median_interval([4.0, 1.0, 6.0, 2.0, 5.0, 3.0]) == (1.0, 6.0)
+    assert least_repeats() == 6 and least_repeats(0.99) == 8  # 2/128 > 1% >= 2/256
     with pytest.raises(ValueError, match="5 values give no 95% interval"):
-        bench.median_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+        median_interval([1.0, 2.0, 3.0, 4.0, 5.0])
     # at 80%: n = 9 allows rank 3 (2 x 46/512 = 18% <= 20%), not rank 4 (2 x 130/512 = 51%)
-    assert bench.median_interval(values, confidence=0.8) == (3.0, 7.0)
+    assert median_interval(values, confidence=0.8) == (3.0, 7.0)
 
 
 def test_spread_is_the_interquartile_range():
-    assert bench.spread([5.0, 1.0, 3.0, 2.0, 4.0]) == 2.0  # quartiles 2 and 4
-    assert bench.spread([1.0, 2.0, 3.0, 4.0]) == pytest.approx(1.5)  # 1 + 0.75 x 1 = 1.75 and 3.25
+    assert spread([5.0, 1.0, 3.0, 2.0, 4.0]) == 2.0  # quartiles 2 and 4
+    assert spread([1.0, 2.0, 3.0, 4.0]) == pytest.approx(1.5)  # 1 + 0.75 x 1 = 1.75 and 3.25
 
 
 def test_paired_ratio_divides_within_each_repeat():
@@ -131,13 +136,13 @@ def test_paired_ratio_divides_within_each_repeat():
     reference = [10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0, 10.0, 30.0]
     ratios = [1.10, 1.12, 1.08, 1.20, 1.11, 1.09, 1.10, 1.13, 1.05]
     case = [r * x for r, x in zip(ratios, reference)]
-    median, low, high = bench.paired_ratio(case, reference)
+    median, low, high = paired_ratio(case, reference)
     # sorted: 1.05 1.08 1.09 1.10 1.10 1.11 1.12 1.13 1.20 -> median 1.10, ranks 2 and 8: 1.08 and 1.13
     assert (median, low, high) == pytest.approx((1.10, 1.08, 1.13))
-    assert bench.verdict(low, high, 1.05) == "no"
+    assert verdict(low, high, 1.05) == "no"
     assert sorted(case)[4] / sorted(reference)[4] == pytest.approx(1.05)
     with pytest.raises(ValueError):
-        bench.paired_ratio(case, reference[:-1])
+        paired_ratio(case, reference[:-1])
 
 
 @pytest.mark.parametrize("low, high, limit, expected", [
@@ -146,15 +151,15 @@ def test_paired_ratio_divides_within_each_repeat():
     (0.80, 1.60, 1.05, "within noise"),
 ])
 def test_a_verdict_needs_the_whole_interval_on_one_side_of_the_limit(low, high, limit, expected):
-    assert bench.verdict(low, high, limit) == expected
+    assert verdict(low, high, limit) == expected
 
 
 def test_the_issues_three_single_measurements_are_within_noise_together():
     """Per-repeat ratios 1.46, 1.18 and 0.98 (the three runs that said NO, NO and yes), with six more between
     them: the interval straddles the 1.05 target, so no verdict is printed."""
     ratios = [1.46, 1.18, 0.98, 1.01, 1.03, 1.00, 1.07, 0.99, 1.02]
-    _, low, high = bench.paired_ratio(ratios, [1.0] * 9)
-    assert (low, high) == (0.99, 1.18) and bench.verdict(low, high, bench.AVERAGED_VS_HAND) == "within noise"
+    _, low, high = paired_ratio(ratios, [1.0] * 9)
+    assert (low, high) == (0.99, 1.18) and verdict(low, high, AVERAGED_VS_HAND) == "within noise"
     assert not math.isnan(low)
 
 
@@ -164,12 +169,12 @@ def data_dir(tmp_path_factory):
 
 
 def _trained(overrides: list[str], loop: str | None, data_dir, iterations: int = 4) -> dict[str, torch.Tensor]:
-    cfg = bench.compose_config([*TINY, f"data_dir={data_dir}", *overrides])
+    cfg = compose_config([*TINY, f"data_dir={data_dir}", *overrides])
     seed_everything(0, deterministic=False)
     run = build_run(cfg, torch.device("cpu"), epochs=1, batch_size=cfg.trainer.batch_size)
     run.model.train()
-    step = {None: lambda: run.strategy.iteration(run.ctx), "averaged": bench.HandAveraged(run),
-            "per_task": bench.HandPerTask(run)}[loop]
+    step = {None: lambda: run.strategy.iteration(run.ctx), "averaged": HandAveraged(run),
+            "per_task": HandPerTask(run)}[loop]
     for _ in range(iterations):
         step()
     return run.model.state_dict()
@@ -194,8 +199,8 @@ def test_hand_written_loops_end_with_the_parameters_of_mtlrun(overrides, loop, d
     ("pascal_cityscapes", 7, (128, 256)), ("celeba_resnet18", 40, (64, 64)),
 ])
 def test_real_shaped_inputs_load_as_the_dataset_with_its_tasks(experiment, tasks, size, tmp_path):
-    overrides = bench.workload_overrides(experiment, tmp_path, 1, [])
-    cfg = bench.compose_config(overrides)
+    overrides = workload_overrides(experiment, tmp_path, 1, [])
+    cfg = compose_config(overrides)
     data = open_dataset(cfg.dataset)
     batch = data.splits["train"].batch(torch.arange(4))
     assert len(data.tasks) == tasks and tuple(batch["image"].shape) == (4, *size, 3)
@@ -216,5 +221,5 @@ def test_bench_refuses_unknown_methods_and_workloads(tmp_path):
 ])
 def test_bench_refuses_too_few_repeats_warmups_or_iterations(option, message, capsys):
     with pytest.raises(SystemExit) as exit_:
-        bench.main(["--device", "cpu", option])
+        main(["--device", "cpu", option])
     assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from mtlrun.data import shapes
+from mtlrun.data import raycast, shapes
 from mtlrun.data.shapes import BOX, CYLINDER, FLOOR, SPHERE, Box, Cylinder, Scene, Sphere
 
 
@@ -95,7 +95,7 @@ def test_samples_differ_from_each_other(sample):
 @pytest.mark.parametrize("center, radius", [((0.0, 0.0, 5.0), 1.0), ((0.4, -0.2, 6.0), 0.8)])
 def test_sphere_depth_hit_points_and_normals_are_exact(center, radius):
     size = 65  # odd: the middle pixel's ray is the optical axis
-    render = shapes._render_scene(Scene([Sphere(center, radius)], floor_y=-5.0), size)
+    render = raycast.render_scene(Scene([Sphere(center, radius)], floor_y=-5.0), size)
     c = np.asarray(center)
     # Middle pixel: the ray (0, 0, 1) enters the sphere at z = cz - sqrt(r^2 - cx^2 - cy^2).
     assert render["segmentation"][32, 32] == SPHERE
@@ -119,7 +119,7 @@ def test_sphere_depth_hit_points_and_normals_are_exact(center, radius):
 def test_floor_is_flat_at_its_height_and_ends_at_its_far_edge():
     size = 64
     scene = Scene([], floor_y=-1.2, pitch=0.0, floor_far=12.0)
-    render = shapes._render_scene(scene, size)
+    render = raycast.render_scene(scene, size)
     floor = render["segmentation"] == FLOOR
     rays = _rays(size)
     reaches = (rays[..., 1] < 0) & (scene.floor_y / rays[..., 1] * rays[..., 2] <= scene.floor_far)
@@ -132,7 +132,7 @@ def test_floor_is_flat_at_its_height_and_ends_at_its_far_edge():
 
 def test_tilted_camera_sees_the_floor_normal_tilted_and_its_points_at_floor_height():
     size, pitch = 48, math.radians(12.0)
-    render = shapes._render_scene(Scene([], floor_y=-1.0, pitch=pitch), size)
+    render = raycast.render_scene(Scene([], floor_y=-1.0, pitch=pitch), size)
     floor = render["segmentation"] == FLOOR
     assert floor.any()
     # The camera looks down by `pitch`: in its coordinates the world's up is (0, cos, -sin).
@@ -142,14 +142,14 @@ def test_tilted_camera_sees_the_floor_normal_tilted_and_its_points_at_floor_heig
     world_y = points[:, 1] * math.cos(pitch) - points[:, 2] * math.sin(pitch)
     np.testing.assert_allclose(world_y, -1.0, atol=1e-4)
     # Tilting down lowers the horizon: more floor than with a level camera.
-    level = shapes._render_scene(Scene([], floor_y=-1.0), size)["segmentation"] == FLOOR
+    level = raycast.render_scene(Scene([], floor_y=-1.0), size)["segmentation"] == FLOOR
     assert floor.sum() > level.sum()
 
 
 def test_box_pixels_lie_on_a_face_and_carry_that_face_normal():
     size = 64
     center, half, yaw = np.array([0.3, -0.4, 6.0]), np.array([0.6, 0.6, 0.5]), 0.5
-    render = shapes._render_scene(Scene([Box(tuple(center), tuple(half), yaw)], floor_y=-1.0), size)
+    render = raycast.render_scene(Scene([Box(tuple(center), tuple(half), yaw)], floor_y=-1.0), size)
     mask = render["segmentation"] == BOX
     assert mask.sum() > 50
     c, s = math.cos(yaw), math.sin(yaw)
@@ -171,7 +171,7 @@ def test_cylinder_side_and_top_cap_are_exact():
     size = 64
     base, radius, height = np.array([-0.5, -1.0, 5.0]), 0.6, 0.7
     # Floating above a low floor, so that its bottom edge shows against the floor.
-    render = shapes._render_scene(Scene([Cylinder(tuple(base), radius, height)], floor_y=-3.0), size)
+    render = raycast.render_scene(Scene([Cylinder(tuple(base), radius, height)], floor_y=-3.0), size)
     mask = render["segmentation"] == CYLINDER
     points, normals = _points(render, size)[mask], render["normal"][mask]
     radial = points[:, [0, 2]] - base[[0, 2]]
@@ -191,7 +191,7 @@ def test_the_nearest_hit_wins_whatever_the_object_order(near_first):
     near, far = Sphere((0.0, 0.0, 5.0), 0.5, hsv=(0.05, 1.0, 1.0)), Box((0.0, 0.0, 8.0), (1.5, 1.5, 0.5))
     objects = [near, far] if near_first else [far, near]
     scene = Scene(objects, floor_y=-1.5)
-    render = shapes._render_scene(scene, 65)
+    render = raycast.render_scene(scene, 65)
     assert render["segmentation"][32, 32] == SPHERE
     assert render["depth"][32, 32] == pytest.approx(4.5, abs=1e-5)
     assert render["object_index"][32, 32] == objects.index(near)
@@ -207,7 +207,7 @@ def test_the_nearest_hit_wins_whatever_the_object_order(near_first):
 
 def test_an_object_out_of_view_is_not_visible_and_not_occluded():
     scene = Scene([Sphere((0.0, 0.0, -5.0), 1.0, hsv=(0.0, 1.0, 1.0))], floor_y=-1.0)  # behind the camera
-    render = shapes._render_scene(scene, 32)
+    render = raycast.render_scene(scene, 32)
     assert (render["segmentation"] != SPHERE).all() and render["ray_hits"][0] == 0
     assert not shapes._attributes(scene, render).any()
 
@@ -218,7 +218,7 @@ def test_objects_are_counted_only_when_visible(third_in_view):
     sphere, box = Sphere((-1.5, -0.5, 6.0), 0.5, hsv=(0.5, 1.0, 1.0)), Box((0.0, -0.5, 6.0), (0.5, 0.5, 0.5))
     objects = [sphere, box, third]
     scene = Scene(objects, floor_y=-1.0)
-    attributes = dict(zip(shapes.ATTRIBUTE_NAMES, shapes._attributes(scene, shapes._render_scene(scene, 64))))
+    attributes = dict(zip(shapes.ATTRIBUTE_NAMES, shapes._attributes(scene, raycast.render_scene(scene, 64))))
     assert attributes["has_cylinder"] == attributes["three_or_more_objects"] == int(third_in_view)
     assert attributes["has_sphere"] == attributes["has_box"] == 1
     assert attributes["warm_colored_object"] == attributes["occluded_object"] == 0

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from mtlrun import CONF_DIR
-from mtlrun.bench import compose_config
+from mtlrun.bench.cases import compose_config
 from mtlrun.data.hdf5 import write_dataset
 from mtlrun.data.loading import ToDevice
 from mtlrun.models.base import MultiTaskModel

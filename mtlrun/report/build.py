@@ -71,7 +71,9 @@ def build(
                   f"↑/↓ and no best marked" if unknown else "")
         notes.append(f"{len(lacking)} run(s) have no {METRICS_CSV} beside their results: "
                      f"{', '.join(lacking)}{effect}")
-    runs[DELTA_M], said = delta_m(runs, baselines, definitions, split, where)
+    delta, said = delta_m(runs, baselines, definitions, split, where)
+    runs = runs.copy()  # consolidated: one more column on CelebA's ~200 inserted one by one would fragment it
+    runs[DELTA_M] = delta
     restated = frozenset(definitions["name"][~definitions["in_delta_m"].astype(bool)])
     single_task = compare(baselines) if len(baselines) else pd.DataFrame()
     if mean_over_tasks:

@@ -90,6 +90,13 @@ def delta_m(runs: pd.DataFrame, baselines: pd.DataFrame, definitions: pd.DataFra
     ]
     if not failed:
         return values, notes
+    reasons = _reasons(missing, unknown, zero, where)
+    configurations = f"{failed} of {multi.ngroups} multi-task configuration(s)"
+    return values, [*notes, f"Δm% cannot be computed for {configurations}: " + "; ".join(reasons)]
+
+
+def _reasons(missing: dict[tuple, list[str]], unknown: list[str], zero: list[str], where: str) -> list[str]:
+    """Why Δm% cannot be computed: single-task runs missing, metric directions unknown, baselines of 0."""
     reasons = []
     for (dataset, model), tasks in missing.items():
         tasks = list(dict.fromkeys(tasks))
@@ -101,8 +108,7 @@ def delta_m(runs: pd.DataFrame, baselines: pd.DataFrame, definitions: pd.DataFra
         reasons.append(f"no {METRICS_CSV} beside the results gives the direction of {', '.join(dict.fromkeys(unknown))}")
     if zero:
         reasons.append(f"the single-task value of {', '.join(dict.fromkeys(zero))} is 0: no relative change exists")
-    configurations = f"{failed} of {multi.ngroups} multi-task configuration(s)"
-    return values, [*notes, f"Δm% cannot be computed for {configurations}: " + "; ".join(reasons)]
+    return reasons
 
 
 def evaluation_delta_m(comparison: Comparison, run: pd.Series, metrics: pd.DataFrame, split: str) -> pd.Series:
