@@ -10,38 +10,31 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from mtlrun import CONF_DIR, budgets
+from mtlrun import budgets
 from mtlrun.report.build import build
 from mtlrun.report.table import grouping_keys
-from mtlrun.data import build_shapes
 from mtlrun.errors import MtlrunError
 from mtlrun.run.identity import RUN_CONTROL_KEYS, config_hash
 from mtlrun.run.signals import RunFinished, StoppedBySignal
 from mtlrun.settings import Settings
 from mtlrun.train.build import trainer_settings
 from mtlrun.train.loop import train
+from tests.tiny_runs import tiny_config, tiny_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 # Epochs of 8 iterations (32 images in batches of 4); 4 tasks.
-RUN = ["dataset.image_size=32", "dataset.num_train=32", "dataset.num_val=8", "dataset.num_test=8",
-       "trainer.batch_size=4", "trainer.eval_batch_size=8", "model.width=4", "trainer.epochs=2"]
 COSTS = ["backward_passes", "forward_passes", "optimizer_steps", "images", "train_seconds"]
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("budget")
-    build_shapes(root / "shapes-32px-32-8-8-seed0.h5", 32, 32, 8, 8, generator_seed=0)
-    return root
+    return tiny_data(tmp_path_factory.mktemp("budget"))
 
 
-def _config(data_dir: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=[*RUN, f"data_dir={data_dir}", *overrides])
+_config = tiny_config
 
 
 def _read(run: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:

@@ -11,31 +11,25 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from mtlrun import CONF_DIR
-from mtlrun.data import build_shapes
 from mtlrun.errors import MtlrunError
 from mtlrun.run.signals import StoppedBySignal
 from mtlrun.train import evaluate as evaluate_module
 from mtlrun.settings import Settings
 from mtlrun.train.build import trainer_settings
 from mtlrun.train.loop import train
+from tests.tiny_runs import tiny_config, tiny_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 # 2 epochs of 8 iterations (32 images in batches of 4); batch norm makes a model left in eval mode show.
-RUN = ["dataset.image_size=32", "dataset.num_train=32", "dataset.num_val=8", "dataset.num_test=8",
-       "trainer.batch_size=4", "trainer.eval_batch_size=8", "model.width=4", "trainer.epochs=2"]
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cadence")
-    build_shapes(root / "shapes-32px-32-8-8-seed0.h5", 32, 32, 8, 8, generator_seed=0)
-    return root
+    return tiny_data(tmp_path_factory.mktemp("cadence"))
 
 
-def _config(data_dir: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=[*RUN, f"data_dir={data_dir}", *overrides])
+_config = tiny_config
 
 
 def _train(data_dir: Path, run: Path, *overrides: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
