@@ -62,15 +62,7 @@ def build(
                      f"failed before finishing an epoch, see its mtlrun.log, or one still in its first epoch): "
                      f"{', '.join(map(str, failed))}")
     definitions = metric_definitions(runs)
-    lacking = [d if isinstance(d, str) else "(a row without run_dir)" for d in runs["run_dir"]
-               if run_file(d, METRICS_CSV) is None]
-    if lacking:
-        unknown = [c.split("/", 1)[1] for c in metric_columns(runs)
-                   if c.split("/", 1)[1] not in set(definitions["name"])]
-        effect = (f"; no {METRICS_CSV} gives the direction of {', '.join(dict.fromkeys(unknown))}: shown without "
-                  f"↑/↓ and no best marked" if unknown else "")
-        notes.append(f"{len(lacking)} run(s) have no {METRICS_CSV} beside their results: "
-                     f"{', '.join(lacking)}{effect}")
+    notes += without_metrics_csv(runs, definitions)
     delta, said = delta_m(runs, baselines, definitions, split, where)
     runs = runs.copy()  # consolidated: one more column on CelebA's ~200 inserted one by one would fragment it
     runs[DELTA_M] = delta
@@ -79,5 +71,17 @@ def build(
     if mean_over_tasks:
         runs, definitions = average_tasks(runs, definitions)
     return Comparison(runs, compare(runs), metric_directions(definitions), split, notes + said, single_task, restated)
+
+
+def without_metrics_csv(runs: pd.DataFrame, definitions: pd.DataFrame) -> list[str]:
+    """The note naming runs with no metrics.csv beside their results, and the directions that leaves unknown."""
+    lacking = [d if isinstance(d, str) else "(a row without run_dir)" for d in runs["run_dir"]
+               if run_file(d, METRICS_CSV) is None]
+    if not lacking:
+        return []
+    unknown = [c.split("/", 1)[1] for c in metric_columns(runs) if c.split("/", 1)[1] not in set(definitions["name"])]
+    effect = (f"; no {METRICS_CSV} gives the direction of {', '.join(dict.fromkeys(unknown))}: shown without "
+              f"↑/↓ and no best marked" if unknown else "")
+    return [f"{len(lacking)} run(s) have no {METRICS_CSV} beside their results: {', '.join(lacking)}{effect}"]
 
 
