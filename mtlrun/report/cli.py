@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "attributes), as mean/<metric>")
     parser.add_argument("--select", default="last", metavar="RULE",
                         help="the epoch(s) each run reports: last (default), best:<split>/<task>/<metric>, "
+                        "best:<split>/mean/<metric> (its mean over the tasks that have it), "
                         "best:val/loss (lowest summed validation loss) or mean_last:<k> (mean of the last k "
                         "evaluated epochs, Nash-MTL's reporting)")
     parser.add_argument("--reference", metavar="CONFIG",
