@@ -94,7 +94,7 @@ def _job(cfg: DictConfig) -> float | None:
                     check_sweep_choices(hydra_cfg.runtime.choices)
                 check_top_level_keys(cfg, hydra_cfg.runtime.choices)
                 check_run_flags(cfg.get("resume"), cfg.get("overwrite"))
-                objective = check_objective(cfg.objective)  # its default: conf/config.yaml
+                objective = check_objective(cfg.get("objective"))  # its default: conf/config.yaml
                 from mtlrun.train import loop  # torch loads only once the config is known to be good
 
                 try:
